@@ -1,0 +1,24 @@
+"""pipeline: cache a frozen backbone's features once, then fit heads on them in seconds."""
+
+__version__ = "0.1.0"
+
+from .backbones import Backbone, load_backbone  # noqa: E402
+from .cache import FeatureCache, read_cache  # noqa: E402
+from .data import DatasetSpec, load_split  # noqa: E402
+from .extract import ExtractConfig, ExtractResult, extract  # noqa: E402
+from .taps import FeatureHooks, Tap, list_taps  # noqa: E402
+
+__all__ = [
+    "Backbone",
+    "DatasetSpec",
+    "ExtractConfig",
+    "ExtractResult",
+    "FeatureCache",
+    "FeatureHooks",
+    "Tap",
+    "extract",
+    "list_taps",
+    "load_backbone",
+    "load_split",
+    "read_cache",
+]

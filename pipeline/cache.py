@@ -1,0 +1,359 @@
+"""The HDF5 feature cache: its path convention, crash-safe partial runs, the final file, and its reader."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "FeatureCache",
+    "IncompleteCacheError",
+    "PartialRun",
+    "cache_path",
+    "describe",
+    "diff_settings",
+    "read_cache",
+    "write_cache",
+    "DTYPES",
+    "COMPRESSIONS",
+]
+
+FORMAT = "pipeline-features"
+FORMAT_VERSION = 1
+DTYPES = ("float32", "float16")
+COMPRESSIONS = ("none", "gzip", "lzf")
+_SHARD = re.compile(r"^rows-(\d{9})-(\d{9})\.npz$")
+_CHUNK_BYTES = 1 << 20
+
+
+class IncompleteCacheError(ValueError):
+    """A cache whose extraction has not finished; readers refuse it."""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")
+
+
+def cache_path(cache_dir: str | os.PathLike, dataset: str, model: str, weights: str, tap_slugs: Sequence[str], split: str) -> Path:
+    """Where a cache lives: ``CACHE_DIR/<dataset>/<model>-<weights>/<taps>/<split>.h5``.
+
+    Commands that share these settings find each other's caches without path arguments.
+    """
+    return Path(cache_dir) / _slug(dataset) / _slug(f"{model}-{weights}") / _slug("+".join(tap_slugs)) / f"{split}.h5"
+
+
+def diff_settings(old: dict, new: dict) -> list[str]:
+    """Human-readable differences between two settings dicts, e.g. ``preprocess.crop: 224 -> 160``."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{d}" for d in diff_settings(a, b)]
+        elif a != b:
+            out.append(f"{k}: {a!r} -> {b!r}")
+    return out
+
+
+# ---------------------------------------------------------------- partial runs
+
+
+class PartialRun:
+    """An unfinished extraction: ``<cache>.partial/`` holds ``settings.json`` and one shard per finished batch.
+
+    Each shard (``rows-START-STOP.npz``) covers dataset positions [START, STOP): the features of the images
+    read, their positions, and the positions skipped with reasons. A shard is written to a temporary name and
+    renamed, so after a crash (Ctrl-C, ``kill -9``) every shard on disk is whole and a re-run resumes after the
+    last contiguous one.
+    """
+
+    def __init__(self, final: Path) -> None:
+        self.final = Path(final)
+        self.dir = self.final.with_name(self.final.name + ".partial")
+
+    def exists(self) -> bool:
+        return (self.dir / "settings.json").is_file()
+
+    def settings(self) -> dict | None:
+        try:
+            return json.loads((self.dir / "settings.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def start(self, settings: dict) -> None:
+        """Create the folder and record the settings, replacing any earlier partial run."""
+        self.remove()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(self.dir / "settings.json", json.dumps(settings, indent=1, sort_keys=True).encode())
+
+    def shards(self) -> list[tuple[int, int, Path]]:
+        found = []
+        for p in self.dir.iterdir() if self.dir.is_dir() else ():
+            m = _SHARD.match(p.name)
+            if m:
+                found.append((int(m.group(1)), int(m.group(2)), p))
+        return sorted(found)
+
+    def done_until(self) -> int:
+        """The end of the contiguous run of finished shards from position 0; later shards are dropped."""
+        end = 0
+        for start, stop, path in self.shards():
+            if start == end:
+                end = stop
+            else:
+                path.unlink()
+        for tmp in self.dir.glob(".*.tmp"):
+            tmp.unlink()
+        return end
+
+    def write(self, start: int, stop: int, features: Sequence[np.ndarray], index: np.ndarray, skipped: Sequence[tuple[int, str]]) -> None:
+        """Record one finished batch covering positions [start, stop)."""
+        arrays = {f"f{i}": f for i, f in enumerate(features)}
+        arrays["index"] = np.asarray(index, dtype=np.int64)
+        arrays["skipped_index"] = np.asarray([i for i, _ in skipped], dtype=np.int64)
+        arrays["skipped_reason"] = np.asarray([r for _, r in skipped], dtype=np.str_)
+        name = f"rows-{start:09d}-{stop:09d}.npz"
+        tmp = self.dir / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / name)
+
+    def read(self) -> Iterator[dict[str, np.ndarray]]:
+        for _, _, path in self.shards():
+            with np.load(path, allow_pickle=False) as z:
+                yield {k: z[k] for k in z.files}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the final file
+
+
+def _json_attrs(attrs: dict) -> dict:
+    return {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v, sort_keys=True) for k, v in attrs.items()}
+
+
+def write_cache(
+    partial: PartialRun,
+    *,
+    tap_names: Sequence[str],
+    paths: Sequence[str],
+    labels: np.ndarray,
+    classes: Sequence[str],
+    rejected: Sequence[tuple[str, str]],
+    attrs: dict,
+    compression: str = "none",
+) -> Path:
+    """Assemble a partial run's shards into the final HDF5 file, atomically, then delete the shards.
+
+    The file is built under a temporary name with ``complete`` false, marked complete last, and renamed into
+    place: a reader never sees a half-written cache at the final path.
+
+    Args:
+        partial: the finished partial run.
+        tap_names: the taps' names, in shard order, used as dataset names under ``features/``.
+        paths: image paths of the split, by dataset position.
+        labels: labels of the split, by dataset position.
+        classes: class names.
+        rejected: files refused before decoding, as (path, reason).
+        attrs: settings and provenance, stored as attributes (dicts and lists as JSON).
+        compression: ``none``, ``gzip`` or ``lzf``.
+
+    Returns:
+        The final path.
+    """
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}")
+    n_taps = len(tap_names)
+    index_parts, skipped_idx, skipped_why, shapes, dtypes = [], [], [], None, None
+    for shard in partial.read():
+        index_parts.append(shard["index"])
+        skipped_idx.extend(shard["skipped_index"].tolist())
+        skipped_why.extend(shard["skipped_reason"].tolist())
+        if shapes is None and len(shard["index"]):
+            shapes = [shard[f"f{i}"].shape[1:] for i in range(n_taps)]
+            dtypes = [shard[f"f{i}"].dtype for i in range(n_taps)]
+    index = np.concatenate(index_parts) if index_parts else np.zeros(0, dtype=np.int64)
+    if shapes is None:
+        raise ValueError(f"no image of the split could be read; nothing to write to {partial.final}")
+    rows = len(index)
+    final = partial.final
+    tmp = final.with_name(f".{final.name}.tmp")
+    filters = {"none": {}, "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True}, "lzf": {"compression": "lzf", "shuffle": True}}[compression]
+    text = h5py.string_dtype()
+    with h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["complete"] = False
+        dsets = []
+        for name, shape, dtype in zip(tap_names, shapes, dtypes):
+            row_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            chunk_rows = max(1, min(rows, _CHUNK_BYTES // max(1, row_bytes)))
+            dsets.append(f.create_dataset(f"features/{name}", shape=(rows, *shape), dtype=dtype, chunks=(chunk_rows, *shape), **filters))
+        r = 0
+        for shard in partial.read():
+            k = len(shard["index"])
+            for i, d in enumerate(dsets if k else ()):
+                d[r : r + k] = shard[f"f{i}"]
+            r += k
+        f.create_dataset("index", data=index)
+        f.create_dataset("labels", data=np.asarray(labels)[index].astype(np.int64))
+        f.create_dataset("paths", data=np.asarray([paths[i] for i in index], dtype=object), dtype=text)
+        f.create_dataset("classes", data=np.asarray(list(classes), dtype=object), dtype=text)
+        skipped = list(rejected) + [(paths[i], why) for i, why in zip(skipped_idx, skipped_why)]
+        f.create_dataset("skipped/paths", data=np.asarray([p for p, _ in skipped], dtype=object), dtype=text)
+        f.create_dataset("skipped/reasons", data=np.asarray([w for _, w in skipped], dtype=object), dtype=text)
+        for k, v in _json_attrs({**attrs, "n_rows": rows, "n_skipped": len(skipped)}).items():
+            f.attrs[k] = v
+        f.attrs["complete"] = True
+    os.replace(tmp, final)
+    partial.remove()
+    return final
+
+
+class FeatureCache:
+    """Read access to a complete cache; opening an incomplete or foreign file raises.
+
+    Use as a context manager or call :meth:`close`. Arrays are read on demand.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        partial = PartialRun(self.path)
+        if not self.path.exists():
+            if partial.exists():
+                done = partial.done_until()
+                raise IncompleteCacheError(
+                    f"{self.path} is incomplete: its extraction stopped after {done} images; "
+                    "re-run pipeline extract with the same settings to finish it"
+                )
+            raise ValueError(f"no feature cache at {self.path}; run pipeline extract first")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as e:
+            raise ValueError(f"cannot open {self.path} as HDF5 ({e})") from None
+        a = self._file.attrs
+        if a.get("format") != FORMAT:
+            self._file.close()
+            raise ValueError(f"{self.path} is not a pipeline feature cache")
+        if a.get("format_version") != FORMAT_VERSION:
+            self._file.close()
+            raise ValueError(f"{self.path} has cache format version {a.get('format_version')}; this pipeline reads {FORMAT_VERSION}")
+        if a.get("complete") is not np.True_ and a.get("complete") is not True:
+            self._file.close()
+            raise IncompleteCacheError(f"{self.path} is incomplete (its writer stopped before finishing); re-run pipeline extract")
+
+    def __enter__(self) -> "FeatureCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def attrs(self) -> dict:
+        """Attributes, with JSON values decoded."""
+        out = {}
+        for k, v in self._file.attrs.items():
+            if isinstance(v, str) and v[:1] in "[{":
+                try:
+                    v = json.loads(v)
+                except json.JSONDecodeError:
+                    pass
+            out[k] = v.item() if isinstance(v, np.generic) else v
+        return out
+
+    @property
+    def taps(self) -> list[str]:
+        return list(self.attrs["taps"])
+
+    def features(self, tap: str | None = None) -> np.ndarray:
+        """The N x D (or N x C x H x W) features of one tap; the first tap by default."""
+        tap = tap or self.taps[0]
+        if tap not in self.taps:
+            raise ValueError(f"{self.path} has no tap {tap!r}; it holds {', '.join(self.taps)}")
+        return self._file["features"][tap][()]
+
+    def dataset(self, tap: str | None = None) -> h5py.Dataset:
+        """The h5py dataset of one tap, for chunked reading without loading it whole."""
+        return self._file["features"][tap or self.taps[0]]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._file["labels"][()]
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self._file["paths"].asstr()[()])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self._file["classes"].asstr()[()])
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return list(zip(self._file["skipped/paths"].asstr()[()], self._file["skipped/reasons"].asstr()[()]))
+
+    def __len__(self) -> int:
+        return int(self._file["labels"].shape[0])
+
+
+def read_cache(path: str | os.PathLike) -> FeatureCache:
+    """Open a complete feature cache for reading (see :class:`FeatureCache`)."""
+    return FeatureCache(path)
+
+
+def describe(path: str | os.PathLike) -> str:
+    """A readable summary of what a cache holds and how it was made."""
+    with read_cache(path) as c:
+        a = c.attrs
+        lines = [
+            f"{c.path}  ({c.path.stat().st_size / 2**20:.1f} MiB, complete)",
+            f"  dataset    {a.get('dataset')}  split {a.get('split')}  ({len(c)} images, {a.get('n_skipped', 0)} skipped)",
+            f"  model      {a.get('model')}  weights {a.get('weights')}",
+        ]
+        for tap in c.taps:
+            d = c.dataset(tap)
+            comp = d.compression or "none"
+            lines.append(f"  tap        {tap}  {' x '.join(map(str, d.shape))}  {d.dtype}  chunks {d.chunks}  compression {comp}")
+        classes = c.classes
+        lines.append(f"  classes    {len(classes)}: {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}")
+        pre = a.get("preprocess", {})
+        if isinstance(pre, dict):
+            lines.append(
+                f"  preprocess resize {pre.get('resize')}, crop {pre.get('crop')}, mean {pre.get('mean')}, std {pre.get('std')}, {pre.get('interpolation')}"
+            )
+        lines.append(f"  split seed {a.get('split_seed')}  carved {a.get('carved')}")
+        lines.append(f"  engine     {a.get('engine')} on {a.get('runtime')}  ({a.get('images_per_s', 0):.1f} img/s)")
+        lines.append(f"  dataset fingerprint {a.get('dataset_fingerprint')}")
+        versions = a.get("versions", {})
+        if isinstance(versions, dict):
+            lines.append("  versions   " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+        lines.append(f"  created    {a.get('created')}")
+        for p, why in c.skipped[:10]:
+            lines.append(f"  skipped    {p}: {why}")
+        if len(c.skipped) > 10:
+            lines.append(f"  skipped    ... and {len(c.skipped) - 10} more")
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""The ``pipeline`` command: a thin layer that parses options, calls one library function and prints the result."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+from .backbones import WeightsUnavailableError, list_backbones, load_backbone
+from .cache import COMPRESSIONS, DTYPES, describe
+from .config import load_config, settings_from
+from .data import SPLITS
+from .engines import ENGINES
+from .extract import ON_ERROR, ExtractConfig, extract
+from .taps import default_tap, list_taps
+
+__all__ = ["cli"]
+
+
+def _friendly(fn: Callable) -> Callable:
+    """Turn the library's errors into one clear line and exit code 1; Ctrl-C into a resume hint."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError, WeightsUnavailableError, OSError) as e:
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted; finished batches are kept: re-run the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected three comma-separated numbers, got {value!r}") from None
+    if len(out) != 3:
+        raise click.BadParameter(f"expected three comma-separated numbers (R,G,B), got {value!r}")
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pipeline")
+def cli() -> None:
+    """Transfer learning on image folders: extract backbone features once, then fit heads on them."""
+
+
+@cli.command("extract")
+@click.option("--data", help="Dataset folder: DATA/<split>/<class>/<image>, or a CSV layout with --labels-csv.  [default: data/fashion-mnist]")
+@click.option("--split", "splits", multiple=True, type=click.Choice(SPLITS), help="Split(s) to extract; repeat for several.  [default: train]")
+@click.option("--model", help="torchvision classification model, e.g. resnet50 (see `pipeline models`).  [default: mobilenet_v2]")
+@click.option("--weights", help="DEFAULT, a torchvision weights name (IMAGENET1K_V1...), a state_dict file, or 'none' for random weights.  [default: DEFAULT]")
+@click.option("--layer", "layers", multiple=True, help="Module to tap, NAME or NAME:input|output; repeat for several taps in one pass. Default: avgpool output, or the classifier's input.")
+@click.option("--capture", type=click.Choice(["input", "output"]), help="Capture the input or output of --layer modules given without one.  [default: output]")
+@click.option("--resize", type=click.IntRange(1), help="Override the weights' resize of the short side.")
+@click.option("--crop", type=click.IntRange(1), help="Override the weights' centre crop (the image size).")
+@click.option("--mean", callback=_floats, help="Override the normalisation mean, R,G,B.")
+@click.option("--std", callback=_floats, help="Override the normalisation std, R,G,B.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Storage dtype of the features.  [default: float32]")
+@click.option("--compression", type=click.Choice(COMPRESSIONS), help="HDF5 compression.  [default: none]")
+@click.option("--batch-size", type=click.IntRange(1), help="Images per forward pass.  [default: 64]")
+@click.option("--workers", type=click.IntRange(0), help="DataLoader worker processes.  [default: from the CPU count]")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.  [default: auto: cuda > mps > cpu]")
+@click.option("--amp/--no-amp", default=None, help="The fast path: bf16 autocast, channels_last, pinned memory, non-blocking copies.  [default: on for CUDA]")
+@click.option("--engine", type=click.Choice(ENGINES), help="auto: ONNX Runtime for fp32 on the CPU when installed and equal to eager, else eager torch.  [default: auto]")
+@click.option("--on-error", type=click.Choice(ON_ERROR), help="On an unreadable file: fail naming it, or skip it and record it.  [default: fail]")
+@click.option("--labels-csv", help="CSV of labels under DATA (Kaggle dog-breed layout), e.g. labels.csv.")
+@click.option("--id-column", help="CSV column with the image id.  [default: id]")
+@click.option("--label-column", help="CSV column with the class.  [default: breed]")
+@click.option("--image-dir", help="Folder under DATA with the CSV's images.  [default: train]")
+@click.option("--extension", help="Appended to CSV ids to make file names.  [default: .jpg]")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Fraction of train carved out as val when there is no val/.  [default: 0.1]")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Fraction carved out as test for CSV datasets.  [default: 0.1]")
+@click.option("--split-seed", type=int, help="Seed of the stratified carving.  [default: 0]")
+@click.option("--cache-dir", help="Root of the cache convention CACHE_DIR/<dataset>/<model>-<weights>/<taps>/<split>.h5.  [default: features]")
+@click.option("--output", "-o", help="Write to this file instead of the convention (one split only).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings file.  [default: ./pipeline.toml if present]")
+@click.option("--force", is_flag=True, help="Overwrite a cache made with other settings.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@_friendly
+def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, progress: bool, **options: Any) -> None:
+    """Run a frozen backbone once over a split and cache the tapped features in HDF5.
+
+    An interrupted run resumes where it stopped; a finished cache with the same settings is left alone.
+    """
+    config = load_config(config_file)
+    chosen = splits or (config.get("extract", {}).get("split"),)
+    if options.get("output") and len(chosen) > 1:
+        raise click.BadParameter("--output takes one --split", param_hint="--output")
+    for split in chosen:
+        settings = settings_from(ExtractConfig, config, "extract", {**options, "split": split})
+        result = extract(settings, force=force, progress=progress)
+        if result.status == "up-to-date":
+            click.echo(f"{settings.split}: {result.path} is up to date ({result.n_images} images); nothing to do")
+        else:
+            click.echo(
+                f"{settings.split}: {result.path}  {result.n_images} images, {result.n_skipped} skipped, "
+                f"{result.images_per_s:.1f} img/s ({result.engine}{', resumed' if result.status == 'resumed' else ''})"
+            )
+        for path, why in result.skipped[:20]:
+            click.echo(f"  skipped {path}: {why}")
+        if len(result.skipped) > 20:
+            click.echo(f"  ... {len(result.skipped) - 20} more skipped files are listed in the cache (pipeline info)")
+
+
+@cli.command("layers")
+@click.argument("model")
+@click.option("--image-size", type=click.IntRange(8), default=224, show_default=True, help="Input size for the shapes.")
+@click.option("--all", "show_all", is_flag=True, help="List every module, not only the top two levels.")
+@_friendly
+def layers_cmd(model: str, image_size: int, show_all: bool) -> None:
+    """List the tap points of MODEL with their input and output shapes for one image."""
+    net = load_backbone(model, "none").model
+    tap = default_tap(net)
+    click.echo(f"{'module':<28} {'type':<22} {'input':<18} output")
+    for info in list_taps(net, image_size):
+        if not show_all and info.name.count(".") > 1:
+            continue
+        mark = f"   <- default tap ({tap.capture})" if info.name == tap.layer else ""
+        shape = lambda s: "x".join(map(str, s)) if s else "-"  # noqa: E731
+        click.echo(f"{info.name:<28} {info.kind:<22} {shape(info.input_shape):<18} {shape(info.output_shape)}{mark}")
+
+
+@cli.command("info")
+@click.argument("file", type=click.Path())
+@_friendly
+def info_cmd(file: str) -> None:
+    """Print what a feature cache holds and how it was made."""
+    click.echo(describe(file))
+
+
+@cli.command("models")
+def models_cmd() -> None:
+    """List torchvision's classification models."""
+    click.echo("\n".join(list_backbones()))
+
+
+@cli.command("assets")
+@click.option("--weights/--no-weights", default=True, help="Fetch MobileNetV2 ImageNet weights into the torch hub cache.")
+@click.option("--fashion-mnist", "fmnist", type=click.Path(file_okay=False), default=None, help="Materialise Fashion-MNIST as an image folder here, e.g. data/fashion-mnist.")
+@_friendly
+def assets_cmd(weights: bool, fmnist: str | None) -> None:
+    """Obtain the embedded default: MobileNetV2 ImageNet weights and Fashion-MNIST, offline where possible."""
+    from pathlib import Path
+
+    from . import assets
+
+    if weights:
+        path = assets.fetch_mobilenet_v2_weights(Path(".assets"))
+        click.echo(f"weights: {path} (sha256 ok)")
+    if fmnist:
+        root = assets.materialize_fashion_mnist(Path(fmnist))
+        click.echo(f"fashion-mnist: {root}")

@@ -1,0 +1,357 @@
+"""Datasets: scan image folders and CSV label files, carve stable splits, decode images to RGB."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "DatasetSpec",
+    "Split",
+    "Rejected",
+    "UnreadableImageError",
+    "ImageDataset",
+    "load_split",
+    "load_rgb",
+    "collate_batch",
+    "SPLITS",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+SPLITS = ("train", "val", "test")
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded; `path` names it and `reason` says why."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A file that was not used, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a dataset lives and how its splits are made.
+
+    Args:
+        root: the dataset folder. Image-folder layout: ``root/<split>/<class>/<image>``.
+        labels_csv: a CSV of labels relative to ``root`` (Kaggle dog-breed layout); None for image folders.
+        id_column: the CSV column holding the image id.
+        label_column: the CSV column holding the class name.
+        image_dir: the folder under ``root`` holding the CSV's images.
+        extension: appended to each id to make the file name.
+        val_fraction: fraction of train carved out as val when there is no ``val/``.
+        test_fraction: fraction carved out as test for CSV datasets.
+        split_seed: seed of the stratified carving.
+    """
+
+    root: str
+    labels_csv: str | None = None
+    id_column: str = "id"
+    label_column: str = "breed"
+    image_dir: str = "train"
+    extension: str = ".jpg"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
+
+    @property
+    def name(self) -> str:
+        """The dataset's name in cache paths: the root folder's name."""
+        return Path(self.root).resolve().name
+
+
+@dataclass
+class Split:
+    """One split of a dataset: image paths relative to the dataset root, labels and class names."""
+
+    name: str
+    root: Path
+    paths: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    rejected: list[Rejected] = field(default_factory=list)
+    carved: dict | None = None
+    sizes: list[int] = field(default_factory=list, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the split's members: path, byte size and label of every image, and the classes."""
+        h = hashlib.sha256()
+        h.update("\n".join(self.classes).encode())
+        for p, s, y in zip(self.paths, self.sizes, self.labels.tolist()):
+            h.update(f"\n{p}\t{s}\t{y}".encode())
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------- scanning
+
+
+def _check_file(root: Path, rel: str) -> tuple[int, str | None]:
+    """Return the byte size of ``root/rel`` and, when it cannot be an image, the reason."""
+    parts = PurePosixPath(rel).parts
+    if any(p.startswith(".") for p in parts):
+        return 0, "hidden file, not an image"
+    try:
+        size = (root / rel).stat().st_size
+    except FileNotFoundError:
+        return 0, "file not found"
+    if size == 0:
+        return 0, "empty file (0 bytes)"
+    if PurePosixPath(rel).suffix.lower() not in IMAGE_EXTENSIONS:
+        return size, f"not an image file (extension {PurePosixPath(rel).suffix or 'none'!r})"
+    return size, None
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def _scan_folder(root: Path, split: str, classes: list[str]) -> tuple[list[str], list[int], list[int], list[Rejected]]:
+    split_dir = root / split
+    found = _class_folders(split_dir)
+    extra = [c for c in found if c not in classes]
+    if extra:
+        raise ValueError(f"{split_dir} has class folder(s) {extra} that {root / 'train'} lacks")
+    index = {c: i for i, c in enumerate(classes)}
+    paths: list[str] = []
+    labels: list[int] = []
+    sizes: list[int] = []
+    rejected = [
+        Rejected(f"{split}/{e.name}", "not inside a class folder")
+        for e in sorted(os.scandir(split_dir), key=lambda e: e.name)
+        if not e.is_dir()
+    ]
+    for cls in found:
+        for dirpath, dirnames, filenames in os.walk(split_dir / cls):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                rel = Path(dirpath, fn).relative_to(root).as_posix()
+                size, reason = _check_file(root, rel)
+                if reason:
+                    rejected.append(Rejected(rel, reason))
+                    continue
+                paths.append(rel)
+                labels.append(index[cls])
+                sizes.append(size)
+    return paths, labels, sizes, rejected
+
+
+def _safe_relpath(image_dir: str, name: str, where: str, image_root: Path) -> str:
+    """Join a CSV id onto the image folder, refusing ids that escape it."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or (len(name) > 1 and name[1] == ":") or ".." in pure.parts:
+        raise ValueError(f"{where}: image path {name!r} escapes the image root {image_root}")
+    return (PurePosixPath(image_dir) / pure).as_posix()
+
+
+def _scan_csv(spec: DatasetSpec) -> tuple[list[str], list[int], list[int], list[Rejected], list[str]]:
+    root = Path(spec.root)
+    csv_path = root / spec.labels_csv
+    if not csv_path.is_file():
+        raise ValueError(f"labels file {csv_path} not found")
+    image_root = root / spec.image_dir
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        for col, opt in ((spec.id_column, "--id-column"), (spec.label_column, "--label-column")):
+            if col not in columns:
+                raise ValueError(f"{csv_path} has no column {col!r} (columns: {', '.join(columns) or 'none'}); set {opt}")
+        rows = []
+        seen: set[str] = set()
+        for line, row in enumerate(reader, start=2):
+            ident, label = (row[spec.id_column] or "").strip(), (row[spec.label_column] or "").strip()
+            where = f"{csv_path} line {line}"
+            if not ident or not label:
+                raise ValueError(f"{where}: empty {spec.id_column!r} or {spec.label_column!r}")
+            rel = _safe_relpath(spec.image_dir, ident + spec.extension, where, image_root)
+            if rel in seen:
+                raise ValueError(f"{where}: duplicate image id {ident!r}")
+            seen.add(rel)
+            rows.append((rel, label))
+    if not rows:
+        raise ValueError(f"{csv_path} lists no images")
+    classes = sorted({label for _, label in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels, sizes, rejected = [], [], [], []
+    for rel, label in sorted(rows):
+        size, reason = _check_file(root, rel)
+        if reason:
+            rejected.append(Rejected(rel, reason))
+            continue
+        paths.append(rel)
+        labels.append(index[label])
+        sizes.append(size)
+    return paths, labels, sizes, rejected, classes
+
+
+def _carve(labels: np.ndarray, fraction: float, seed: int, classes: Sequence[str], what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of positions into (kept, carved); the same inputs always give the same split."""
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the {what} fraction must be between 0 and 1, got {fraction}")
+    counts = np.bincount(labels, minlength=len(classes))
+    present = counts > 0
+    if (counts[present] < 2).any():
+        thin = [classes[i] for i in np.flatnonzero(present & (counts < 2))]
+        raise ValueError(f"cannot carve a stratified {what} split: class(es) {thin[:5]} have a single image (need at least 2)")
+    n_take = int(np.ceil(fraction * len(labels)))
+    if n_take < present.sum() or len(labels) - n_take < present.sum():
+        raise ValueError(
+            f"cannot carve a stratified {what} split: {fraction} of {len(labels)} images does not leave "
+            f"one image per class for each side ({present.sum()} classes); change the {what} fraction"
+        )
+    sss = StratifiedShuffleSplit(n_splits=1, test_size=n_take, random_state=seed)
+    keep, take = next(sss.split(np.zeros(len(labels)), labels))
+    return np.sort(keep), np.sort(take)
+
+
+def load_split(spec: DatasetSpec, split: str) -> Split:
+    """Scan one split of a dataset.
+
+    Image folders use ``root/<split>/``; a missing ``val/`` is carved from train. A CSV dataset carves
+    test from all its images, then val from the rest. Carving is stratified and seeded, so it is stable.
+    Files that cannot be images (hidden, empty, other extensions, missing) are returned in ``rejected``.
+
+    Args:
+        spec: the dataset.
+        split: "train", "val" or "test".
+
+    Returns:
+        The split, with paths relative to ``spec.root``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    root = Path(spec.root)
+    if not root.is_dir():
+        raise ValueError(f"dataset folder {root} not found")
+    carved = None
+    if spec.labels_csv:
+        paths, labels, sizes, rejected, classes = _scan_csv(spec)
+        y = np.asarray(labels, dtype=np.int64)
+        rest, test = _carve(y, spec.test_fraction, spec.split_seed, classes, "test")
+        members = {"test": test}
+        if split != "test":
+            train, val = _carve(y[rest], spec.val_fraction, spec.split_seed, classes, "val")
+            members.update(train=rest[train], val=rest[val])
+        carved = {"from": spec.labels_csv, "test_fraction": spec.test_fraction, "val_fraction": spec.val_fraction, "seed": spec.split_seed}
+    else:
+        if not (root / "train").is_dir():
+            raise ValueError(f"{root} has no train/ folder (expected {root}/<split>/<class>/<image>)")
+        classes = _class_folders(root / "train")
+        if not classes:
+            raise ValueError(f"{root / 'train'} has no class folders (expected {root}/train/<class>/<image>)")
+        has_val = (root / "val").is_dir()
+        scan = split if (split == "test" or (split == "val" and has_val)) else "train"
+        if not (root / scan).is_dir():
+            raise ValueError(f"{root} has no {scan}/ folder")
+        paths, labels, sizes, rejected = _scan_folder(root, scan, classes)
+        if scan == split and (split != "train" or has_val):
+            members = {split: np.arange(len(paths))}
+        else:
+            y = np.asarray(labels, dtype=np.int64)
+            train, val = _carve(y, spec.val_fraction, spec.split_seed, classes, "val")
+            members = {"train": train, "val": val}
+            carved = {"from": "train", "val_fraction": spec.val_fraction, "seed": spec.split_seed}
+    pick = members[split]
+    return Split(
+        name=split,
+        root=root,
+        paths=[paths[i] for i in pick],
+        labels=np.asarray([labels[i] for i in pick], dtype=np.int64),
+        classes=list(classes),
+        rejected=rejected,
+        carved=carved,
+        sizes=[sizes[i] for i in pick],
+    )
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        # 16-bit data: map 0..65535 onto 0..255 instead of letting PIL clip.
+        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        if arr.max(initial=0.0) <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Transparent pixels become white, not whatever colour happens to sit under alpha 0.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file fully to 8-bit RGB, applying its EXIF orientation.
+
+    Raises:
+        UnreadableImageError: the file is missing, truncated, corrupt or not an image.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except Exception as e:  # PIL raises many types for bad files; all mean "cannot decode".
+        raise UnreadableImageError(str(path), f"cannot decode image ({type(e).__name__}: {e})") from e
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decoded, transformed images of a split; a bad image yields its error instead of raising.
+
+    Items are ``(position, tensor or None, reason or None)`` so that one bad file costs one row, not the run.
+    """
+
+    def __init__(self, root: Path, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor], offset: int = 0) -> None:
+        self.root = Path(root)
+        self.paths = paths
+        self.transform = transform
+        self.offset = offset
+
+    def __len__(self) -> int:
+        return len(self.paths) - self.offset
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        pos = i + self.offset
+        try:
+            return pos, self.transform(load_rgb(self.root / self.paths[pos])), None
+        except UnreadableImageError as e:
+            return pos, None, e.reason
+
+
+def collate_batch(items: list[tuple[int, torch.Tensor | None, str | None]]) -> tuple[np.ndarray, torch.Tensor | None, list[tuple[int, str]]]:
+    """Stack the good images of a batch; return (positions of good images, batch or None, [(position, reason)])."""
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, r) for i, x, r in items if x is None]
+    if not good:
+        return np.zeros(0, dtype=np.int64), None, bad
+    return np.asarray([i for i, _ in good], dtype=np.int64), torch.stack([x for _, x in good]), bad

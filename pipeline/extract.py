@@ -1,0 +1,263 @@
+"""Stage one: run a frozen backbone once over a split and write its tapped features to the HDF5 cache."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backbones import load_backbone
+from .cache import COMPRESSIONS, DTYPES, PartialRun, cache_path, diff_settings, read_cache, write_cache
+from .data import SPLITS, DatasetSpec, ImageDataset, collate_batch, load_split
+from .engines import ENGINES, make_engine
+from .runtime import resolve_runtime
+from .taps import TapExtractor, resolve_taps
+
+__all__ = ["ExtractConfig", "ExtractResult", "extract", "extract_cache_path", "ON_ERROR"]
+
+ON_ERROR = ("fail", "skip")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything that defines a feature cache and how it is computed.
+
+    Attributes:
+        data: dataset folder (``ROOT/<split>/<class>/<image>``, or with ``labels_csv``).
+        split: ``train``, ``val`` or ``test``.
+        model: torchvision classification model name.
+        weights: ``DEFAULT``, a torchvision weights name, a state_dict file, or ``none`` for random weights.
+        layers: modules to tap, each ``name`` or ``name:input|output``; empty means the default tap.
+        capture: ``input`` or ``output``, for layers given without one.
+        resize, crop, mean, std: overrides of the weights' preprocessing.
+        dtype: ``float32`` or ``float16`` storage.
+        compression: ``none``, ``gzip`` or ``lzf``.
+        batch_size: images per forward pass.
+        workers: DataLoader worker processes; None picks from the CPU count.
+        device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        amp: the fast-path switch (bf16 autocast, channels_last, pinned memory); None means on for CUDA only.
+        engine: ``auto``, ``eager`` or ``onnx`` (ONNX Runtime, CPU only).
+        on_error: ``fail`` on the first unreadable file, or ``skip`` it and record it.
+        labels_csv, id_column, label_column, image_dir, extension: the CSV dataset layout.
+        val_fraction, test_fraction, split_seed: how missing splits are carved.
+        cache_dir: root of the cache path convention.
+        output: an explicit cache path instead of the convention.
+    """
+
+    data: str = "data/fashion-mnist"
+    split: str = "train"
+    model: str = "mobilenet_v2"
+    weights: str = "DEFAULT"
+    layers: tuple[str, ...] = ()
+    capture: str = "output"
+    resize: int | None = None
+    crop: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    dtype: str = "float32"
+    compression: str = "none"
+    batch_size: int = 64
+    workers: int | None = None
+    device: str = "auto"
+    amp: bool | None = None
+    engine: str = "auto"
+    on_error: str = "fail"
+    labels_csv: str | None = None
+    id_column: str = "id"
+    label_column: str = "breed"
+    image_dir: str = "train"
+    extension: str = ".jpg"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
+    cache_dir: str = "features"
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (
+            ("split", self.split, SPLITS), ("dtype", self.dtype, DTYPES), ("compression", self.compression, COMPRESSIONS),
+            ("engine", self.engine, ENGINES), ("on_error", self.on_error, ON_ERROR), ("capture", self.capture, ("input", "output")),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be 0 or more, got {self.workers}")
+        object.__setattr__(self, "layers", tuple(self.layers))
+
+    @property
+    def dataset(self) -> DatasetSpec:
+        return DatasetSpec(
+            root=self.data, labels_csv=self.labels_csv, id_column=self.id_column, label_column=self.label_column,
+            image_dir=self.image_dir, extension=self.extension, val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction, split_seed=self.split_seed,
+        )
+
+
+@dataclass
+class ExtractResult:
+    """What one extraction did: ``status`` is ``extracted``, ``resumed`` or ``up-to-date``."""
+
+    path: Path
+    status: str
+    n_images: int
+    n_skipped: int
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    engine: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _versions() -> dict[str, str]:
+    import h5py
+    import PIL
+    import torchvision
+
+    from . import __version__
+
+    out = {"pipeline": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "torchvision": torchvision.__version__, "numpy": np.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _auto_workers(device_type: str) -> int:
+    cores = os.cpu_count() or 1
+    # On a CPU run the model needs the cores too; decoding gets about half of them.
+    return min(8, cores) if device_type == "cuda" else max(1, min(4, cores // 2))
+
+
+def extract_cache_path(config: ExtractConfig, weights: str, tap_slugs: list[str]) -> Path:
+    """The cache path of a config: ``config.output`` or the convention under ``config.cache_dir``."""
+    if config.output:
+        return Path(config.output)
+    return cache_path(config.cache_dir, config.dataset.name, config.model, weights, tap_slugs, config.split)
+
+
+def extract(config: ExtractConfig | None = None, *, force: bool = False, progress: bool = True) -> ExtractResult:
+    """Extract features of one split into the cache, resuming an interrupted run.
+
+    A complete cache with the same settings is left alone (status ``up-to-date``); one with other settings is
+    refused unless ``force``. Work is saved batch by batch, so an interrupted run continues where it stopped
+    and ends with the same rows as an uninterrupted one.
+
+    Args:
+        config: the settings; defaults to ``ExtractConfig()``.
+        force: overwrite a cache or partial run made with other settings.
+        progress: show a progress bar with images/s and time left.
+
+    Returns:
+        What was done, and where the cache is.
+
+    Raises:
+        ValueError: bad settings, a bad dataset, an unreadable file under ``on_error="fail"``, or a cache
+            with other settings without ``force``.
+    """
+    config = config or ExtractConfig()
+    split = load_split(config.dataset, config.split)
+    root = Path(config.data)
+    if split.rejected and config.on_error == "fail":
+        path, why = split.rejected[0].path, split.rejected[0].reason
+        more = f" (and {len(split.rejected) - 1} more)" if len(split.rejected) > 1 else ""
+        raise ValueError(f"{root / path}: {why}{more}; remove it or pass --on-error skip")
+    if len(split) == 0:
+        raise ValueError(f"the {config.split} split of {root} has no images")
+
+    backbone = load_backbone(config.model, config.weights, resize=config.resize, crop=config.crop, mean=config.mean, std=config.std)
+    taps = resolve_taps(backbone.model, config.layers, config.capture)
+    runtime = resolve_runtime(config.device, config.amp)
+    path = extract_cache_path(config, backbone.weights, [t.slug for t in taps])
+    # What determines the cache's content; how fast it is made (batch size, workers, device) is left out.
+    settings = {
+        "dataset": config.dataset.name, "dataset_fingerprint": split.fingerprint, "split": config.split,
+        "carved": split.carved, "model": config.model, "weights": backbone.weights, "weights_sha256": backbone.weights_sha256,
+        "taps": [t.name for t in taps], "preprocess": backbone.preprocess.to_dict(), "dtype": config.dtype,
+        "compression": config.compression, "amp": runtime.amp, "engine": config.engine,
+    }
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
+    settings["preprocess"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings["preprocess"].items()}
+
+    if path.exists():
+        try:
+            with read_cache(path) as cache:
+                old, n_old, skipped_old = cache.attrs.get("settings"), len(cache), cache.skipped
+        except ValueError:
+            old, n_old, skipped_old = {"file": "unreadable or not a complete cache"}, 0, []
+        if old == settings and not force:
+            return ExtractResult(path, "up-to-date", n_old, len(skipped_old), skipped=skipped_old)
+        if not force:
+            raise ValueError(f"{path} was made with other settings ({'; '.join(diff_settings(old, settings))}); pass --force to overwrite it")
+        path.unlink()
+
+    partial = PartialRun(path)
+    if partial.exists() and partial.settings() != settings:
+        if not force:
+            diff = "; ".join(diff_settings(partial.settings() or {}, settings))
+            raise ValueError(f"an interrupted extraction in {partial.dir} used other settings ({diff}); pass --force to discard it")
+        partial.remove()
+    if not partial.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.start(settings)
+    start = partial.done_until()
+    status = "resumed" if start else "extracted"
+
+    n = len(split)
+    workers = _auto_workers(runtime.device.type) if config.workers is None else config.workers
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(root, split.paths, backbone.preprocess.transform(), offset=start),
+        batch_size=config.batch_size, shuffle=False, num_workers=workers, collate_fn=collate_batch,
+        pin_memory=runtime.pin_memory, prefetch_factor=4 if workers else None, persistent_workers=False,
+    )
+    dtype = np.dtype(config.dtype)
+    engine = None
+    t0 = time.perf_counter()
+    with TapExtractor(backbone.model, taps) as extractor, tqdm(
+        total=n, initial=start, unit="img", desc=f"extract {config.split}", disable=not progress, dynamic_ncols=True, smoothing=0.1,
+    ) as bar:
+        pos = start
+        for index, x, bad in loader:
+            stop = pos + len(index) + len(bad)
+            if bad and config.on_error == "fail":
+                i, why = bad[0]
+                raise ValueError(f"{root / split.paths[i]}: {why}; fix or remove the file, or pass --on-error skip")
+            if x is not None:
+                if engine is None:
+                    engine = make_engine(config.engine, extractor, runtime, x[:2])
+                feats = [f.astype(dtype, copy=False) for f in engine(x)]
+            else:
+                feats = [np.zeros((0,), dtype) for _ in taps]
+            partial.write(pos, stop, feats, index, bad)
+            bar.update(stop - pos)
+            pos = stop
+    seconds = time.perf_counter() - t0
+    done = n - start
+    attrs = {
+        "settings": settings, "dataset": config.dataset.name, "data_root": str(root.resolve()), "split": config.split,
+        "model": config.model, "weights": backbone.weights, "taps": [t.name for t in taps],
+        "preprocess": backbone.preprocess.to_dict(), "image_size": backbone.preprocess.crop, "dtype": config.dtype,
+        "dataset_fingerprint": split.fingerprint, "split_seed": config.split_seed, "carved": split.carved or {},
+        "engine": engine.name if engine else config.engine, "runtime": runtime.describe(), "versions": _versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "batch_size": config.batch_size,
+        "images_per_s": done / seconds if seconds > 0 else 0.0,
+    }
+    write_cache(
+        partial, tap_names=[t.name for t in taps], paths=split.paths, labels=split.labels, classes=split.classes,
+        rejected=[(r.path, r.reason) for r in split.rejected], attrs=attrs, compression=config.compression,
+    )
+    with read_cache(path) as cache:
+        skipped = cache.skipped
+        n_rows = len(cache)
+    return ExtractResult(path, status, n_rows, len(skipped), seconds, attrs["images_per_s"], attrs["engine"], skipped)

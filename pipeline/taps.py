@@ -1,0 +1,218 @@
+"""Taps: forward hooks that capture the input or output of named modules, and the listing of tap points."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Tap", "FeatureHooks", "TapExtractor", "default_tap", "resolve_taps", "list_taps", "TapInfo"]
+
+CAPTURES = ("input", "output")
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A tap point: the input or output of the module called ``layer``."""
+
+    layer: str
+    capture: str = "output"
+
+    @property
+    def name(self) -> str:
+        """The tap's name, as written on the command line and in caches: ``layer:capture``."""
+        return f"{self.layer}:{self.capture}"
+
+    @property
+    def slug(self) -> str:
+        """The tap's name in file paths."""
+        return f"{self.layer}-{self.capture}"
+
+    @classmethod
+    def parse(cls, spec: str, capture: str = "output") -> "Tap":
+        """Parse ``layer`` or ``layer:input|output``; a bare layer takes ``capture``."""
+        layer, sep, cap = spec.rpartition(":")
+        if not sep:
+            layer, cap = spec, capture
+        if cap not in CAPTURES:
+            raise ValueError(f"tap {spec!r}: capture must be 'input' or 'output', got {cap!r}")
+        return cls(layer, cap)
+
+
+def _top_level_of_last_linear(model: nn.Module) -> str | None:
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    return None if last is None else last.split(".")[0]
+
+
+def default_tap(model: nn.Module) -> Tap:
+    """The avgpool output, or the input of the final classifier for models without an ``avgpool`` module.
+
+    torchvision's MobileNetV2 pools with a functional call, so its pooled features are the input of ``classifier``.
+    """
+    modules = dict(model.named_modules())
+    if "avgpool" in modules:
+        return Tap("avgpool", "output")
+    head = _top_level_of_last_linear(model)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has neither an avgpool module nor a linear classifier; name a tap with --layer")
+    return Tap(head, "input")
+
+
+def resolve_taps(model: nn.Module, specs: Sequence[str] = (), capture: str = "output") -> list[Tap]:
+    """Parse and check tap specs against the model's module names; no specs means the default tap.
+
+    Raises:
+        ValueError: an unknown module name (with close matches and the full list), or a repeated tap.
+    """
+    if not specs:
+        return [default_tap(model)]
+    names = [n for n, _ in model.named_modules() if n]
+    taps = [Tap.parse(s, capture) for s in specs]
+    for tap in taps:
+        if tap.layer not in names:
+            hint = difflib.get_close_matches(tap.layer, names, n=3)
+            raise ValueError(
+                f"{type(model).__name__} has no module {tap.layer!r}"
+                + (f"; did you mean {', '.join(hint)}?" if hint else "")
+                + f" Valid names: {', '.join(names)}"
+            )
+    if len({t.name for t in taps}) != len(taps):
+        raise ValueError(f"a tap is named twice: {[t.name for t in taps]}")
+    return taps
+
+
+class FeatureHooks:
+    """Forward hooks on named modules, owned by a context manager.
+
+    Captured tensors are stored by tap name and cleared when read with :meth:`pop`. On exit the hooks are
+    removed (also on error) and the model's train/eval mode is restored.
+    """
+
+    def __init__(self, model: nn.Module, taps: Iterable[Tap]) -> None:
+        self.model = model
+        self.taps = list(taps)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._store: dict[str, torch.Tensor] = {}
+        self._was_training: bool | None = None
+
+    def _hook(self, tap: Tap):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if tap.capture == "input":
+                if not args or not isinstance(args[0], torch.Tensor):
+                    raise ValueError(f"tap {tap.name}: the module was called without a tensor input")
+                self._store[tap.name] = args[0]
+            else:
+                if not isinstance(output, torch.Tensor):
+                    raise ValueError(f"tap {tap.name}: the module returns {type(output).__name__}, not a tensor")
+                self._store[tap.name] = output
+
+        return hook
+
+    def __enter__(self) -> "FeatureHooks":
+        self._was_training = self.model.training
+        modules = dict(self.model.named_modules())
+        try:
+            for tap in self.taps:
+                self._handles.append(modules[tap.layer].register_forward_hook(self._hook(tap)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the hooks, drop captured tensors and restore the model's mode."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._store.clear()
+        if self._was_training is not None:
+            self.model.train(self._was_training)
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """Return the tensors captured by the last forward, by tap name, and forget them."""
+        missing = [t.name for t in self.taps if t.name not in self._store]
+        if missing:
+            raise RuntimeError(f"tap(s) {missing} did not fire during the forward pass; is the module used by forward()?")
+        out, self._store = self._store, {}
+        return out
+
+
+def flatten_pooled(x: torch.Tensor) -> torch.Tensor:
+    """N x C x 1 x 1 (a global pool's output) becomes N x C; other shapes are kept."""
+    if x.dim() == 4 and x.shape[2] == 1 and x.shape[3] == 1:
+        return x.flatten(1)
+    return x
+
+
+class TapExtractor(nn.Module):
+    """A module whose forward returns the tapped features of ``model`` as a tuple, one per tap.
+
+    Use it as a context manager: the hooks live only inside the ``with`` block. Global pools' 1x1 outputs
+    are flattened to N x C. It is the unit both engines run: eagerly, or exported to ONNX with the hooks in place.
+    """
+
+    def __init__(self, model: nn.Module, taps: Sequence[Tap]) -> None:
+        super().__init__()
+        self.model = model
+        self.taps = list(taps)
+        self.hooks = FeatureHooks(model, self.taps)
+
+    def __enter__(self) -> "TapExtractor":
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.hooks.close()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.model(x)
+        got = self.hooks.pop()
+        return tuple(flatten_pooled(got[t.name]) for t in self.taps)
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """A module of a model with the shapes flowing in and out of it for one image."""
+
+    name: str
+    kind: str
+    input_shape: tuple[int, ...] | None
+    output_shape: tuple[int, ...] | None
+
+
+def list_taps(model: nn.Module, image_size: int = 224) -> list[TapInfo]:
+    """Every named module with its input and output shape (batch dimension dropped) for one image."""
+    shapes: dict[str, tuple] = {}
+    handles = []
+
+    def shape_of(x: object) -> tuple[int, ...] | None:
+        return tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, name=name: shapes.__setitem__(name, (shape_of(a[0]) if a else None, shape_of(o)))
+            ))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return [
+        TapInfo(name, type(module).__name__, *shapes.get(name, (None, None)))
+        for name, module in model.named_modules()
+        if name
+    ]
