@@ -234,7 +234,7 @@ def load_backbone(
 
     Args:
         name: a torchvision classification model name, e.g. ``resnet50``.
-        weights: ``DEFAULT``, a torchvision weights name, a state_dict file, or ``none``.
+        weights: ``DEFAULT``, a torchvision weights name, a state_dict file, or ``none`` (random, seed 0).
         resize: override of the short-side resize.
         crop: override of the centre crop (the image size the model sees).
         mean: override of the normalisation mean.
@@ -258,7 +258,10 @@ def load_backbone(
         _load_strict(model, state, str(resolved))
         label, sha, named = f"file:{resolved.name}", _sha256(resolved), None
     elif resolved is None:
-        model = torchvision.models.get_model(name, weights=None)
+        # Seeded, so that "none" names one model: resumed and repeated runs see the same random weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = torchvision.models.get_model(name, weights=None)
         label, named = "none", None
     else:
         _ensure_named_weights(name, resolved)

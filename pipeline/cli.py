@@ -18,6 +18,8 @@ from .taps import default_tap, list_taps
 
 __all__ = ["cli"]
 
+_D = ExtractConfig()  # the library's defaults are the CLI's: help texts read them from here
+
 
 def _friendly(fn: Callable) -> Callable:
     """Turn the library's errors into one clear line and exit code 1; Ctrl-C into a resume hint."""
@@ -54,33 +56,33 @@ def cli() -> None:
 
 
 @cli.command("extract")
-@click.option("--data", help="Dataset folder: DATA/<split>/<class>/<image>, or a CSV layout with --labels-csv.  [default: data/fashion-mnist]")
-@click.option("--split", "splits", multiple=True, type=click.Choice(SPLITS), help="Split(s) to extract; repeat for several.  [default: train]")
-@click.option("--model", help="torchvision classification model, e.g. resnet50 (see `pipeline models`).  [default: mobilenet_v2]")
-@click.option("--weights", help="DEFAULT, a torchvision weights name (IMAGENET1K_V1...), a state_dict file, or 'none' for random weights.  [default: DEFAULT]")
+@click.option("--data", help=f"Dataset folder: DATA/<split>/<class>/<image>, or a CSV layout with --labels-csv.  [default: {_D.data}]")
+@click.option("--split", "splits", multiple=True, type=click.Choice(SPLITS), help=f"Split(s) to extract; repeat for several.  [default: {_D.split}]")
+@click.option("--model", help=f"torchvision classification model, e.g. resnet50 (see `pipeline models`).  [default: {_D.model}]")
+@click.option("--weights", help=f"DEFAULT, a torchvision weights name (IMAGENET1K_V1...), a state_dict file, or 'none' for random weights.  [default: {_D.weights}]")
 @click.option("--layer", "layers", multiple=True, help="Module to tap, NAME or NAME:input|output; repeat for several taps in one pass. Default: avgpool output, or the classifier's input.")
-@click.option("--capture", type=click.Choice(["input", "output"]), help="Capture the input or output of --layer modules given without one.  [default: output]")
+@click.option("--capture", type=click.Choice(["input", "output"]), help=f"Capture the input or output of --layer modules given without one.  [default: {_D.capture}]")
 @click.option("--resize", type=click.IntRange(1), help="Override the weights' resize of the short side.")
 @click.option("--crop", type=click.IntRange(1), help="Override the weights' centre crop (the image size).")
 @click.option("--mean", callback=_floats, help="Override the normalisation mean, R,G,B.")
 @click.option("--std", callback=_floats, help="Override the normalisation std, R,G,B.")
-@click.option("--dtype", type=click.Choice(DTYPES), help="Storage dtype of the features.  [default: float32]")
-@click.option("--compression", type=click.Choice(COMPRESSIONS), help="HDF5 compression.  [default: none]")
-@click.option("--batch-size", type=click.IntRange(1), help="Images per forward pass.  [default: 64]")
+@click.option("--dtype", type=click.Choice(DTYPES), help=f"Storage dtype of the features.  [default: {_D.dtype}]")
+@click.option("--compression", type=click.Choice(COMPRESSIONS), help=f"HDF5 compression.  [default: {_D.compression}]")
+@click.option("--batch-size", type=click.IntRange(1), help=f"Images per forward pass.  [default: {_D.batch_size}]")
 @click.option("--workers", type=click.IntRange(0), help="DataLoader worker processes.  [default: from the CPU count]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps.  [default: auto: cuda > mps > cpu]")
 @click.option("--amp/--no-amp", default=None, help="The fast path: bf16 autocast, channels_last, pinned memory, non-blocking copies.  [default: on for CUDA]")
-@click.option("--engine", type=click.Choice(ENGINES), help="auto: ONNX Runtime for fp32 on the CPU when installed and equal to eager, else eager torch.  [default: auto]")
-@click.option("--on-error", type=click.Choice(ON_ERROR), help="On an unreadable file: fail naming it, or skip it and record it.  [default: fail]")
+@click.option("--engine", type=click.Choice(ENGINES), help=f"auto: ONNX Runtime for fp32 on the CPU when installed and equal to eager, else eager torch.  [default: {_D.engine}]")
+@click.option("--on-error", type=click.Choice(ON_ERROR), help=f"On an unreadable file: fail naming it, or skip it and record it.  [default: {_D.on_error}]")
 @click.option("--labels-csv", help="CSV of labels under DATA (Kaggle dog-breed layout), e.g. labels.csv.")
-@click.option("--id-column", help="CSV column with the image id.  [default: id]")
-@click.option("--label-column", help="CSV column with the class.  [default: breed]")
-@click.option("--image-dir", help="Folder under DATA with the CSV's images.  [default: train]")
-@click.option("--extension", help="Appended to CSV ids to make file names.  [default: .jpg]")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Fraction of train carved out as val when there is no val/.  [default: 0.1]")
-@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help="Fraction carved out as test for CSV datasets.  [default: 0.1]")
-@click.option("--split-seed", type=int, help="Seed of the stratified carving.  [default: 0]")
-@click.option("--cache-dir", help="Root of the cache convention CACHE_DIR/<dataset>/<model>-<weights>/<taps>/<split>.h5.  [default: features]")
+@click.option("--id-column", help=f"CSV column with the image id.  [default: {_D.id_column}]")
+@click.option("--label-column", help=f"CSV column with the class.  [default: {_D.label_column}]")
+@click.option("--image-dir", help=f"Folder under DATA with the CSV's images.  [default: {_D.image_dir}]")
+@click.option("--extension", help=f"Appended to CSV ids to make file names.  [default: {_D.extension}]")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction of train carved out as val when there is no val/.  [default: {_D.val_fraction}]")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction carved out as test for CSV datasets.  [default: {_D.test_fraction}]")
+@click.option("--split-seed", type=int, help=f"Seed of the stratified carving.  [default: {_D.split_seed}]")
+@click.option("--cache-dir", help=f"Root of the cache convention CACHE_DIR/<dataset>/<model>-<weights>/<taps>/<split>.h5.  [default: {_D.cache_dir}]")
 @click.option("--output", "-o", help="Write to this file instead of the convention (one split only).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings file.  [default: ./pipeline.toml if present]")
 @click.option("--force", is_flag=True, help="Overwrite a cache made with other settings.")

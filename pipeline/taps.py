@@ -80,7 +80,8 @@ def resolve_taps(model: nn.Module, specs: Sequence[str] = (), capture: str = "ou
             raise ValueError(
                 f"{type(model).__name__} has no module {tap.layer!r}"
                 + (f"; did you mean {', '.join(hint)}?" if hint else "")
-                + f" Valid names: {', '.join(names)}"
+                + f" Top-level modules: {', '.join(n for n in names if '.' not in n)}"
+                + " (`pipeline layers MODEL` lists every tap point)"
             )
     if len({t.name for t in taps}) != len(taps):
         raise ValueError(f"a tap is named twice: {[t.name for t in taps]}")
@@ -146,18 +147,19 @@ class FeatureHooks:
         return out
 
 
-def flatten_pooled(x: torch.Tensor) -> torch.Tensor:
-    """N x C x 1 x 1 (a global pool's output) becomes N x C; other shapes are kept."""
-    if x.dim() == 4 and x.shape[2] == 1 and x.shape[3] == 1:
-        return x.flatten(1)
-    return x
+_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _flattens(model: nn.Module, tap: Tap) -> bool:
+    """Whether a tap is a global pool's output, stored as N x C rather than N x C x 1 x 1."""
+    return tap.capture == "output" and isinstance(dict(model.named_modules())[tap.layer], _GLOBAL_POOLS)
 
 
 class TapExtractor(nn.Module):
     """A module whose forward returns the tapped features of ``model`` as a tuple, one per tap.
 
-    Use it as a context manager: the hooks live only inside the ``with`` block. Global pools' 1x1 outputs
-    are flattened to N x C. It is the unit both engines run: eagerly, or exported to ONNX with the hooks in place.
+    Use it as a context manager: the hooks live only inside the ``with`` block. The output of a global pool
+    (``AdaptiveAvgPool2d``, ``AdaptiveMaxPool2d``) is flattened from N x C x 1 x 1 to N x C; other taps keep their shape. It is the unit both engines run: eagerly, or exported to ONNX with the hooks in place.
     """
 
     def __init__(self, model: nn.Module, taps: Sequence[Tap]) -> None:
@@ -165,6 +167,7 @@ class TapExtractor(nn.Module):
         self.model = model
         self.taps = list(taps)
         self.hooks = FeatureHooks(model, self.taps)
+        self._flatten = [_flattens(model, t) for t in self.taps]
 
     def __enter__(self) -> "TapExtractor":
         self.hooks.__enter__()
@@ -176,7 +179,7 @@ class TapExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.model(x)
         got = self.hooks.pop()
-        return tuple(flatten_pooled(got[t.name]) for t in self.taps)
+        return tuple(got[t.name].flatten(1) if flat else got[t.name] for t, flat in zip(self.taps, self._flatten))
 
 
 @dataclass(frozen=True)
