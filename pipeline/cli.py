@@ -148,8 +148,9 @@ def models_cmd() -> None:
 @cli.command("assets")
 @click.option("--weights/--no-weights", default=True, help="Fetch MobileNetV2 ImageNet weights into the torch hub cache.")
 @click.option("--fashion-mnist", "fmnist", type=click.Path(file_okay=False), default=None, help="Materialise Fashion-MNIST as an image folder here, e.g. data/fashion-mnist.")
+@click.option("--source", type=click.Path(file_okay=False, exists=True), default=None, help="Folder with the four Fashion-MNIST IDX .gz files.  [default: Debian's, else download]")
 @_friendly
-def assets_cmd(weights: bool, fmnist: str | None) -> None:
+def assets_cmd(weights: bool, fmnist: str | None, source: str | None) -> None:
     """Obtain the embedded default: MobileNetV2 ImageNet weights and Fashion-MNIST, offline where possible."""
     from pathlib import Path
 
@@ -159,5 +160,6 @@ def assets_cmd(weights: bool, fmnist: str | None) -> None:
         path = assets.fetch_mobilenet_v2_weights(Path(".assets"))
         click.echo(f"weights: {path} (sha256 ok)")
     if fmnist:
-        root = assets.materialize_fashion_mnist(Path(fmnist))
-        click.echo(f"fashion-mnist: {root}")
+        root = assets.materialize_fashion_mnist(Path(fmnist), Path(source) if source else None)
+        counts = {s: sum(1 for _ in (root / s).rglob("*.png")) for s in ("train", "test")}
+        click.echo(f"fashion-mnist: {root} ({counts['train']} train, {counts['test']} test images)")

@@ -258,15 +258,15 @@ def load_split(spec: DatasetSpec, split: str) -> Split:
             members.update(train=rest[train], val=rest[val])
         carved = {"from": spec.labels_csv, "test_fraction": spec.test_fraction, "val_fraction": spec.val_fraction, "seed": spec.split_seed}
     else:
-        if not (root / "train").is_dir():
-            raise ValueError(f"{root} has no train/ folder (expected {root}/<split>/<class>/<image>)")
-        classes = _class_folders(root / "train")
-        if not classes:
-            raise ValueError(f"{root / 'train'} has no class folders (expected {root}/train/<class>/<image>)")
         has_val = (root / "val").is_dir()
         scan = split if (split == "test" or (split == "val" and has_val)) else "train"
         if not (root / scan).is_dir():
-            raise ValueError(f"{root} has no {scan}/ folder")
+            raise ValueError(f"{root} has no {scan}/ folder (expected {root}/<split>/<class>/<image>)")
+        # train/ defines the classes of every split; a dataset without train/ takes the split's own.
+        class_dir = root / "train" if (root / "train").is_dir() else root / scan
+        classes = _class_folders(class_dir)
+        if not classes:
+            raise ValueError(f"{class_dir} has no class folders (expected {class_dir}/<class>/<image>)")
         paths, labels, sizes, rejected = _scan_folder(root, scan, classes)
         if scan == split and (split != "train" or has_val):
             members = {split: np.arange(len(paths))}

