@@ -95,10 +95,10 @@ def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, p
     """
     config = load_config(config_file)
     chosen = splits or (config.get("extract", {}).get("split"),)
-    if options.get("output") and len(chosen) > 1:
+    if (options.get("output") or config.get("extract", {}).get("output")) and len(chosen) > 1:
         raise click.BadParameter("--output takes one --split", param_hint="--output")
     for split in chosen:
-        settings = settings_from(ExtractConfig, config, "extract", {**options, "split": split})
+        settings = settings_from(ExtractConfig, config, "extract", {**options, "split": split}, source=config_file or "pipeline.toml")
         result = extract(settings, force=force, progress=progress)
         if result.status == "up-to-date":
             click.echo(f"{settings.split}: {result.path} is up to date ({result.n_images} images); nothing to do")

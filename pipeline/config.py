@@ -37,8 +37,15 @@ def load_config(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
     return data
 
 
-def settings_from(cls: type[T], config: dict[str, dict[str, Any]], section: str, overrides: dict[str, Any]) -> T:
+def settings_from(cls: type[T], config: dict[str, dict[str, Any]], section: str, overrides: dict[str, Any], source: str = CONFIG_FILE) -> T:
     """Build a settings dataclass: its defaults, then the config section, then non-None overrides.
+
+    Args:
+        cls: the settings dataclass.
+        config: what :func:`load_config` returned.
+        section: the table to read, e.g. ``extract``.
+        overrides: command-line values; None means "not given".
+        source: the config file's name, for messages.
 
     Raises:
         ValueError: a config key that is not a field of ``cls``.
@@ -47,7 +54,7 @@ def settings_from(cls: type[T], config: dict[str, dict[str, Any]], section: str,
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - valid)
     if unknown:
-        raise ValueError(f"[{section}] in {CONFIG_FILE}: unknown setting(s) {unknown}; valid: {', '.join(sorted(valid))}")
+        raise ValueError(f"[{section}] in {source}: unknown setting(s) {unknown}; valid: {', '.join(sorted(valid))}")
     table.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     table = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
     return cls(**table)

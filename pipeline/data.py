@@ -180,9 +180,9 @@ def _scan_csv(spec: DatasetSpec) -> tuple[list[str], list[int], list[int], list[
                 raise ValueError(f"{csv_path} has no column {col!r} (columns: {', '.join(columns) or 'none'}); set {opt}")
         rows = []
         seen: set[str] = set()
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
             ident, label = (row[spec.id_column] or "").strip(), (row[spec.label_column] or "").strip()
-            where = f"{csv_path} line {line}"
+            where = f"{csv_path} line {reader.line_num}"
             if not ident or not label:
                 raise ValueError(f"{where}: empty {spec.id_column!r} or {spec.label_column!r}")
             rel = _safe_relpath(spec.image_dir, ident + spec.extension, where, image_root)
@@ -302,7 +302,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         if arr.max(initial=0.0) <= 1.0:
             arr = arr * 255.0
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         # Transparent pixels become white, not whatever colour happens to sit under alpha 0.
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -226,6 +227,7 @@ def extract(config: ExtractConfig | None = None, *, force: bool = False, progres
     t0 = time.perf_counter()
     with TapExtractor(backbone.model, taps) as extractor, tqdm(
         total=n, initial=start, unit="img", desc=f"extract {config.split}", disable=not progress, dynamic_ncols=True, smoothing=0.1,
+        mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not a flood
     ) as bar:
         pos = start
         for index, x, bad in loader:
