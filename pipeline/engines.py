@@ -63,8 +63,10 @@ class OnnxEngine:
                     dynamic_axes={"images": {0: "batch"}, **{f"tap{i}": {0: "batch"} for i in range(n_out)}},
                 )
             options = ort.SessionOptions()
-            options.intra_op_num_threads = threads or torch.get_num_threads()
+            options.intra_op_num_threads = threads or max(1, torch.get_num_threads())
             options.inter_op_num_threads = 1
+            # Idle threads sleep instead of spinning, leaving the cores to DataLoader workers between batches.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> list[np.ndarray]:
