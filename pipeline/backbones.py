@@ -16,7 +16,9 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["Backbone", "Preprocess", "WeightsUnavailableError", "load_backbone", "resolve_weights", "list_backbones", "final_linear"]
+__all__ = [
+    "Backbone", "Preprocess", "WeightsUnavailableError", "load_backbone", "resolve_weights", "weights_label", "list_backbones", "final_linear",
+]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -121,6 +123,15 @@ def resolve_weights(name: str, spec: str) -> torchvision.models.WeightsEnum | Pa
     if key not in valid:
         raise ValueError(f"unknown weights {spec!r} for {name}; expected one of {', '.join(valid)}, a state_dict file, or 'none'")
     return enum.DEFAULT if key == "DEFAULT" else enum[key]
+
+
+def weights_label(resolved: torchvision.models.WeightsEnum | Path | None) -> str:
+    """The name of resolved weights in caches and artifacts: ``IMAGENET1K_V1``, ``file:<name>`` or ``none``."""
+    if resolved is None:
+        return "none"
+    if isinstance(resolved, Path):
+        return f"file:{resolved.name}"
+    return resolved.name
 
 
 def _hub_file(weights: torchvision.models.WeightsEnum) -> Path:
@@ -256,21 +267,21 @@ def load_backbone(
             # A fine-tuned checkpoint: rebuild with its number of classes.
             model = torchvision.models.get_model(name, weights=None, num_classes=int(w.shape[0]))
         _load_strict(model, state, str(resolved))
-        label, sha, named = f"file:{resolved.name}", _sha256(resolved), None
+        sha, named = _sha256(resolved), None
     elif resolved is None:
         # Seeded, so that "none" names one model: resumed and repeated runs see the same random weights.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = torchvision.models.get_model(name, weights=None)
-        label, named = "none", None
+        named = None
     else:
         _ensure_named_weights(name, resolved)
         # get_model with the enum sets the model options that go with those weights (e.g. transform_input).
         model = torchvision.models.get_model(name, weights=resolved)
-        label, named, categories = resolved.name, resolved, list(resolved.meta["categories"])
+        named, categories = resolved, list(resolved.meta["categories"])
     model.eval()
     model.requires_grad_(False)
     return Backbone(
-        model=model, name=name, weights=label, weights_sha256=sha,
+        model=model, name=name, weights=weights_label(resolved), weights_sha256=sha,
         preprocess=_preprocess_for(name, named, resize, crop, mean, std), categories=categories,
     )

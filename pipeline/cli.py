@@ -14,6 +14,10 @@ from .config import load_config, settings_from
 from .data import SPLITS
 from .engines import ENGINES
 from .extract import ON_ERROR, ExtractConfig, extract
+from .evaluate import compare, evaluate
+from .fit import HeadConfig, fit_head
+from .heads import HEADS, POOLS, PREPROCESSING
+from .predict import predict, write_predictions
 from .taps import default_tap, list_taps
 
 __all__ = ["cli"]
@@ -163,3 +167,100 @@ def assets_cmd(weights: bool, fmnist: str | None, source: str | None) -> None:
         root = assets.materialize_fashion_mnist(Path(fmnist), Path(source) if source else None)
         counts = {s: sum(1 for _ in (root / s).rglob("*.png")) for s in ("train", "test")}
         click.echo(f"fashion-mnist: {root} ({counts['train']} train, {counts['test']} test images)")
+
+
+def _source(config: dict, options: dict[str, Any]) -> ExtractConfig:
+    """The extract settings that locate caches: pipeline.toml's [extract], then the cache-locating options."""
+    return settings_from(ExtractConfig, config, "extract", options)
+
+
+_cache_options = [
+    click.option("--data", help="Dataset folder whose caches to use.  [default: from pipeline.toml, else data/fashion-mnist]"),
+    click.option("--model", help="Backbone of the caches."),
+    click.option("--weights", help="Weights of the caches."),
+    click.option("--layer", "layers", multiple=True, help="Tap(s) of the caches, as given to extract."),
+    click.option("--cache-dir", help="Root of the cache convention."),
+    click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings file.  [default: ./pipeline.toml if present]"),
+]
+
+
+def _with_cache_options(fn: Callable) -> Callable:
+    for option in reversed(_cache_options):
+        fn = option(fn)
+    return fn
+
+
+_H = HeadConfig()
+
+
+@cli.command("fit-head")
+@click.option("--clf", type=click.Choice(list(HEADS)), help=f"Head family.  [default: {_H.clf}]")
+@click.option("--tap", help="Tap of the cache to use.  [default: the first]")
+@click.option("--preprocessing", type=click.Choice(PREPROCESSING), help="Feature preprocessing.  [default: per head]")
+@click.option("--pca", type=click.IntRange(1), help=f"PCA components where PCA is used.  [default: {_H.pca}]")
+@click.option("--pool", type=click.Choice(POOLS), help=f"Pooling of spatial features.  [default: {_H.pool}]")
+@click.option("--grid", help="Comma-separated values of the swept hyper-parameter.  [default: per head]")
+@click.option("--refine", type=click.IntRange(0), help=f"Halving rounds around the best value of a log grid.  [default: {_H.refine}]")
+@click.option("--seed", type=int, help=f"Random state.  [default: {_H.seed}]")
+@click.option("--train-cache", type=click.Path(dir_okay=False), help="Train cache file.  [default: located from the extract settings]")
+@click.option("--val-cache", type=click.Path(dir_okay=False), help="Val cache file.  [default: located from the extract settings]")
+@click.option("--output", "-o", help="Where to save the head (no suffix).  [default: <cache folder>/heads/<clf>]")
+@_with_cache_options
+@_friendly
+def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, data, model, weights, layers, cache_dir, **options: Any) -> None:
+    """Fit a head on cached train features, choosing its hyper-parameter on val."""
+    config = load_config(config_file)
+    if grid:
+        try:
+            options["grid"] = tuple(float(v) if any(c in v for c in ".eE") else int(v) for v in grid.split(","))
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers, got {grid!r}", param_hint="--grid") from None
+    head = settings_from(HeadConfig, config, "head", options, source=config_file or "pipeline.toml")
+    source = _source(config, {"data": data, "model": model, "weights": weights, "layers": layers, "cache_dir": cache_dir})
+    result = fit_head(head, source, out=output)
+    for row in result.sweep:
+        click.echo(f"  {result.param}={row['value']:<10g} val acc {row['val_accuracy']:.4f}  ({row['seconds']:.1f} s)")
+    click.echo(f"{result.clf}: {result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}, fit {result.fit_seconds:.1f} s -> {result.path}")
+
+
+@cli.command("evaluate")
+@click.argument("head", type=click.Path(dir_okay=False))
+@click.option("--test-cache", type=click.Path(dir_okay=False), help="Test cache file.  [default: test.h5 beside the head's train cache]")
+@_friendly
+def evaluate_cmd(head: str, test_cache: str | None) -> None:
+    """Evaluate a fitted HEAD (its .json) on the test split: metrics JSON and a confusion-matrix PNG."""
+    m = evaluate(head, test_cache)
+    top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
+    click.echo(f"{m['clf']}: test top-1 {m['top1']:.4f}{top5}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images")
+    click.echo(f"  metrics {m['json']}\n  confusion matrix {m['confusion_png']}")
+
+
+@cli.command("compare")
+@click.argument("folder", required=False, type=click.Path(file_okay=False))
+@_with_cache_options
+@_friendly
+def compare_cmd(folder: str | None, config_file: str | None, **options: Any) -> None:
+    """One table of every head fitted on a cache (FOLDER, or located from the extract settings)."""
+    rows = compare(folder, None if folder else _source(load_config(config_file), options))
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    click.echo(f"{'head':<12} {'test top-1':>10} {'top-5':>7} {'bal. acc':>8} {'val acc':>8} {'fit s':>7}  chosen")
+    for r in rows:
+        click.echo(f"{r['clf']:<12} {fmt(r['top1']):>10} {fmt(r['top5']):>7} {fmt(r['balanced_accuracy']):>8} {fmt(r['val_accuracy']):>8} "
+                   f"{r['fit_seconds']:>7.1f}  {r['param']}={r['value']:g} ({r['preprocessing']})")
+
+
+@cli.command("predict")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--head", required=True, type=click.Path(dir_okay=False), help="The fitted head's .json.")
+@click.option("--output", "-o", default="predictions.csv", show_default=True, help="CSV, or JSON when it ends in .json.")
+@click.option("--on-error", type=click.Choice(ON_ERROR), default="fail", show_default=True, help="On an unreadable file: fail naming it, or skip it.")
+@click.option("--weights", help="The backbone's weights file, when the head's cache came from one.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@_friendly
+def predict_cmd(inputs: tuple[str, ...], head: str, output: str, on_error: str, weights: str | None, batch_size: int, device: str) -> None:
+    """Predict new images (files or folders) end to end: backbone, tap and head."""
+    rows, classes = predict(head, inputs, on_error=on_error, weights=weights, batch_size=batch_size, device=device)
+    path = write_predictions(rows, classes, output)
+    failed = sum("error" in r for r in rows)
+    click.echo(f"{len(rows) - failed} images predicted, {failed} skipped -> {path}")

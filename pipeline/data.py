@@ -7,7 +7,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -135,26 +135,37 @@ def _scan_folder(root: Path, split: str, classes: list[str]) -> tuple[list[str],
     if extra:
         raise ValueError(f"{split_dir} has class folder(s) {extra} that {root / 'train'} lacks")
     index = {c: i for i, c in enumerate(classes)}
-    paths: list[str] = []
-    labels: list[int] = []
-    sizes: list[int] = []
-    rejected = [
+    loose = [
         Rejected(f"{split}/{e.name}", "not inside a class folder")
         for e in sorted(os.scandir(split_dir), key=lambda e: e.name)
         if not e.is_dir()
     ]
-    for cls in found:
-        for dirpath, dirnames, filenames in os.walk(split_dir / cls):
-            dirnames.sort()
-            for fn in sorted(filenames):
-                rel = Path(dirpath, fn).relative_to(root).as_posix()
-                size, reason = _check_file(root, rel)
-                if reason:
-                    rejected.append(Rejected(rel, reason))
-                    continue
-                paths.append(rel)
-                labels.append(index[cls])
-                sizes.append(size)
+
+    def candidates() -> Iterator[tuple[str, int]]:
+        for cls in found:
+            for dirpath, dirnames, filenames in os.walk(split_dir / cls):
+                dirnames.sort()
+                for fn in sorted(filenames):
+                    yield Path(dirpath, fn).relative_to(root).as_posix(), index[cls]
+
+    paths, labels, sizes, rejected = _collect(root, candidates())
+    return paths, labels, sizes, loose + rejected
+
+
+def _collect(root: Path, candidates: Iterable[tuple[str, int]]) -> tuple[list[str], list[int], list[int], list[Rejected]]:
+    """Split (path, label) candidates into usable images, with their sizes, and rejected files."""
+    paths: list[str] = []
+    labels: list[int] = []
+    sizes: list[int] = []
+    rejected: list[Rejected] = []
+    for rel, label in candidates:
+        size, reason = _check_file(root, rel)
+        if reason:
+            rejected.append(Rejected(rel, reason))
+        else:
+            paths.append(rel)
+            labels.append(label)
+            sizes.append(size)
     return paths, labels, sizes, rejected
 
 
@@ -194,15 +205,7 @@ def _scan_csv(spec: DatasetSpec) -> tuple[list[str], list[int], list[int], list[
         raise ValueError(f"{csv_path} lists no images")
     classes = sorted({label for _, label in rows})
     index = {c: i for i, c in enumerate(classes)}
-    paths, labels, sizes, rejected = [], [], [], []
-    for rel, label in sorted(rows):
-        size, reason = _check_file(root, rel)
-        if reason:
-            rejected.append(Rejected(rel, reason))
-            continue
-        paths.append(rel)
-        labels.append(index[label])
-        sizes.append(size)
+    paths, labels, sizes, rejected = _collect(root, ((rel, index[label]) for rel, label in sorted(rows)))
     return paths, labels, sizes, rejected, classes
 
 

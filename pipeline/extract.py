@@ -21,7 +21,7 @@ from .engines import ENGINES, make_engine
 from .runtime import resolve_runtime
 from .taps import TapExtractor, resolve_taps
 
-__all__ = ["ExtractConfig", "ExtractResult", "extract", "extract_cache_path", "ON_ERROR"]
+__all__ = ["ExtractConfig", "ExtractResult", "extract", "extract_cache_path", "locate_cache", "ON_ERROR"]
 
 ON_ERROR = ("fail", "skip")
 
@@ -70,14 +70,15 @@ class ExtractConfig:
     amp: bool | None = None
     engine: str = "auto"
     on_error: str = "fail"
-    labels_csv: str | None = None
-    id_column: str = "id"
-    label_column: str = "breed"
-    image_dir: str = "train"
-    extension: str = ".jpg"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    split_seed: int = 0
+    # The dataset layout, flat for the command line and pipeline.toml; defaults are DatasetSpec's.
+    labels_csv: str | None = DatasetSpec.labels_csv
+    id_column: str = DatasetSpec.id_column
+    label_column: str = DatasetSpec.label_column
+    image_dir: str = DatasetSpec.image_dir
+    extension: str = DatasetSpec.extension
+    val_fraction: float = DatasetSpec.val_fraction
+    test_fraction: float = DatasetSpec.test_fraction
+    split_seed: int = DatasetSpec.split_seed
     cache_dir: str = "features"
     output: str | None = None
 
@@ -149,6 +150,24 @@ def extract_cache_path(config: ExtractConfig, weights: str, tap_slugs: list[str]
     if config.output:
         return Path(config.output)
     return cache_path(config.cache_dir, config.dataset.name, config.model, weights, tap_slugs, config.split)
+
+
+def locate_cache(config: ExtractConfig) -> Path:
+    """Where ``extract(config)`` writes its cache, found without loading weights or touching the data.
+
+    Raises:
+        ValueError: an unknown model, weights name or tap.
+    """
+    import torchvision
+
+    from .backbones import resolve_weights, weights_label
+
+    weights = weights_label(resolve_weights(config.model, config.weights))
+
+    with torch.device("meta"):  # the module tree only: no memory, no weights
+        model = torchvision.models.get_model(config.model, weights=None)
+    taps = resolve_taps(model, config.layers, config.capture)
+    return extract_cache_path(config, weights, [t.slug for t in taps])
 
 
 def extract(config: ExtractConfig | None = None, *, force: bool = False, progress: bool = True) -> ExtractResult:

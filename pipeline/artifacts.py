@@ -1,0 +1,180 @@
+"""Head artifacts: saving fitted heads with their metadata, and loading them safely.
+
+Torch heads are plain tensors and strings, loaded with ``torch.load(weights_only=True)``. scikit-learn heads are
+joblib pickles; a pickle runs code when loaded, so its sha256 is recorded in a JSON sidecar when it is written
+and checked before it is unpickled: a tampered or foreign file is refused, not executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import torch
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+
+from .heads import SpatialPool, TorchLinearHead
+
+__all__ = ["save_head", "load_head", "HeadArtifact", "TamperedArtifactError"]
+
+
+class TamperedArtifactError(ValueError):
+    """An artifact whose bytes differ from the digest recorded when it was written."""
+
+
+class HeadArtifact:
+    """A loaded head: the fitted scikit-learn Pipeline and its metadata."""
+
+    def __init__(self, pipeline: Pipeline, meta: dict, path: Path) -> None:
+        self.pipeline = pipeline
+        self.meta = meta
+        self.path = path
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    def check_features(self, cache_attrs: dict) -> None:
+        """Refuse features from another backbone, weights, tap or preprocessing than the head was fitted on."""
+        mine = self.meta["features"]
+        theirs = feature_identity(cache_attrs)
+        diff = [f"{k}: head {mine.get(k)!r}, features {theirs.get(k)!r}" for k in sorted(mine) if mine.get(k) != theirs.get(k)]
+        if diff:
+            raise ValueError(f"{self.path} was fitted on other features ({'; '.join(diff)})")
+
+
+def feature_identity(attrs: dict) -> dict:
+    """What makes two caches' features comparable: backbone, weights, tap, preprocessing, dtype-independent."""
+    settings = attrs.get("settings", attrs)
+    return {k: settings.get(k) for k in ("model", "weights", "weights_sha256", "taps", "preprocess", "amp")}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _torch_state(pipe: Pipeline) -> dict[str, Any] | None:
+    """The tensors of pool/standardize/l2 + TorchLinearHead pipelines; None for other pipelines."""
+    state: dict[str, Any] = {"steps": []}
+    for name, step in pipe.steps:
+        if isinstance(step, SpatialPool):
+            state["steps"].append(f"pool:{step.mode}")
+            state["pool_shape"] = list(step.input_shape_)
+        elif isinstance(step, StandardScaler):
+            state["steps"].append("standardize")
+            state["mean"], state["scale"] = torch.from_numpy(step.mean_.copy()), torch.from_numpy(step.scale_.copy())
+        elif isinstance(step, Normalizer):
+            state["steps"].append("l2")
+        elif isinstance(step, TorchLinearHead):
+            state["steps"].append("linear")
+            state["weight"], state["bias"] = torch.from_numpy(step.coef_.copy()), torch.from_numpy(step.intercept_.copy())
+            state["classes"] = step.classes_.tolist()
+            state["params"] = json.dumps(step.get_params())
+            state["history"] = json.dumps(step.history_)
+            state["best_epoch"] = int(step.best_epoch_)
+        else:
+            return None
+    return state
+
+
+def _pipeline_from_torch(state: dict[str, Any]) -> Pipeline:
+    steps = []
+    for s in state["steps"]:
+        if s.startswith("pool:"):
+            pool = SpatialPool(s.split(":", 1)[1])
+            pool.input_shape_ = tuple(state["pool_shape"])
+            pool.n_features_in_ = int(np.prod(pool.input_shape_))
+            steps.append(("pool", pool))
+        elif s == "standardize":
+            sc = StandardScaler()
+            sc.mean_, sc.scale_ = state["mean"].numpy(), state["scale"].numpy()
+            sc.var_ = sc.scale_**2
+            sc.n_features_in_ = len(sc.mean_)
+            sc.n_samples_seen_ = 0
+            steps.append(("standardize", sc))
+        elif s == "l2":
+            steps.append(("l2", Normalizer().fit(np.zeros((1, 1)))))
+        elif s == "linear":
+            head = TorchLinearHead(**json.loads(state["params"]))
+            head.coef_, head.intercept_ = state["weight"].numpy(), state["bias"].numpy()
+            head.classes_ = np.asarray(state["classes"])
+            head.n_features_in_ = head.coef_.shape[1]
+            head.history_ = json.loads(state["history"])
+            head.best_epoch_ = state["best_epoch"]
+            steps.append(("clf", head))
+    return Pipeline(steps)
+
+
+def save_head(pipe: Pipeline, meta: dict, path: str | os.PathLike) -> Path:
+    """Write a fitted head and its metadata, atomically.
+
+    Torch heads go to ``<path>.pt`` (tensors, loadable with ``weights_only=True``); others to ``<path>.joblib``.
+    Either way ``<path>.json`` holds the metadata and the artifact's sha256.
+
+    Returns:
+        The path of the JSON metadata file, which names the artifact.
+    """
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    state = _torch_state(pipe)
+    if state is not None:
+        artifact = base.with_suffix(".pt")
+        _atomic(artifact, lambda tmp: torch.save(state, tmp))
+    else:
+        artifact = base.with_suffix(".joblib")
+        _atomic(artifact, lambda tmp: joblib.dump(pipe, tmp))
+    record = {**meta, "artifact": artifact.name, "artifact_sha256": _sha256(artifact), "format": "pipeline-head", "format_version": 1}
+    meta_path = base.with_suffix(".json")
+    _atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, sort_keys=True, default=str)))
+    return meta_path
+
+
+def load_head(path: str | os.PathLike) -> HeadArtifact:
+    """Load a head from its ``.json`` (or its ``.pt``/``.joblib``), checking the recorded sha256 first.
+
+    Raises:
+        ValueError: a missing or malformed metadata file.
+        TamperedArtifactError: the artifact's bytes differ from the recorded digest.
+    """
+    p = Path(path)
+    meta_path = p.with_suffix(".json")
+    if not meta_path.is_file():
+        raise ValueError(f"no head metadata at {meta_path}; fit a head with pipeline fit-head first")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e})") from None
+    if meta.get("format") != "pipeline-head" or "artifact" not in meta or "artifact_sha256" not in meta:
+        raise ValueError(f"{meta_path} is not a pipeline head")
+    artifact = meta_path.with_name(meta["artifact"])
+    if artifact.parent != meta_path.parent or not artifact.is_file():
+        raise ValueError(f"{meta_path} names an artifact {meta['artifact']!r} that is not beside it")
+    digest = _sha256(artifact)
+    if digest != meta["artifact_sha256"]:
+        raise TamperedArtifactError(
+            f"{artifact} does not match the sha256 recorded when it was written "
+            f"({meta['artifact_sha256'][:16]}... expected, {digest[:16]}... found); refusing to load it"
+        )
+    if artifact.suffix == ".pt":
+        pipe = _pipeline_from_torch(torch.load(artifact, map_location="cpu", weights_only=True))
+    else:
+        pipe = joblib.load(artifact)
+    return HeadArtifact(pipe, meta, meta_path)

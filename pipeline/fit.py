@@ -1,0 +1,208 @@
+"""Stage two: fit a head on cached train features, choosing its hyper-parameter on the val split."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import clone
+from sklearn.pipeline import Pipeline
+
+from .artifacts import feature_identity, save_head
+from .cache import FeatureCache, read_cache
+from .extract import ExtractConfig, _versions, locate_cache
+from .heads import HEADS, POOLS, PREPROCESSING, build_head
+
+__all__ = ["HeadConfig", "FitResult", "fit_head", "heads_dir", "load_split_features", "check_compatible"]
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """How to fit a head.
+
+    Attributes:
+        clf: the head family, a key of ``pipeline.heads.HEADS``.
+        tap: which tap of the cache; None takes the first.
+        preprocessing: feature preprocessing; None takes the head's default.
+        pca: PCA components where PCA is used.
+        pool: pooling of spatial features: avg, max or flatten.
+        grid: values of the swept hyper-parameter; empty takes the head's default grid.
+        refine: rounds of the CLIP-style halving search around the best value of a log grid.
+        seed: random state.
+        train_cache, val_cache: explicit cache files; None locates them from the extract settings.
+    """
+
+    clf: str = "logreg"
+    tap: str | None = None
+    preprocessing: str | None = None
+    pca: int = 256
+    pool: str = "avg"
+    grid: tuple[float, ...] = ()
+    refine: int = 2
+    seed: int = 0
+    train_cache: str | None = None
+    val_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.clf not in HEADS:
+            raise ValueError(f"unknown head {self.clf!r}; expected one of {', '.join(HEADS)}")
+        if self.preprocessing is not None and self.preprocessing not in PREPROCESSING:
+            raise ValueError(f"unknown preprocessing {self.preprocessing!r}; expected one of {', '.join(PREPROCESSING)}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        object.__setattr__(self, "grid", tuple(self.grid))
+
+
+@dataclass
+class FitResult:
+    """A fitted head: where it was saved, what was chosen, and the whole sweep."""
+
+    path: Path
+    clf: str
+    param: str
+    value: Any
+    val_accuracy: float
+    fit_seconds: float
+    sweep: list[dict] = field(default_factory=list)
+
+
+def heads_dir(train_cache: Path) -> Path:
+    """Heads live beside the caches they were fitted on: ``<cache folder>/heads/``."""
+    return Path(train_cache).parent / "heads"
+
+
+def check_compatible(train: FeatureCache, val: FeatureCache, tap: str) -> None:
+    """Refuse a train/val pair that disagrees on backbone, weights, tap, preprocessing or classes."""
+    a, b = feature_identity(train.attrs), feature_identity(val.attrs)
+    diff = [f"{k}: train {a.get(k)!r}, val {b.get(k)!r}" for k in sorted(a) if a.get(k) != b.get(k)]
+    if train.classes != val.classes:
+        diff.append(f"classes: train {train.classes}, val {val.classes}")
+    if tap not in val.taps:
+        diff.append(f"tap {tap!r}: not in val ({', '.join(val.taps)})")
+    if diff:
+        raise ValueError(f"{train.path} and {val.path} do not match: {'; '.join(diff)}")
+
+
+def load_split_features(cache: FeatureCache, tap: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of a cache, checked: not empty, finite.
+
+    Raises:
+        ValueError: an empty split, or NaN/inf features.
+    """
+    if len(cache) == 0:
+        raise ValueError(f"the {what} split in {cache.path} is empty")
+    X = cache.features(tap).astype(np.float32, copy=False)
+    bad = ~np.isfinite(X.reshape(len(X), -1)).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{cache.path} has NaN or inf features in {int(bad.sum())} of {len(X)} rows (first: {cache.paths[int(np.argmax(bad))]})")
+    return X, cache.labels
+
+
+def _sweep(clf_name: str, config: HeadConfig, Xt: np.ndarray, yt: np.ndarray, Xv: np.ndarray, yv: np.ndarray) -> tuple[Any, Any, list[dict]]:
+    """Fit the head for each value of its grid (refined around the best on a log grid); keep the best on val."""
+    spec = HEADS[clf_name]
+    grid = list(config.grid or spec.grid)
+    sweep: list[dict] = []
+    best = (-1.0, None, None)
+
+    def trial(value: Any) -> None:
+        nonlocal best
+        if any(math.isclose(float(s["value"]), float(value), rel_tol=1e-9) for s in sweep):
+            return
+        clf = build_head(clf_name, value, seed=config.seed).steps[-1][1]
+        t0 = time.perf_counter()
+        if clf_name == "linear":
+            clf.fit(Xt, yt, eval_set=(Xv, yv))
+        else:
+            clf.fit(Xt, yt)
+        acc = float((clf.predict(Xv) == yv).mean())
+        row = {"value": value, "val_accuracy": acc, "seconds": time.perf_counter() - t0}
+        if clf_name == "linear":
+            row["best_epoch"] = clf.best_epoch_
+        sweep.append(row)
+        if acc > best[0]:
+            best = (acc, value, clf)
+
+    for value in grid:
+        trial(value)
+    if spec.log and len(grid) > 1:
+        step = abs(math.log10(grid[1] / grid[0]))
+        for _ in range(config.refine):
+            step /= 2
+            centre = best[1]
+            for value in (centre * 10 ** -step, centre * 10**step):
+                trial(float(f"{value:.3g}"))
+    sweep.sort(key=lambda s: float(s["value"]))
+    return best[1], best[2], sweep
+
+
+def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = None, *, out: str | Path | None = None) -> FitResult:
+    """Fit one head on the train cache, sweeping its hyper-parameter on the val cache, and save it.
+
+    Args:
+        config: the head settings; defaults to ``HeadConfig()``.
+        source: the extract settings that locate the caches; defaults to ``ExtractConfig()``.
+        out: where to save (without suffix); defaults to ``<cache folder>/heads/<clf>``.
+
+    Returns:
+        The fit: saved path, chosen value, val accuracy, time, and the sweep.
+
+    Raises:
+        ValueError: missing, incomplete or mismatched caches, a single class, NaN/inf features, an empty
+            split, or val classes that train lacks.
+    """
+    config = config or HeadConfig()
+    source = source or ExtractConfig()
+    train_path = Path(config.train_cache) if config.train_cache else locate_cache(replace(source, split="train"))
+    val_path = Path(config.val_cache) if config.val_cache else locate_cache(replace(source, split="val"))
+    t0 = time.perf_counter()
+    with read_cache(train_path) as train, read_cache(val_path) as val:
+        tap = config.tap or train.taps[0]
+        if tap not in train.taps:
+            raise ValueError(f"{train.path} has no tap {tap!r}; it holds {', '.join(train.taps)}")
+        check_compatible(train, val, tap)
+        Xt, yt = load_split_features(train, tap, "train")
+        Xv, yv = load_split_features(val, tap, "val")
+        present = np.unique(yt)
+        if len(present) < 2:
+            raise ValueError(f"the train split in {train.path} has a single class ({train.classes[int(present[0])]}); a classifier needs two or more")
+        missing = sorted(set(np.unique(yv).tolist()) - set(present.tolist()))
+        if missing:
+            raise ValueError(f"the val split has classes the train split lacks: {[train.classes[i] for i in missing]}")
+        classes, train_attrs = train.classes, train.attrs
+    pre = Pipeline(build_head(config.clf, HEADS[config.clf].grid[0], preprocessing=config.preprocessing, pca=config.pca, pool=config.pool, seed=config.seed).steps[:-1])
+    # Preprocessing does not depend on the swept value: fit it once, sweep on the transformed arrays.
+    Zt = pre.fit_transform(Xt, yt).astype(np.float32, copy=False)
+    Zv = pre.transform(Xv).astype(np.float32, copy=False)
+    value, clf, sweep = _sweep(config.clf, config, Zt, yt, Zv, yv)
+    pipe = Pipeline([*pre.steps, ("clf", clf)])
+    seconds = time.perf_counter() - t0
+    spec = HEADS[config.clf]
+    val_acc = max(s["val_accuracy"] for s in sweep)
+    meta = {
+        "clf": config.clf, "description": spec.description, "param": spec.param, "value": value, "val_accuracy": val_acc,
+        "train_accuracy": float((clf.predict(Zt) == yt).mean()), "fit_seconds": seconds, "sweep": sweep,
+        "config": asdict(config), "preprocessing": config.preprocessing or spec.preprocessing, "tap": tap, "classes": classes,
+        "features": feature_identity(train_attrs), "extract_settings": train_attrs.get("settings", {}),
+        "train_cache": {"path": str(train_path), "dataset_fingerprint": train_attrs.get("dataset_fingerprint"), "rows": len(yt)},
+        "val_cache": {"path": str(val_path), "rows": len(yv)},
+        "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    base = Path(out) if out else heads_dir(train_path) / config.clf
+    path = save_head(pipe, meta, base)
+    if config.clf == "linear":
+        _write_history(clf.history_, base.with_name(base.name + "-history.csv"))
+    return FitResult(path, config.clf, spec.param, value, val_acc, seconds, sweep)
+
+
+def _write_history(history: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)

@@ -1,0 +1,304 @@
+"""Heads: classifiers on cached features, each a scikit-learn estimator (the torch linear head included)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin
+from sklearn.decomposition import PCA
+from sklearn.ensemble import ExtraTreesClassifier, HistGradientBoostingClassifier, RandomForestClassifier
+from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.svm import SVC, LinearSVC
+from sklearn.utils.multiclass import unique_labels
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+__all__ = [
+    "HEADS",
+    "HeadSpec",
+    "SpatialPool",
+    "TorchLinearHead",
+    "build_head",
+    "PREPROCESSING",
+    "POOLS",
+]
+
+POOLS = ("avg", "max", "flatten")
+PREPROCESSING = ("none", "standardize", "l2", "pca", "standardize+pca", "l2+pca")
+
+
+class SpatialPool(TransformerMixin, BaseEstimator):
+    """N x C x H x W features become N x C (``avg``, ``max``) or N x CHW (``flatten``); N x D passes through."""
+
+    def __init__(self, mode: str = "avg") -> None:
+        self.mode = mode
+
+    def fit(self, X: np.ndarray, y: Any = None) -> "SpatialPool":
+        if self.mode not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {self.mode!r}")
+        X = np.asarray(X)
+        if X.ndim not in (2, 4):
+            raise ValueError(f"features must be N x D or N x C x H x W, got shape {X.shape}")
+        self.n_features_in_ = int(np.prod(X.shape[1:]))
+        self.input_shape_ = tuple(X.shape[1:])
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self)
+        X = np.asarray(X)
+        if tuple(X.shape[1:]) != self.input_shape_:
+            raise ValueError(f"features of shape {X.shape[1:]} given to a head fitted on {self.input_shape_}")
+        if X.ndim == 2:
+            return X
+        if self.mode == "avg":
+            return X.mean(axis=(2, 3))
+        if self.mode == "max":
+            return X.max(axis=(2, 3))
+        return X.reshape(len(X), -1)
+
+
+class TorchLinearHead(ClassifierMixin, BaseEstimator):
+    """A linear layer trained with AdamW and cross-entropy on the CPU, with the scikit-learn contract.
+
+    With an evaluation set (``fit(X, y, eval_set=(X_val, y_val))``) the weights of the epoch with the best
+    validation accuracy are kept. ``history_`` holds per-epoch loss and accuracy for train and val.
+
+    Args:
+        weight_decay: decoupled L2 strength.
+        lr: AdamW learning rate.
+        epochs: passes over the training data.
+        batch_size: minibatch size.
+        random_state: seed of initialisation and shuffling.
+    """
+
+    def __init__(self, weight_decay: float = 1e-4, lr: float = 1e-3, epochs: int = 30, batch_size: int = 256, random_state: int = 0) -> None:
+        self.weight_decay = weight_decay
+        self.lr = lr
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: np.ndarray, eval_set: tuple[np.ndarray, np.ndarray] | None = None) -> "TorchLinearHead":
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        self.classes_ = unique_labels(y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"a classifier needs at least 2 classes; the training labels hold {len(self.classes_)}")
+        y_idx = np.searchsorted(self.classes_, y)
+        val = None
+        if eval_set is not None:
+            Xv = np.asarray(eval_set[0], dtype=np.float32)
+            val = (torch.from_numpy(Xv), torch.from_numpy(np.searchsorted(self.classes_, eval_set[1])))
+
+        def batches(rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            order = rng.permutation(len(X))
+            for i in range(0, len(X), self.batch_size):
+                sel = np.sort(order[i : i + self.batch_size])
+                yield torch.from_numpy(X[sel]), torch.from_numpy(y_idx[sel])
+
+        return self._train(batches, X.shape[1], val)
+
+    def fit_stream(self, batches: Callable[[np.random.Generator], Iterable[tuple[np.ndarray, np.ndarray]]], n_features: int,
+                   classes: np.ndarray, eval_set: tuple[np.ndarray, np.ndarray] | None = None) -> "TorchLinearHead":
+        """Fit from minibatches produced anew each epoch, for data that does not fit in memory.
+
+        Args:
+            batches: called once per epoch with a random generator; yields (X, y) minibatches.
+            n_features: feature dimension.
+            classes: every class label that may occur.
+            eval_set: (X_val, y_val) held in memory, for the best-epoch choice.
+        """
+        self.classes_ = np.asarray(classes)
+        self.n_features_in_ = n_features
+        val = None
+        if eval_set is not None:
+            val = (torch.from_numpy(np.asarray(eval_set[0], np.float32)), torch.from_numpy(np.searchsorted(self.classes_, eval_set[1])))
+
+        def tensors(rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for xb, yb in batches(rng):
+                yield torch.from_numpy(np.asarray(xb, np.float32)), torch.from_numpy(np.searchsorted(self.classes_, yb))
+
+        return self._train(tensors, n_features, val)
+
+    def _train(self, batches: Callable, n_features: int, val: tuple[torch.Tensor, torch.Tensor] | None) -> "TorchLinearHead":
+        gen = torch.Generator().manual_seed(self.random_state)
+        rng = np.random.default_rng(self.random_state)
+        layer = torch.nn.Linear(n_features, len(self.classes_))
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.01)
+            layer.bias.zero_()
+        opt = torch.optim.AdamW(layer.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        self.history_ = []
+        best = (-1.0, None, 0)
+        for epoch in range(1, self.epochs + 1):
+            total, correct, loss_sum = 0, 0, 0.0
+            for xb, yb in batches(rng):
+                logits = layer(xb)
+                loss = loss_fn(logits, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += float(loss) * len(yb)
+                correct += int((logits.argmax(1) == yb).sum())
+                total += len(yb)
+            row = {"epoch": epoch, "train_loss": loss_sum / total, "train_acc": correct / total}
+            if val is not None:
+                with torch.no_grad():
+                    logits = layer(val[0])
+                    row["val_loss"] = float(loss_fn(logits, val[1]))
+                    row["val_acc"] = float((logits.argmax(1) == val[1]).float().mean())
+            self.history_.append(row)
+            score = row.get("val_acc", row["train_acc"])
+            if score > best[0]:
+                best = (score, {k: v.detach().clone() for k, v in layer.state_dict().items()}, epoch)
+        self.best_epoch_ = best[2]
+        self.coef_ = best[1]["weight"].numpy()
+        self.intercept_ = best[1]["bias"].numpy()
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        return X @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        z = self.decision_function(X)
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A head family: its estimator, default preprocessing and the hyper-parameter swept on val.
+
+    Attributes:
+        name: the ``--clf`` name.
+        make: builds the final estimator from the swept value.
+        param: the swept hyper-parameter's name, as reported.
+        grid: the coarse sweep values.
+        log: whether the sweep is on a log scale and is refined around its best value (CLIP-style).
+        preprocessing: the default feature preprocessing.
+        description: one line for help texts.
+    """
+
+    name: str
+    make: Callable[[Any, int], BaseEstimator]
+    param: str
+    grid: tuple
+    log: bool
+    preprocessing: str
+    description: str
+
+
+def _logreg(C: float, seed: int) -> BaseEstimator:
+    return LogisticRegression(C=C, max_iter=300, tol=1e-3, random_state=seed)
+
+
+def _linear_svm(C: float, seed: int) -> BaseEstimator:
+    return LinearSVC(C=C, dual=True, max_iter=2000, tol=1e-3, random_state=seed)
+
+
+def _rbf_svm(C: float, seed: int) -> BaseEstimator:
+    return SVC(C=C, kernel="rbf", gamma="scale", probability=False, random_state=seed)
+
+
+def _forest(n: int, seed: int) -> BaseEstimator:
+    return RandomForestClassifier(n_estimators=n, n_jobs=-1, random_state=seed)
+
+
+def _extra(n: int, seed: int) -> BaseEstimator:
+    return ExtraTreesClassifier(n_estimators=n, n_jobs=-1, random_state=seed)
+
+
+def _hgb(n: int, seed: int) -> BaseEstimator:
+    return HistGradientBoostingClassifier(max_iter=n, learning_rate=0.1, early_stopping=False, random_state=seed)
+
+
+def _knn(k: int, seed: int) -> BaseEstimator:
+    return KNeighborsClassifier(n_neighbors=k, weights="distance", n_jobs=-1)
+
+
+def _torch_linear(wd: float, seed: int) -> BaseEstimator:
+    return TorchLinearHead(weight_decay=wd, random_state=seed)
+
+
+HEADS: dict[str, HeadSpec] = {
+    h.name: h
+    for h in (
+        HeadSpec("linear", _torch_linear, "weight_decay", (1e-6, 1e-4, 1e-2, 1.0), True, "standardize", "torch linear layer (AdamW), best epoch on val"),
+        HeadSpec("logreg", _logreg, "C", (1e-4, 1e-3, 1e-2, 1e-1, 1.0), True, "standardize+pca", "scikit-learn LogisticRegression (lbfgs)"),
+        HeadSpec("svm", _linear_svm, "C", (1e-4, 1e-3, 1e-2, 1e-1), True, "standardize+pca", "linear SVM (LinearSVC)"),
+        HeadSpec("svm-rbf", _rbf_svm, "C", (0.1, 1.0, 10.0), True, "standardize+pca", "RBF-kernel SVM (SVC)"),
+        HeadSpec("tree", _forest, "n_estimators", (100, 200), False, "pca", "random forest"),
+        HeadSpec("extra-trees", _extra, "n_estimators", (100, 200), False, "pca", "extremely randomised trees"),
+        HeadSpec("hgb", _hgb, "max_iter", (50, 100), False, "pca", "histogram gradient boosting"),
+        HeadSpec("knn", _knn, "n_neighbors", (1, 5, 10, 20), False, "l2+pca", "k nearest neighbours (cosine, distance-weighted)"),
+    )
+}
+
+
+def build_head(name: str, value: Any, *, preprocessing: str | None = None, pca: int = 256, pool: str = "avg", seed: int = 0) -> Pipeline:
+    """A scikit-learn Pipeline: spatial pooling, feature preprocessing, then the head's estimator.
+
+    Args:
+        name: a key of ``HEADS``.
+        value: the head's swept hyper-parameter value.
+        preprocessing: one of ``PREPROCESSING``; None takes the head's default.
+        pca: PCA components, where PCA is used (capped by the data at fit time).
+        pool: pooling of spatial (N x C x H x W) features.
+        seed: random state.
+    """
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; expected one of {', '.join(HEADS)}")
+    spec = HEADS[name]
+    preprocessing = preprocessing or spec.preprocessing
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing {preprocessing!r}; expected one of {', '.join(PREPROCESSING)}")
+    steps: list[tuple[str, Any]] = [("pool", SpatialPool(pool))]
+    for step in preprocessing.split("+"):
+        if step == "standardize":
+            steps.append(("standardize", StandardScaler()))
+        elif step == "l2":
+            steps.append(("l2", Normalizer()))
+        elif step == "pca":
+            steps.append(("pca", _CappedPCA(pca, seed)))
+    steps.append(("clf", spec.make(value, seed)))
+    return Pipeline(steps)
+
+
+class _CappedPCA(TransformerMixin, BaseEstimator):
+    """PCA to ``n_components``, capped at what the data allows; whitening off, randomized solver."""
+
+    def __init__(self, n_components: int = 256, random_state: int = 0) -> None:
+        self.n_components = n_components
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: Any = None) -> "_CappedPCA":
+        k = max(1, min(self.n_components, X.shape[0], X.shape[1]))
+        self.pca_ = PCA(k, svd_solver="randomized" if k < min(X.shape) * 0.8 else "full", random_state=self.random_state).fit(X)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self)
+        return self.pca_.transform(X).astype(np.float32)
+
+
+def refine(grid: tuple, best: float, step: float) -> list[float]:
+    """Two log-scale neighbours of ``best`` at ``step`` decades, for the CLIP-style halving search."""
+    return [best * 10 ** (-step), best * 10 ** step]
+
+
+def log_step(grid: tuple) -> float:
+    """Decades between neighbouring values of a log grid."""
+    return abs(math.log10(grid[1] / grid[0])) if len(grid) > 1 else 1.0

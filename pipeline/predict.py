@@ -1,0 +1,134 @@
+"""Prediction: backbone, tap and head end to end on new images that are in no cache."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .artifacts import load_head
+from .backbones import load_backbone
+from .data import IMAGE_EXTENSIONS, ImageDataset, collate_batch
+from .engines import make_engine
+from .runtime import resolve_runtime
+from .taps import Tap, TapExtractor
+
+__all__ = ["predict", "write_predictions", "find_images"]
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Expand files and folders (recursively, sorted) into image paths, and files that cannot be images.
+
+    Raises:
+        ValueError: an input that does not exist.
+    """
+    paths: list[str] = []
+    rejected: list[tuple[str, str]] = []
+    for item in inputs:
+        p = Path(item)
+        if not p.exists():
+            raise ValueError(f"{p} not found")
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for f in files:
+            rel_parts = f.relative_to(p).parts if p.is_dir() else (f.name,)
+            if any(part.startswith(".") for part in rel_parts):
+                rejected.append((str(f), "hidden file, not an image"))
+            elif f.stat().st_size == 0:
+                rejected.append((str(f), "empty file (0 bytes)"))
+            elif f.suffix.lower() not in IMAGE_EXTENSIONS:
+                rejected.append((str(f), f"not an image file (extension {f.suffix or 'none'!r})"))
+            else:
+                paths.append(str(f))
+    return paths, rejected
+
+
+def predict(
+    head: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    *,
+    on_error: str = "fail",
+    weights: str | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    engine: str = "auto",
+) -> tuple[list[dict], list[str]]:
+    """Predict the class of each image with a fitted head.
+
+    The backbone, weights, tap and preprocessing are those of the cache the head was fitted on.
+
+    Args:
+        head: the head's ``.json`` path.
+        inputs: image files and folders.
+        on_error: ``fail`` on an unreadable file, or ``skip`` it (its row carries the error).
+        weights: the backbone's weights file, needed when the cache was made from a local state_dict.
+        batch_size: images per forward pass.
+        device: where the backbone runs.
+        engine: ``auto``, ``eager`` or ``onnx``.
+
+    Returns:
+        (rows, classes): per image its path, label and class scores (``probabilities`` or ``scores``), or its error.
+    """
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be fail or skip, got {on_error!r}")
+    art = load_head(head)
+    settings = art.meta["extract_settings"]
+    label = settings["weights"]
+    if label.startswith("file:") and weights is None:
+        raise ValueError(f"the head's features came from the weights file {label[5:]}; pass it with --weights PATH")
+    pre = settings["preprocess"]
+    backbone = load_backbone(settings["model"], weights or label, resize=pre["resize"], crop=pre["crop"], mean=tuple(pre["mean"]), std=tuple(pre["std"]))
+    if settings.get("weights_sha256") and backbone.weights_sha256 != settings["weights_sha256"]:
+        raise ValueError(f"{weights} is not the weights file the head's features came from (sha256 differs)")
+    taps = [Tap.parse(t) for t in settings["taps"]]
+    which = settings["taps"].index(art.meta["tap"])
+    paths, rejected = find_images(inputs)
+    if rejected and on_error == "fail":
+        raise ValueError(f"{rejected[0][0]}: {rejected[0][1]}; remove it or pass --on-error skip")
+    rows: dict[int, dict] = {}
+    runtime = resolve_runtime(device, settings.get("amp"))
+    loader = torch.utils.data.DataLoader(ImageDataset(Path("."), paths, backbone.preprocess.transform()), batch_size=batch_size, collate_fn=collate_batch)
+    has_proba = hasattr(art.pipeline, "predict_proba") and hasattr(art.pipeline.steps[-1][1], "predict_proba")
+    classes = art.classes
+    with TapExtractor(backbone.model, taps) as extractor:
+        eng = None
+        for index, x, bad in loader:
+            if bad and on_error == "fail":
+                raise ValueError(f"{paths[bad[0][0]]}: {bad[0][1]}; fix or remove the file, or pass --on-error skip")
+            for i, why in bad:
+                rows[i] = {"path": paths[i], "error": why}
+            if x is None:
+                continue
+            eng = eng or make_engine(engine if engine != "auto" else settings.get("engine", "auto"), extractor, runtime, x[:2])
+            feats = eng(x)[which]
+            s = art.pipeline.predict_proba(feats) if has_proba else art.pipeline.decision_function(feats)
+            s = np.asarray(s).reshape(len(feats), -1)
+            for i, row in zip(index.tolist(), s):
+                k = int(np.argmax(row))
+                rows[i] = {"path": paths[i], "label": classes[k], "score": float(row[k]),
+                           ("probabilities" if has_proba else "scores"): {c: float(v) for c, v in zip(classes, row)}}
+    out = [rows[i] for i in range(len(paths))] + [{"path": p, "error": why} for p, why in rejected]
+    return out, classes
+
+
+def write_predictions(rows: list[dict], classes: list[str], path: str | os.PathLike) -> Path:
+    """Write predictions as JSON (``.json``) or CSV (anything else): path, label, score, then one column per class."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(rows, indent=1))
+        return path
+    kind = "probabilities" if any("probabilities" in r for r in rows) else "scores"
+    prefix = "p_" if kind == "probabilities" else "score_"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "score", "error", *(prefix + c for c in classes)])
+        for r in rows:
+            values = r.get(kind, {})
+            w.writerow([r["path"], r.get("label", ""), f"{r['score']:.6f}" if "score" in r else "", r.get("error", ""),
+                        *(f"{values[c]:.6f}" if c in values else "" for c in classes)])
+    return path
