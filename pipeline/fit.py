@@ -17,7 +17,7 @@ from sklearn.pipeline import Pipeline
 from .artifacts import feature_identity, save_head
 from .cache import FeatureCache, read_cache
 from .extract import ExtractConfig, _versions, locate_cache
-from .heads import HEADS, POOLS, PREPROCESSING, build_head
+from .heads import HEADS, POOLS, PREPROCESSING, SpatialPool, build_head
 
 __all__ = ["HeadConfig", "FitResult", "fit_head", "heads_dir", "load_split_features", "check_compatible"]
 
@@ -36,6 +36,11 @@ class HeadConfig:
         refine: rounds of the CLIP-style halving search around the best value of a log grid.
         seed: random state.
         train_cache, val_cache: explicit cache files; None locates them from the extract settings.
+        stream: read train features in blocks instead of loading them (linear, logreg and svm heads);
+            None streams when they exceed ``memory_budget_mb``.
+        memory_budget_mb: the size above which train features are streamed.
+        block_mb: bytes read at once when streaming.
+        epochs: passes over the data when streaming.
     """
 
     clf: str = "logreg"
@@ -48,6 +53,10 @@ class HeadConfig:
     seed: int = 0
     train_cache: str | None = None
     val_cache: str | None = None
+    stream: bool | None = None
+    memory_budget_mb: int = 4096
+    block_mb: int = 64
+    epochs: int = 10
 
     def __post_init__(self) -> None:
         if self.clf not in HEADS:
@@ -142,6 +151,62 @@ def _sweep(clf_name: str, config: HeadConfig, Xt: np.ndarray, yt: np.ndarray, Xv
     return best[1], best[2], sweep
 
 
+def _fit_streaming(config: HeadConfig, features: Any, yt: np.ndarray, Xv: np.ndarray, yv: np.ndarray, where: str) -> tuple[Any, Pipeline, list[dict]]:
+    """The sweep of a streaming head: train features are read block by block, never whole."""
+    from .stream import STREAMING_HEADS, block_rows_for, fit_streaming, streaming_scaler
+
+    if config.clf not in STREAMING_HEADS:
+        raise ValueError(f"{config.clf} cannot stream a cache this large; use one of {', '.join(STREAMING_HEADS)} or raise --memory-budget-mb")
+    preprocessing = config.preprocessing or "standardize"
+    if preprocessing not in ("standardize", "none"):
+        raise ValueError(f"streaming supports --preprocessing standardize or none, not {preprocessing}")
+    pool = SpatialPool(config.pool).fit(features[:1])
+    block_rows = block_rows_for(features, config.block_mb * 2**20)
+    steps: list[tuple[str, Any]] = [("pool", pool)]
+    if preprocessing == "standardize":
+        steps.append(("standardize", streaming_scaler(features, block_rows, pool, where)))
+    pre = Pipeline(steps)
+    Zv = pre.transform(Xv).astype(np.float32)
+    classes = np.arange(int(max(yt.max(), yv.max())) + 1)
+
+    def trial(value: Any) -> Any:
+        return fit_streaming(config.clf, value, features, yt, classes, (Zv, yv), lambda X: pre.transform(X).astype(np.float32),
+                             seed=config.seed, block_rows=block_rows, epochs=config.epochs)
+
+    value, clf, sweep = _search(config.clf, config, trial, lambda clf: float((clf.predict(Zv) == yv).mean()))
+    return value, Pipeline([*pre.steps, ("clf", clf)]), sweep
+
+
+def _search(clf_name: str, config: HeadConfig, trial: Any, score: Any) -> tuple[Any, Any, list[dict]]:
+    """Grid, then CLIP-style halving refinement on log grids; ``trial(value)`` fits, ``score(clf)`` is val accuracy."""
+    spec = HEADS[clf_name]
+    grid = list(config.grid or spec.grid)
+    sweep: list[dict] = []
+    best: tuple[float, Any, Any] = (-1.0, None, None)
+
+    def run(value: Any) -> None:
+        nonlocal best
+        if any(math.isclose(float(s["value"]), float(value), rel_tol=1e-9) for s in sweep):
+            return
+        t0 = time.perf_counter()
+        clf = trial(value)
+        acc = score(clf)
+        sweep.append({"value": value, "val_accuracy": acc, "seconds": time.perf_counter() - t0})
+        if acc > best[0]:
+            best = (acc, value, clf)
+
+    for value in grid:
+        run(value)
+    if spec.log and len(grid) > 1:
+        step = abs(math.log10(grid[1] / grid[0]))
+        for _ in range(config.refine):
+            step /= 2
+            for value in (best[1] * 10**-step, best[1] * 10**step):
+                run(float(f"{value:.3g}"))
+    sweep.sort(key=lambda s: float(s["value"]))
+    return best[1], best[2], sweep
+
+
 def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = None, *, out: str | Path | None = None) -> FitResult:
     """Fit one head on the train cache, sweeping its hyper-parameter on the val cache, and save it.
 
@@ -167,8 +232,10 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         if tap not in train.taps:
             raise ValueError(f"{train.path} has no tap {tap!r}; it holds {', '.join(train.taps)}")
         check_compatible(train, val, tap)
-        Xt, yt = load_split_features(train, tap, "train")
         Xv, yv = load_split_features(val, tap, "val")
+        yt = train.labels
+        if len(yt) == 0:
+            raise ValueError(f"the train split in {train.path} is empty")
         present = np.unique(yt)
         if len(present) < 2:
             raise ValueError(f"the train split in {train.path} has a single class ({train.classes[int(present[0])]}); a classifier needs two or more")
@@ -176,18 +243,28 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         if missing:
             raise ValueError(f"the val split has classes the train split lacks: {[train.classes[i] for i in missing]}")
         classes, train_attrs = train.classes, train.attrs
-    pre = Pipeline(build_head(config.clf, HEADS[config.clf].grid[0], preprocessing=config.preprocessing, pca=config.pca, pool=config.pool, seed=config.seed).steps[:-1])
-    # Preprocessing does not depend on the swept value: fit it once, sweep on the transformed arrays.
-    Zt = pre.fit_transform(Xt, yt).astype(np.float32, copy=False)
-    Zv = pre.transform(Xv).astype(np.float32, copy=False)
-    value, clf, sweep = _sweep(config.clf, config, Zt, yt, Zv, yv)
-    pipe = Pipeline([*pre.steps, ("clf", clf)])
+        features = train.dataset(tap)
+        stream = config.stream if config.stream is not None else features.nbytes > config.memory_budget_mb * 2**20
+        if stream:
+            value, pipe, sweep = _fit_streaming(config, features, yt, Xv, yv, str(train.path))
+            train_acc = None
+        else:
+            Xt, _ = load_split_features(train, tap, "train")
+    if not stream:
+        pre = Pipeline(build_head(config.clf, HEADS[config.clf].grid[0], preprocessing=config.preprocessing, pca=config.pca, pool=config.pool, seed=config.seed).steps[:-1])
+        # Preprocessing does not depend on the swept value: fit it once, sweep on the transformed arrays.
+        Zt = pre.fit_transform(Xt, yt).astype(np.float32, copy=False)
+        Zv = pre.transform(Xv).astype(np.float32, copy=False)
+        value, clf, sweep = _sweep(config.clf, config, Zt, yt, Zv, yv)
+        pipe = Pipeline([*pre.steps, ("clf", clf)])
+        train_acc = float((clf.predict(Zt) == yt).mean())
+    clf = pipe.steps[-1][1]
     seconds = time.perf_counter() - t0
     spec = HEADS[config.clf]
     val_acc = max(s["val_accuracy"] for s in sweep)
     meta = {
         "clf": config.clf, "description": spec.description, "param": spec.param, "value": value, "val_accuracy": val_acc,
-        "train_accuracy": float((clf.predict(Zt) == yt).mean()), "fit_seconds": seconds, "sweep": sweep,
+        "train_accuracy": train_acc, "fit_seconds": seconds, "sweep": sweep, "streamed": stream,
         "config": asdict(config), "preprocessing": config.preprocessing or spec.preprocessing, "tap": tap, "classes": classes,
         "features": feature_identity(train_attrs), "extract_settings": train_attrs.get("settings", {}),
         "train_cache": {"path": str(train_path), "dataset_fingerprint": train_attrs.get("dataset_fingerprint"), "rows": len(yt)},

@@ -144,7 +144,7 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                loss_sum += float(loss) * len(yb)
+                loss_sum += float(loss.detach()) * len(yb)
                 correct += int((logits.argmax(1) == yb).sum())
                 total += len(yb)
             row = {"epoch": epoch, "train_loss": loss_sum / total, "train_acc": correct / total}
