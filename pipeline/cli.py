@@ -206,7 +206,7 @@ _H = HeadConfig()
 @click.option("--val-cache", type=click.Path(dir_okay=False), help="Val cache file.  [default: located from the extract settings]")
 @click.option("--stream/--no-stream", default=None, help="Read train features in blocks instead of loading them (linear, logreg, svm).  [default: when larger than --memory-budget-mb]")
 @click.option("--memory-budget-mb", type=click.IntRange(1), help=f"Train features larger than this are streamed.  [default: {_H.memory_budget_mb}]")
-@click.option("--epochs", type=click.IntRange(1), help=f"Passes over the data when streaming.  [default: {_H.epochs}]")
+@click.option("--epochs", type=click.IntRange(1), help=f"Passes over the data: the linear head's, and any head's when streaming.  [default: {_H.epochs}]")
 @click.option("--output", "-o", help="Where to save the head (no suffix).  [default: <cache folder>/heads/<clf>]")
 @_with_cache_options
 @_friendly

@@ -40,7 +40,7 @@ class HeadConfig:
             None streams when they exceed ``memory_budget_mb``.
         memory_budget_mb: the size above which train features are streamed.
         block_mb: bytes read at once when streaming.
-        epochs: passes over the data when streaming.
+        epochs: passes over the data for the linear head, and for every head when streaming.
     """
 
     clf: str = "logreg"
@@ -56,7 +56,7 @@ class HeadConfig:
     stream: bool | None = None
     memory_budget_mb: int = 4096
     block_mb: int = 64
-    epochs: int = 10
+    epochs: int = 20
 
     def __post_init__(self) -> None:
         if self.clf not in HEADS:
@@ -125,6 +125,8 @@ def _sweep(clf_name: str, config: HeadConfig, Xt: np.ndarray, yt: np.ndarray, Xv
         if any(math.isclose(float(s["value"]), float(value), rel_tol=1e-9) for s in sweep):
             return
         clf = build_head(clf_name, value, seed=config.seed).steps[-1][1]
+        if clf_name == "linear":
+            clf.set_params(epochs=config.epochs)
         t0 = time.perf_counter()
         if clf_name == "linear":
             clf.fit(Xt, yt, eval_set=(Xv, yv))
