@@ -10,7 +10,9 @@ DATA ?= data/fashion-mnist
 SPLITS ?= --split train --split val --split test
 EXTRACT_ARGS ?=
 
-.PHONY: help all venv assets weights dataset extract test test-all bench clean distclean
+HEADS ?= linear logreg svm tree extra-trees hgb knn
+
+.PHONY: help all venv assets weights dataset extract heads test test-all bench clean distclean
 
 help:  ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +39,10 @@ assets: weights dataset  ## Both of the above
 
 extract: assets  ## Extract train/val/test features of the default dataset into features/
 	$(BIN)/pipeline extract $(SPLITS) $(EXTRACT_ARGS)
+
+heads: extract  ## Fit every head family on the cached features (val sweep), evaluate each on test, compare
+	for h in $(HEADS); do $(BIN)/pipeline fit-head --clf $$h && $(BIN)/pipeline evaluate --clf $$h; done
+	$(BIN)/pipeline compare
 
 test: $(STAMP) weights  ## The default test run (fast, CPU; slow and GPU tests left out)
 	$(BIN)/python -m pytest -q

@@ -227,11 +227,22 @@ def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, 
 
 
 @cli.command("evaluate")
-@click.argument("head", type=click.Path(dir_okay=False))
+@click.argument("head", required=False, type=click.Path(dir_okay=False))
+@click.option("--clf", type=click.Choice(list(HEADS)), help="Evaluate this head of the cache located from the extract settings, instead of HEAD.")
 @click.option("--test-cache", type=click.Path(dir_okay=False), help="Test cache file.  [default: test.h5 beside the head's train cache]")
+@_with_cache_options
 @_friendly
-def evaluate_cmd(head: str, test_cache: str | None) -> None:
+def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, config_file: str | None, **options: Any) -> None:
     """Evaluate a fitted HEAD (its .json) on the test split: metrics JSON and a confusion-matrix PNG."""
+    if (head is None) == (clf is None):
+        raise click.UsageError("give either HEAD (a head's .json) or --clf NAME")
+    if head is None:
+        from dataclasses import replace
+
+        from .extract import locate_cache
+        from .fit import heads_dir
+
+        head = str(heads_dir(locate_cache(replace(_source(load_config(config_file), options), split="train"))) / f"{clf}.json")
     m = evaluate(head, test_cache)
     top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
     click.echo(f"{m['clf']}: test top-1 {m['top1']:.4f}{top5}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images")
