@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -23,6 +23,7 @@ __all__ = [
     "diff_settings",
     "read_cache",
     "write_cache",
+    "write_features",
     "DTYPES",
     "COMPRESSIONS",
 ]
@@ -229,6 +230,48 @@ def write_cache(
     os.replace(tmp, final)
     partial.remove()
     return final
+
+
+def write_features(
+    path: str | os.PathLike,
+    features: np.ndarray | Iterable[np.ndarray],
+    labels: np.ndarray,
+    classes: Sequence[str],
+    settings: dict,
+    *,
+    tap: str = "features:output",
+    paths: Sequence[str] | None = None,
+    compression: str = "none",
+    block_rows: int = 8192,
+) -> Path:
+    """Write features computed elsewhere as a complete cache, so that heads can be fitted on them.
+
+    Args:
+        path: the ``.h5`` file to write.
+        features: an N x ... array, or an iterable of row blocks (for data larger than memory).
+        labels: N class indices into ``classes``.
+        classes: class names.
+        settings: what made the features (``model``, ``weights``, ``taps``, ``preprocess``...); heads compare it.
+        tap: the dataset name of the features.
+        paths: an id per row; defaults to ``row<i>``.
+        compression: ``none``, ``gzip`` or ``lzf``.
+        block_rows: rows per shard when ``features`` is an array.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    blocks = (features[a : a + block_rows] for a in range(0, len(features), block_rows)) if isinstance(features, np.ndarray) else features
+    partial = PartialRun(Path(path))
+    partial.start(settings)
+    pos = 0
+    for block in blocks:
+        block = np.asarray(block)
+        partial.write(pos, pos + len(block), [block], np.arange(pos, pos + len(block)), [])
+        pos += len(block)
+    if pos != len(labels):
+        partial.remove()
+        raise ValueError(f"{pos} feature rows for {len(labels)} labels")
+    attrs = {"settings": settings, "taps": [tap], **{k: v for k, v in settings.items() if k not in ("taps",)}}
+    return write_cache(partial, tap_names=[tap], paths=list(paths) if paths is not None else [f"row{i}" for i in range(pos)],
+                       labels=labels, classes=classes, rejected=[], attrs=attrs, compression=compression)
 
 
 class FeatureCache:

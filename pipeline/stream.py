@@ -15,6 +15,7 @@ __all__ = ["STREAMING_HEADS", "block_rows_for", "minibatches", "streaming_scaler
 # Heads that can learn from minibatches: the torch linear layer, and SGD forms of logreg and the linear SVM.
 STREAMING_HEADS = ("linear", "logreg", "svm")
 _SGD_LOSS = {"logreg": "log_loss", "svm": "hinge"}
+_PIECES_PER_BUFFER = 64
 
 
 def block_rows_for(source: Any, block_bytes: int) -> int:
@@ -40,14 +41,14 @@ def minibatches(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Shuffled minibatches from a shuffle buffer of about ``block_rows`` rows.
 
-    Caches are sorted by class, so a contiguous block holds one class or two: the buffer is filled with HDF5
-    chunks drawn in random order from the whole dataset, then its rows are shuffled. ``source`` is anything
-    sliceable by rows (an ``h5py.Dataset`` or a numpy array): the same code, and so the same batches, whether
-    the features are on disk or in memory. Memory holds one buffer at a time.
+    Caches are sorted by class, so a contiguous block holds one class or two: the buffer is filled with 64
+    small pieces drawn in random order from the whole dataset, then its rows are shuffled. ``source`` is
+    anything sliceable by rows (an ``h5py.Dataset`` or a numpy array): the same code, and so the same batches,
+    whether the features are on disk or in memory. Memory holds one buffer at a time.
     """
-    chunk = (getattr(source, "chunks", None) or (min(block_rows, 256),))[0]
-    pieces = _blocks(len(labels), chunk, rng)
-    per_buffer = max(1, block_rows // chunk)
+    piece = max(1, block_rows // _PIECES_PER_BUFFER)
+    pieces = _blocks(len(labels), piece, rng)
+    per_buffer = max(1, block_rows // piece)
     for i in range(0, len(pieces), per_buffer):
         group = pieces[i : i + per_buffer]
         X = transform(np.concatenate([np.asarray(source[a:b], dtype=np.float32) for a, b in group]))
