@@ -111,7 +111,7 @@ def _pipeline_from_torch(state: dict[str, Any]) -> Pipeline:
             sc.n_samples_seen_ = 0
             steps.append(("standardize", sc))
         elif s == "l2":
-            steps.append(("l2", Normalizer().fit(np.zeros((1, 1)))))
+            steps.append(("l2", Normalizer().fit(np.zeros((1, state["weight"].shape[1])))))
         elif s == "linear":
             head = TorchLinearHead(**json.loads(state["params"]))
             head.coef_, head.intercept_ = state["weight"].numpy(), state["bias"].numpy()
@@ -164,8 +164,11 @@ def load_head(path: str | os.PathLike) -> HeadArtifact:
         raise ValueError(f"{meta_path} is not valid JSON ({e})") from None
     if meta.get("format") != "pipeline-head" or "artifact" not in meta or "artifact_sha256" not in meta:
         raise ValueError(f"{meta_path} is not a pipeline head")
-    artifact = meta_path.with_name(meta["artifact"])
-    if artifact.parent != meta_path.parent or not artifact.is_file():
+    name = str(meta["artifact"])
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"{meta_path} names an artifact {name!r} that is not beside it")
+    artifact = meta_path.with_name(name)
+    if not artifact.is_file():
         raise ValueError(f"{meta_path} names an artifact {meta['artifact']!r} that is not beside it")
     digest = _sha256(artifact)
     if digest != meta["artifact_sha256"]:

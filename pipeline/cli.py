@@ -222,7 +222,10 @@ def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, 
     source = _source(config, {"data": data, "model": model, "weights": weights, "layers": layers, "cache_dir": cache_dir})
     result = fit_head(head, source, out=output)
     for row in result.sweep:
-        click.echo(f"  {result.param}={row['value']:<10g} val acc {row['val_accuracy']:.4f}  ({row['seconds']:.1f} s)")
+        if "skipped" in row:
+            click.echo(f"  {result.param}={row['value']:<10g} skipped: {row['skipped']}")
+        else:
+            click.echo(f"  {result.param}={row['value']:<10g} val acc {row['val_accuracy']:.4f}  ({row['seconds']:.1f} s)")
     click.echo(f"{result.clf}: {result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}, fit {result.fit_seconds:.1f} s -> {result.path}")
 
 

@@ -127,6 +127,10 @@ def _versions() -> dict[str, str]:
 
     out = {"pipeline": __version__, "python": platform.python_version(), "torch": torch.__version__,
            "torchvision": torchvision.__version__, "numpy": np.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__}
+    import joblib
+    import sklearn
+
+    out["scikit-learn"], out["joblib"] = sklearn.__version__, joblib.__version__
     try:
         import onnxruntime
 

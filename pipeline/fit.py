@@ -114,43 +114,21 @@ def load_split_features(cache: FeatureCache, tap: str, what: str) -> tuple[np.nd
 
 
 def _sweep(clf_name: str, config: HeadConfig, Xt: np.ndarray, yt: np.ndarray, Xv: np.ndarray, yv: np.ndarray) -> tuple[Any, Any, list[dict]]:
-    """Fit the head for each value of its grid (refined around the best on a log grid); keep the best on val."""
-    spec = HEADS[clf_name]
-    grid = list(config.grid or spec.grid)
-    sweep: list[dict] = []
-    best = (-1.0, None, None)
+    """Fit the head for each value of its grid on preprocessed train features; keep the best on val."""
 
-    def trial(value: Any) -> None:
-        nonlocal best
-        if any(math.isclose(float(s["value"]), float(value), rel_tol=1e-9) for s in sweep):
-            return
+    def trial(value: Any) -> Any:
         clf = build_head(clf_name, value, seed=config.seed).steps[-1][1]
         if clf_name == "linear":
             clf.set_params(epochs=config.epochs)
-        t0 = time.perf_counter()
-        if clf_name == "linear":
-            clf.fit(Xt, yt, eval_set=(Xv, yv))
-        else:
-            clf.fit(Xt, yt)
-        acc = float((clf.predict(Xv) == yv).mean())
-        row = {"value": value, "val_accuracy": acc, "seconds": time.perf_counter() - t0}
-        if clf_name == "linear":
-            row["best_epoch"] = clf.best_epoch_
-        sweep.append(row)
-        if acc > best[0]:
-            best = (acc, value, clf)
+            return clf.fit(Xt, yt, eval_set=(Xv, yv))
+        return clf.fit(Xt, yt)
 
-    for value in grid:
-        trial(value)
-    if spec.log and len(grid) > 1:
-        step = abs(math.log10(grid[1] / grid[0]))
-        for _ in range(config.refine):
-            step /= 2
-            centre = best[1]
-            for value in (centre * 10 ** -step, centre * 10**step):
-                trial(float(f"{value:.3g}"))
-    sweep.sort(key=lambda s: float(s["value"]))
-    return best[1], best[2], sweep
+    def usable(value: Any) -> str | None:
+        if clf_name == "knn" and value > len(yt):
+            return f"more neighbours than the {len(yt)} train rows"
+        return None
+
+    return _search(clf_name, config, trial, lambda clf: float((clf.predict(Xv) == yv).mean()), usable)
 
 
 def _fit_streaming(config: HeadConfig, features: Any, yt: np.ndarray, Xv: np.ndarray, yv: np.ndarray, where: str) -> tuple[Any, Pipeline, list[dict]]:
@@ -179,10 +157,20 @@ def _fit_streaming(config: HeadConfig, features: Any, yt: np.ndarray, Xv: np.nda
     return value, Pipeline([*pre.steps, ("clf", clf)]), sweep
 
 
-def _search(clf_name: str, config: HeadConfig, trial: Any, score: Any) -> tuple[Any, Any, list[dict]]:
-    """Grid, then CLIP-style halving refinement on log grids; ``trial(value)`` fits, ``score(clf)`` is val accuracy."""
+def _search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: Any = lambda value: None) -> tuple[Any, Any, list[dict]]:
+    """Grid, then CLIP-style halving refinement on log grids; keep the value with the best val accuracy.
+
+    Args:
+        clf_name: the head family.
+        config: the grid and the rounds of refinement.
+        trial: fits the head for one value.
+        score: the val accuracy of a fitted head.
+        usable: None for a value that can be tried, else why not (it is reported, not fitted).
+    """
     spec = HEADS[clf_name]
     grid = list(config.grid or spec.grid)
+    if spec.log and any(float(v) <= 0 for v in grid):
+        raise ValueError(f"{spec.param} is swept on a log scale: every --grid value must be positive, got {grid}")
     sweep: list[dict] = []
     best: tuple[float, Any, Any] = (-1.0, None, None)
 
@@ -190,15 +178,24 @@ def _search(clf_name: str, config: HeadConfig, trial: Any, score: Any) -> tuple[
         nonlocal best
         if any(math.isclose(float(s["value"]), float(value), rel_tol=1e-9) for s in sweep):
             return
+        why = usable(value)
+        if why:
+            sweep.append({"value": value, "skipped": why})
+            return
         t0 = time.perf_counter()
         clf = trial(value)
         acc = score(clf)
-        sweep.append({"value": value, "val_accuracy": acc, "seconds": time.perf_counter() - t0})
+        row = {"value": value, "val_accuracy": acc, "seconds": time.perf_counter() - t0}
+        if hasattr(clf, "best_epoch_"):
+            row["best_epoch"] = clf.best_epoch_
+        sweep.append(row)
         if acc > best[0]:
             best = (acc, value, clf)
 
     for value in grid:
         run(value)
+    if best[2] is None:
+        raise ValueError(f"no {spec.param} value could be tried: {'; '.join(s['skipped'] for s in sweep)}")
     if spec.log and len(grid) > 1:
         step = abs(math.log10(grid[1] / grid[0]))
         for _ in range(config.refine):
@@ -244,6 +241,9 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         missing = sorted(set(np.unique(yv).tolist()) - set(present.tolist()))
         if missing:
             raise ValueError(f"the val split has classes the train split lacks: {[train.classes[i] for i in missing]}")
+        absent = [c for i, c in enumerate(train.classes) if i not in set(present.tolist())]
+        if absent:
+            raise ValueError(f"the train split has no images of class(es) {absent}; a head cannot learn a class it never sees")
         classes, train_attrs = train.classes, train.attrs
         features = train.dataset(tap)
         stream = config.stream if config.stream is not None else features.nbytes > config.memory_budget_mb * 2**20
@@ -263,14 +263,14 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
     clf = pipe.steps[-1][1]
     seconds = time.perf_counter() - t0
     spec = HEADS[config.clf]
-    val_acc = max(s["val_accuracy"] for s in sweep)
+    val_acc = max(s["val_accuracy"] for s in sweep if "val_accuracy" in s)
     meta = {
         "clf": config.clf, "description": spec.description, "param": spec.param, "value": value, "val_accuracy": val_acc,
         "train_accuracy": train_acc, "fit_seconds": seconds, "sweep": sweep, "streamed": stream,
         "config": asdict(config), "preprocessing": config.preprocessing or spec.preprocessing, "tap": tap, "classes": classes,
         "features": feature_identity(train_attrs), "extract_settings": train_attrs.get("settings", {}),
-        "train_cache": {"path": str(train_path), "dataset_fingerprint": train_attrs.get("dataset_fingerprint"), "rows": len(yt)},
-        "val_cache": {"path": str(val_path), "rows": len(yv)},
+        "train_cache": {"path": str(train_path.resolve()), "dataset_fingerprint": train_attrs.get("dataset_fingerprint"), "rows": len(yt)},
+        "val_cache": {"path": str(val_path.resolve()), "rows": len(yv)},
         "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     base = Path(out) if out else heads_dir(train_path) / config.clf

@@ -52,6 +52,8 @@ class SpatialPool(TransformerMixin, BaseEstimator):
     def transform(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self)
         X = np.asarray(X)
+        if X.ndim < 2:
+            raise ValueError(f"features must be N x D or N x C x H x W, got a {X.ndim}-D array; reshape a single sample with X[None]")
         if tuple(X.shape[1:]) != self.input_shape_:
             raise ValueError(f"features of shape {X.shape[1:]} given to a head fitted on {self.input_shape_}")
         if X.ndim == 2:
@@ -88,7 +90,7 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
         X, y = validate_data(self, X, y, dtype=np.float32)
         self.classes_ = unique_labels(y)
         if len(self.classes_) < 2:
-            raise ValueError(f"a classifier needs at least 2 classes; the training labels hold {len(self.classes_)}")
+            raise ValueError(f"a classifier needs at least 2 classes; got {len(self.classes_)} class")
         y_idx = np.searchsorted(self.classes_, y)
         val = None
         if eval_set is not None:
@@ -162,19 +164,25 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
         self.intercept_ = best[1]["bias"].numpy()
         return self
 
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
+    def _logits(self, X: np.ndarray) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, reset=False)
         return X @ self.coef_.T + self.intercept_
 
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """Logits, N x classes; for two classes the scikit-learn convention: one score, positive for classes_[1]."""
+        z = self._logits(X)
+        return z[:, 1] - z[:, 0] if len(self.classes_) == 2 else z
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        z = self.decision_function(X)
+        z = self._logits(X)
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[np.argmax(self.decision_function(X), axis=1)]
+        z = self._logits(X)
+        return self.classes_[np.argmax(z, axis=1)]
 
 
 @dataclass(frozen=True)
@@ -209,7 +217,7 @@ def _linear_svm(C: float, seed: int) -> BaseEstimator:
 
 
 def _rbf_svm(C: float, seed: int) -> BaseEstimator:
-    return SVC(C=C, kernel="rbf", gamma="scale", probability=False, random_state=seed)
+    return SVC(C=C, kernel="rbf", gamma="scale", random_state=seed)
 
 
 def _forest(n: int, seed: int) -> BaseEstimator:

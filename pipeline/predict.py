@@ -106,7 +106,10 @@ def predict(
             eng = eng or make_engine(engine if engine != "auto" else settings.get("engine", "auto"), extractor, runtime, x[:2])
             feats = eng(x)[which]
             s = art.pipeline.predict_proba(feats) if has_proba else art.pipeline.decision_function(feats)
-            s = np.asarray(s).reshape(len(feats), -1)
+            s = np.asarray(s)
+            if s.ndim == 1:  # two classes: one score, positive for the second
+                s = np.stack([-s, s], axis=1)
+            s = s.reshape(len(feats), -1)
             for i, row in zip(index.tolist(), s):
                 k = int(np.argmax(row))
                 rows[i] = {"path": paths[i], "label": classes[k], "score": float(row[k]),
