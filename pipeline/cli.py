@@ -15,6 +15,7 @@ from .data import SPLITS
 from .engines import ENGINES
 from .extract import ON_ERROR, ExtractConfig, extract
 from .evaluate import compare, evaluate
+from .finetune import AUGMENTS, EXTRACT_SHARED, HEAD_INITS, OPTIMIZERS, RECIPES, SCHEDULES, FinetuneConfig, finetune
 from .fit import HeadConfig, fit_head
 from .heads import HEADS, POOLS, PREPROCESSING
 from .predict import predict, write_predictions
@@ -56,7 +57,7 @@ def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tu
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pipeline")
 def cli() -> None:
-    """Transfer learning on image folders: extract backbone features once, then fit heads on them."""
+    """Transfer learning on image folders: extract backbone features once, then fit heads on them, or fine-tune."""
 
 
 @cli.command("extract")
@@ -236,7 +237,10 @@ def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, 
 @_with_cache_options
 @_friendly
 def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, config_file: str | None, **options: Any) -> None:
-    """Evaluate a fitted HEAD (its .json) on the test split: metrics JSON and a confusion-matrix PNG."""
+    """Evaluate a fitted HEAD (its .json) on the test split: metrics JSON and a confusion-matrix PNG.
+
+    HEAD may also be a fine-tuned model.json (pipeline finetune), evaluated on the test split's images.
+    """
     if (head is None) == (clf is None):
         raise click.UsageError("give either HEAD (a head's .json) or --clf NAME")
     if head is None:
@@ -268,7 +272,7 @@ def compare_cmd(folder: str | None, config_file: str | None, **options: Any) -> 
 
 @cli.command("predict")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--head", required=True, type=click.Path(dir_okay=False), help="The fitted head's .json.")
+@click.option("--head", required=True, type=click.Path(dir_okay=False), help="The fitted head's .json, or a fine-tuned model.json.")
 @click.option("--output", "-o", default="predictions.csv", show_default=True, help="CSV, or JSON when it ends in .json.")
 @click.option("--on-error", type=click.Choice(ON_ERROR), default="fail", show_default=True, help="On an unreadable file: fail naming it, or skip it.")
 @click.option("--weights", help="The backbone's weights file, when the head's cache came from one.")
@@ -281,3 +285,75 @@ def predict_cmd(inputs: tuple[str, ...], head: str, output: str, on_error: str, 
     path = write_predictions(rows, classes, output)
     failed = sum("error" in r for r in rows)
     click.echo(f"{len(rows) - failed} images predicted, {failed} skipped -> {path}")
+
+
+_F = FinetuneConfig()
+
+
+@cli.command("finetune", epilog="\b\nRecipes:\n" + "\n".join(f"  {r.name:<18} {r.source}" for r in RECIPES.values()))
+@click.option("--recipe", type=click.Choice(list(RECIPES)), help="A source tutorial's model, freezing, optimizer, learning rates, augmentation and epochs (listed below); explicit options override them.")
+@click.option("--data", help=f"Dataset folder, as for extract.  [default: {_F.data}]")
+@click.option("--model", help=f"torchvision classification model.  [default: {_F.model}]")
+@click.option("--weights", help=f"DEFAULT, a torchvision weights name, a state_dict file, or 'none'.  [default: {_F.weights}]")
+@click.option("--resize", type=click.IntRange(1), help="Override the weights' resize of the short side.")
+@click.option("--crop", type=click.IntRange(1), help="Override the weights' crop (the image size).")
+@click.option("--mean", callback=_floats, help="Override the normalisation mean, R,G,B.")
+@click.option("--std", callback=_floats, help="Override the normalisation std, R,G,B.")
+@click.option("--labels-csv", help="CSV of labels under DATA (Kaggle dog-breed layout), e.g. labels.csv.")
+@click.option("--id-column", help=f"CSV column with the image id.  [default: {_F.id_column}]")
+@click.option("--label-column", help=f"CSV column with the class.  [default: {_F.label_column}]")
+@click.option("--image-dir", help=f"Folder under DATA with the CSV's images.  [default: {_F.image_dir}]")
+@click.option("--extension", help=f"Appended to CSV ids to make file names.  [default: {_F.extension}]")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction of train carved out as val when there is no val/.  [default: {_F.val_fraction}]")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction carved out as test for CSV datasets.  [default: {_F.test_fraction}]")
+@click.option("--split-seed", type=int, help=f"Seed of the stratified carving.  [default: {_F.split_seed}]")
+@click.option("--subset", type=click.IntRange(1), help="Train on at most this many images per class (stratified, seeded).  [default: all]")
+@click.option("--eval-subset", type=click.IntRange(1), help="Evaluate val and targets on at most this many images per class.  [default: all]")
+@click.option("--target", "targets", multiple=True, help="Also evaluate every epoch: test, or DIR[:SPLIT], a dataset folder with the same classes (a target domain); repeat for several.")
+@click.option("--freeze", help=f"none, backbone (train the new classifier only), or K (the first K stages).  [default: {_F.freeze}]")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help=f"SGD with momentum, or AdamW.  [default: {_F.optimizer}]")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help=f"Base learning rate.  [default: {_F.lr}]")
+@click.option("--head-lr-mult", type=click.FloatRange(0), help=f"The new classifier's lr is lr x this.  [default: {_F.head_lr_mult}]")
+@click.option("--backbone-lr-mult", type=click.FloatRange(0), help=f"The backbone's lr is lr x this.  [default: {_F.backbone_lr_mult}]")
+@click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help=f"SGD momentum.  [default: {_F.momentum}]")
+@click.option("--weight-decay", type=click.FloatRange(0), help=f"Weight decay.  [default: {_F.weight_decay}]")
+@click.option("--schedule", type=click.Choice(SCHEDULES), help=f"Learning-rate schedule, per step.  [default: {_F.schedule}]")
+@click.option("--warmup-epochs", type=click.FloatRange(0), help=f"Linear warm-up, in epochs.  [default: {_F.warmup_epochs}]")
+@click.option("--step-epochs", type=click.IntRange(1), help=f"The step schedule multiplies the lr by --gamma every this many epochs.  [default: {_F.step_epochs}]")
+@click.option("--gamma", type=click.FloatRange(0), help=f"The step schedule's factor.  [default: {_F.gamma}]")
+@click.option("--epochs", type=click.IntRange(1), help=f"Passes over the train split.  [default: {_F.epochs}]")
+@click.option("--batch-size", type=click.IntRange(1), help=f"Images per step.  [default: {_F.batch_size}]")
+@click.option("--augment", type=click.Choice(AUGMENTS), help=f"Training augmentation.  [default: {_F.augment}]")
+@click.option("--head-init", type=click.Choice(HEAD_INITS), help=f"Init of the new classifier.  [default: {_F.head_init}]")
+@click.option("--init-head", type=click.Path(dir_okay=False), help="Start from a linear head fitted by fit-head on this backbone's cached features (LP-FT), e.g. features/.../heads/linear.json.")
+@click.option("--seed", type=int, help=f"Seed of the classifier init, shuffling and augmentation.  [default: {_F.seed}]")
+@click.option("--workers", type=click.IntRange(0), help="DataLoader worker processes.  [default: from the CPU count]")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.  [default: auto: cuda > mps > cpu]")
+@click.option("--amp/--no-amp", default=None, help="The fast path: bf16 autocast and channels_last.  [default: on for CUDA]")
+@click.option("--on-error", type=click.Choice(ON_ERROR), help=f"On an unreadable image: fail naming it, or skip it.  [default: {_F.on_error}]")
+@click.option("--log-every", type=click.IntRange(0), help="A log line every N batches; 0 for none.  [default: per recipe, else 0]")
+@click.option("--output-dir", help=f"Root of OUTPUT_DIR/<dataset>/<model>-<weights>/<name>/.  [default: {_F.output_dir}]")
+@click.option("--name", help="The run's folder name.  [default: the recipe's name, else finetune]")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings file: [finetune], over [extract]'s dataset and backbone.  [default: ./pipeline.toml if present]")
+@click.option("--force", is_flag=True, help="Overwrite a run made with other settings.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar within each epoch.")
+@_friendly
+def finetune_cmd(config_file: str | None, force: bool, progress: bool, **options: Any) -> None:
+    """Fine-tune a backbone with a new classifier, keeping the epoch with the best val accuracy.
+
+    Writes history.csv, last.pt (resume) and model.pt + model.json, which evaluate and predict accept like a head.
+    An interrupted run resumes from its last finished epoch when re-run with the same settings.
+    """
+    config = load_config(config_file)
+    shared = {k: v for k, v in config.get("extract", {}).items() if k in EXTRACT_SHARED}
+    settings = settings_from(FinetuneConfig, {"finetune": {**shared, **config.get("finetune", {})}}, "finetune", options, source=config_file or "pipeline.toml")
+    try:
+        result = finetune(settings, force=force, progress=progress, log=click.echo)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted; finished epochs are kept in last.pt: re-run the same command to resume", err=True)
+        sys.exit(130)
+    if result.status == "up-to-date":
+        click.echo(f"{result.path} is up to date (best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.4f}); nothing to do")
+    else:
+        click.echo(f"finetune: best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.4f}, {result.seconds:.1f} s"
+                   f"{' (resumed)' if result.status == 'resumed' else ''} -> {result.path}")

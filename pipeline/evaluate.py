@@ -1,4 +1,4 @@
-"""Evaluation: a head's metrics on the test cache, its confusion matrix, and the table of every head on a cache."""
+"""Evaluation: a head's metrics on the test cache (a fine-tuned model's on the test images), its confusion matrix, and the table of every head on a cache."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from sklearn.metrics import balanced_accuracy_score, classification_report, conf
 
 from .artifacts import load_head
 from .cache import read_cache
+from .data import DatasetSpec, load_split
 from .extract import ExtractConfig, locate_cache
+from .finetune import image_logits, is_finetuned, load_finetuned
 from .fit import heads_dir, load_split_features
 
 __all__ = ["evaluate", "compare", "scores", "plot_confusion"]
@@ -62,14 +64,20 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
 def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = None, source: ExtractConfig | None = None) -> dict:
     """Evaluate a fitted head on the test split; write ``<head>-test.json`` and ``<head>-confusion.png``.
 
+    A fine-tuned model (``model.json`` of pipeline finetune) is evaluated on the test split's images, since its
+    backbone no longer computes the cached features.
+
     Args:
-        head: the head's ``.json`` (or artifact) path.
+        head: the head's ``.json`` (or artifact) path, or a fine-tuned model's ``model.json``.
         test_cache: the test cache; None locates it from ``source``, or from the head's train cache folder.
-        source: extract settings used to locate the test cache.
+        source: extract settings used to locate the test cache; for a fine-tuned model, its dataset replaces the
+            one the model was trained on.
 
     Returns:
         The metrics: top-1, top-5 (more than 5 classes), balanced accuracy, per-class report, confusion matrix.
     """
+    if is_finetuned(head):
+        return _evaluate_finetuned(head, test_cache, source)
     art = load_head(head)
     if test_cache is None:
         train_path = Path(art.meta["train_cache"]["path"])
@@ -82,27 +90,56 @@ def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = Non
         test_path = cache.path
     pred = art.pipeline.predict(X)
     classes = art.classes
-    labels = list(range(len(classes)))
     metrics = {
         "head": str(art.path), "clf": art.meta["clf"], "test_cache": str(test_path), "n": int(len(y)),
         "top1": float((pred == y).mean()), "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "val_accuracy": art.meta.get("val_accuracy"), "fit_seconds": art.meta.get("fit_seconds"),
         "param": art.meta.get("param"), "value": art.meta.get("value"),
     }
+    return _report(metrics, y, pred, (lambda: scores(art.pipeline, X)), classes, art.path, art.meta["clf"])
+
+
+def _report(metrics: dict, y: np.ndarray, pred: np.ndarray, class_scores, classes: list[str], path: Path, name: str) -> dict:
+    """Add top-5, the per-class report and the confusion matrix to ``metrics``; write the JSON and PNG beside ``path``."""
+    labels = list(range(len(classes)))
     if len(classes) > 5:
-        s = scores(art.pipeline, X)
+        s = class_scores()
         if s is not None:
             metrics["top5"] = float(top_k_accuracy_score(y, s, k=5, labels=labels))
     metrics["per_class"] = classification_report(y, pred, labels=labels, target_names=classes, output_dict=True, zero_division=0)
     cm = confusion_matrix(y, pred, labels=labels)
     metrics["confusion_matrix"] = cm.tolist()
-    base = art.path.with_suffix("")
-    png = plot_confusion(cm, classes, base.with_name(base.name + "-confusion.png"), f"{art.meta['clf']}: test top-1 {metrics['top1']:.2%}")
+    base = path.with_suffix("")
+    png = plot_confusion(cm, classes, base.with_name(base.name + "-confusion.png"), f"{name}: test top-1 {metrics['top1']:.2%}")
     metrics["confusion_png"] = str(png)
     out = base.with_name(base.name + "-test.json")
     out.write_text(json.dumps(metrics, indent=1))
     metrics["json"] = str(out)
     return metrics
+
+
+def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike | None, source: ExtractConfig | None) -> dict:
+    """A fine-tuned model on the test split's images of its dataset (or of ``source``'s)."""
+    if test_cache is not None:
+        raise ValueError(f"{path} is a fine-tuned model: it is evaluated on the test images, not on a feature cache; drop --test-cache")
+    fm = load_finetuned(path)
+    ds = fm.meta["dataset"]
+    spec = source.dataset if source else DatasetSpec(**{k: ds[k] for k in ("root", "labels_csv", "id_column", "label_column", "image_dir", "extension", "val_fraction", "test_fraction", "split_seed")})
+    split = load_split(spec, "test")
+    if len(split) == 0:
+        raise ValueError(f"the test split of {spec.root} has no images")
+    if split.classes != fm.classes:
+        raise ValueError(f"the test split of {spec.root} has classes {split.classes[:10]}, the model was trained on {fm.classes[:10]}")
+    positions, logits, bad = image_logits(fm, spec.root, split.paths)
+    y = split.labels[positions]
+    pred = logits.argmax(1)
+    metrics = {
+        "head": str(fm.path), "clf": "finetune", "model": fm.meta["model"], "test_split": f"{spec.root}:test",
+        "n": int(len(y)), "n_skipped": len(bad) + len(split.rejected), "top1": float((pred == y).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)), "val_accuracy": fm.meta.get("val_accuracy"),
+        "fit_seconds": fm.meta.get("seconds"), "best_epoch": fm.meta.get("best_epoch"),
+    }
+    return _report(metrics, y, pred, lambda: logits, fm.classes, fm.path, f"finetune {fm.meta['model']}")
 
 
 def compare(folder: str | os.PathLike | None = None, source: ExtractConfig | None = None) -> list[dict]:

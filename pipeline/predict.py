@@ -1,4 +1,4 @@
-"""Prediction: backbone, tap and head end to end on new images that are in no cache."""
+"""Prediction: backbone, tap and head (or a fine-tuned model) end to end on new images that are in no cache."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .artifacts import load_head
 from .backbones import load_backbone
 from .data import IMAGE_EXTENSIONS, ImageDataset, collate_batch
 from .engines import make_engine
+from .finetune import image_logits, is_finetuned, load_finetuned
 from .runtime import resolve_runtime
 from .taps import Tap, TapExtractor
 
@@ -57,12 +58,13 @@ def predict(
     device: str = "auto",
     engine: str = "auto",
 ) -> tuple[list[dict], list[str]]:
-    """Predict the class of each image with a fitted head.
+    """Predict the class of each image with a fitted head, or with a fine-tuned model.
 
-    The backbone, weights, tap and preprocessing are those of the cache the head was fitted on.
+    The backbone, weights, tap and preprocessing are those of the cache the head was fitted on. A fine-tuned
+    model (``model.json`` of pipeline finetune) carries its own weights and preprocessing, and runs eagerly.
 
     Args:
-        head: the head's ``.json`` path.
+        head: the head's ``.json`` path, or a fine-tuned model's ``model.json``.
         inputs: image files and folders.
         on_error: ``fail`` on an unreadable file, or ``skip`` it (its row carries the error).
         weights: the backbone's weights file, needed when the cache was made from a local state_dict.
@@ -75,6 +77,8 @@ def predict(
     """
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be fail or skip, got {on_error!r}")
+    if is_finetuned(head):
+        return _predict_finetuned(head, inputs, on_error=on_error, weights=weights, batch_size=batch_size, device=device, engine=engine)
     art = load_head(head)
     settings = art.meta["extract_settings"]
     label = settings["weights"]
@@ -116,6 +120,29 @@ def predict(
                            ("probabilities" if has_proba else "scores"): {c: float(v) for c, v in zip(classes, row)}}
     out = [rows[i] for i in range(len(paths))] + [{"path": p, "error": why} for p, why in rejected]
     return out, classes
+
+
+def _predict_finetuned(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, on_error: str, weights: str | None,
+                       batch_size: int, device: str, engine: str) -> tuple[list[dict], list[str]]:
+    """Class probabilities (softmax of the logits) of a fine-tuned model, in the rows predict returns for heads."""
+    if weights is not None:
+        raise ValueError(f"{path} is a fine-tuned model and carries its own weights; drop --weights")
+    if engine not in ("auto", "eager"):
+        raise ValueError(f"{path} is a fine-tuned model, which runs on the eager engine only, not {engine}")
+    fm = load_finetuned(path)
+    paths, rejected = find_images(inputs)
+    if rejected and on_error == "fail":
+        raise ValueError(f"{rejected[0][0]}: {rejected[0][1]}; remove it or pass --on-error skip")
+    positions, logits, bad = image_logits(fm, ".", paths, device=device, batch_size=batch_size, on_error=on_error)
+    z = logits - logits.max(axis=1, keepdims=True)
+    proba = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    rows: dict[int, dict] = {i: {"path": paths[i], "error": why} for i, why in bad}
+    for i, row in zip(positions.tolist(), proba):
+        k = int(np.argmax(row))
+        rows[i] = {"path": paths[i], "label": fm.classes[k], "score": float(row[k]),
+                   "probabilities": {c: float(v) for c, v in zip(fm.classes, row)}}
+    out = [rows[i] for i in range(len(paths))] + [{"path": p, "error": why} for p, why in rejected]
+    return out, fm.classes
 
 
 def write_predictions(rows: list[dict], classes: list[str], path: str | os.PathLike) -> Path:
