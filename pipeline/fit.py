@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import time
@@ -114,21 +115,37 @@ def load_split_features(cache: FeatureCache, tap: str, what: str) -> tuple[np.nd
 
 
 def _sweep(clf_name: str, config: HeadConfig, Xt: np.ndarray, yt: np.ndarray, Xv: np.ndarray, yv: np.ndarray) -> tuple[Any, Any, list[dict]]:
-    """Fit the head for each value of its grid on preprocessed train features; keep the best on val."""
+    """Fit the head for each value of its grid on preprocessed train features; keep the best on val.
+
+    Ensembles swept on their size (trees, boosting iterations) grow: a larger value continues a copy of the
+    previous fit with ``warm_start`` instead of starting over, so the sweep costs one fit of the largest value.
+    """
+    spec = HEADS[clf_name]
+    grows = not spec.log and "warm_start" in spec.make(spec.grid[0], config.seed).get_params()
+    last: list[Any] = []
 
     def trial(value: Any) -> Any:
-        clf = build_head(clf_name, value, seed=config.seed).steps[-1][1]
+        if grows and last and value > last[0].get_params()[spec.param]:
+            # A copy, so that the smaller ensemble stays intact should it be the best.
+            clf = copy.deepcopy(last[0]).set_params(warm_start=True, **{spec.param: value})
+        else:
+            clf = build_head(clf_name, value, seed=config.seed).steps[-1][1]
         if clf_name == "linear":
             clf.set_params(epochs=config.epochs)
             return clf.fit(Xt, yt, eval_set=(Xv, yv))
-        return clf.fit(Xt, yt)
+        clf.fit(Xt, yt)
+        last[:] = [clf]
+        return clf
 
     def usable(value: Any) -> str | None:
         if clf_name == "knn" and value > len(yt):
             return f"more neighbours than the {len(yt)} train rows"
         return None
 
-    return _search(clf_name, config, trial, lambda clf: float((clf.predict(Xv) == yv).mean()), usable)
+    value, clf, sweep = _search(clf_name, config, trial, lambda clf: float((clf.predict(Xv) == yv).mean()), usable)
+    if grows:
+        clf.set_params(warm_start=False)  # a refit of the saved head starts afresh
+    return value, clf, sweep
 
 
 def _fit_streaming(config: HeadConfig, features: Any, yt: np.ndarray, Xv: np.ndarray, yv: np.ndarray, where: str) -> tuple[Any, Pipeline, list[dict]]:
