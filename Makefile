@@ -50,8 +50,11 @@ test: $(STAMP) weights  ## The default test run (fast, CPU; slow and GPU tests l
 test-all: $(STAMP) weights  ## Every test, slow and GPU ones included where possible
 	$(BIN)/python -m pytest -q -m ''
 
-bench: assets  ## Extraction throughput: pipeline extract against the tutorial's naive loop
+bench: assets  ## Benchmarks: extraction vs the naive loop, head fit times, larger-than-memory heads, fine-tuning
 	$(BIN)/python bench/extract_bench.py
+	$(BIN)/python bench/heads_bench.py
+	$(BIN)/python bench/stream_bench.py
+	$(BIN)/python bench/finetune_compare.py
 
 clean:  ## Remove caches, reports and benchmark results (keeps the venv and data)
 	rm -rf features reports bench/results .pytest_cache
