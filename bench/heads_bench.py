@@ -110,7 +110,7 @@ def run_head(clf: str, cache_dir: Path, limit: float) -> dict:
     """Run ``worker`` in its own process group; kill it after ``limit`` seconds."""
     result = cache_dir / f"result-{clf}.json"
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, __file__, "--worker", clf, "--cache-dir", str(cache_dir)]
+    cmd = [sys.executable, *(f"-W{w}" for w in sys.warnoptions), __file__, "--worker", clf, "--cache-dir", str(cache_dir)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:
@@ -124,23 +124,27 @@ def run_head(clf: str, cache_dir: Path, limit: float) -> dict:
     return {**json.loads(result.read_text()), "status": "ok", "limit_s": limit, "elapsed_s": time.perf_counter() - t0}
 
 
+def _size(mib: float) -> str:
+    return f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.1f} MiB"
+
+
 def table(rows: list[dict]) -> str:
     lines = [
-        "| head | preprocessing | fit s (sweep incl.) | goal | pass | chosen | val acc | test top-1 | test top-5 | sweep fits |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| head | preprocessing | fit s (sweep incl.) | goal | pass | chosen | val acc | test top-1 | test top-5 | sweep fits | saved head |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         goal = GOALS.get(r["clf"])
         goal_s = f"{goal:.0f} s" if goal else "-"
         if r["status"] != "ok":
             what = f"> {r['limit_s']:.0f}" if r["status"] == "timeout" else r["status"]
-            lines.append(f"| {r['clf']} | | {what} | {goal_s} | {'fail' if goal else '-'} | | | | | |")
+            lines.append(f"| {r['clf']} | | {what} | {goal_s} | {'fail' if goal else '-'} | | | | | | |")
             continue
         ok = "pass" if goal is None or r["fit_wall_s"] <= goal else "**fail**"
         top5 = f"{r['top5']:.1%}" if r.get("top5") is not None else "-"
         lines.append(
             f"| {r['clf']} | {r['preprocessing']} | {r['fit_wall_s']:.1f} | {goal_s} | {ok if goal else '-'} | {r['param']}={r['value']:g} | "
-            f"{r['val_accuracy']:.1%} | {r['top1']:.1%} | {top5} | {len(r['sweep'])} |"
+            f"{r['val_accuracy']:.1%} | {r['top1']:.1%} | {top5} | {len(r['sweep'])} | {_size(r['artifact_mib'])} |"
         )
     return "\n".join(lines)
 
