@@ -7,7 +7,6 @@ and checked before it is unpickled: a tampered or foreign file is refused, not e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
+from .backbones import file_sha256
 from .heads import SpatialPool, TorchLinearHead
 
 __all__ = ["save_head", "load_head", "HeadArtifact", "TamperedArtifactError"]
@@ -54,13 +54,6 @@ def feature_identity(attrs: dict) -> dict:
     settings = attrs.get("settings", attrs)
     return {k: settings.get(k) for k in ("model", "weights", "weights_sha256", "taps", "preprocess", "amp")}
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -141,7 +134,7 @@ def save_head(pipe: Pipeline, meta: dict, path: str | os.PathLike) -> Path:
     else:
         artifact = base.with_suffix(".joblib")
         _atomic(artifact, lambda tmp: joblib.dump(pipe, tmp))
-    record = {**meta, "artifact": artifact.name, "artifact_sha256": _sha256(artifact), "format": "pipeline-head", "format_version": 1}
+    record = {**meta, "artifact": artifact.name, "artifact_sha256": file_sha256(artifact), "format": "pipeline-head", "format_version": 1}
     meta_path = base.with_suffix(".json")
     _atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, sort_keys=True, default=str)))
     return meta_path
@@ -170,7 +163,7 @@ def load_head(path: str | os.PathLike) -> HeadArtifact:
     artifact = meta_path.with_name(name)
     if not artifact.is_file():
         raise ValueError(f"{meta_path} names an artifact {meta['artifact']!r} that is not beside it")
-    digest = _sha256(artifact)
+    digest = file_sha256(artifact)
     if digest != meta["artifact_sha256"]:
         raise TamperedArtifactError(
             f"{artifact} does not match the sha256 recorded when it was written "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .backbones import file_sha256
 from tqdm import tqdm
 
 __all__ = ["FASHION_MNIST_CLASSES", "MOBILENET_V2_SHA256", "fetch_mobilenet_v2_weights",
@@ -37,13 +38,6 @@ _MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()  # not hashlib.file_digest: that needs Python 3.11
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _temp_beside(dest: Path) -> Path:
     fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -53,7 +47,7 @@ def _temp_beside(dest: Path) -> Path:
 
 def _install_verified(tmp: Path, dest: Path, origin: str) -> None:
     """Atomically move ``tmp`` onto ``dest`` if its sha256 is the expected one."""
-    found = _sha256(tmp)
+    found = file_sha256(tmp)
     if found != MOBILENET_V2_SHA256:
         raise RuntimeError(f"sha256 mismatch for {MOBILENET_V2_FILE} from {origin}: "
                            f"expected {MOBILENET_V2_SHA256}, found {found}")
@@ -114,7 +108,7 @@ def fetch_mobilenet_v2_weights(download_dir: Path) -> Path:
 
     dest = Path(torch.hub.get_dir()) / "checkpoints" / MOBILENET_V2_FILE
     if dest.is_file():
-        if _sha256(dest) == MOBILENET_V2_SHA256:
+        if file_sha256(dest) == MOBILENET_V2_SHA256:
             return dest
         dest.unlink()  # torchvision would load a bad cached file without checking it
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 __all__ = [
-    "Backbone", "Preprocess", "WeightsUnavailableError", "load_backbone", "resolve_weights", "weights_label", "list_backbones", "final_linear",
+    "Backbone", "Preprocess", "WeightsUnavailableError", "file_sha256", "load_backbone", "resolve_weights", "weights_label", "list_backbones", "final_linear",
 ]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -190,12 +190,10 @@ def _load_strict(model: nn.Module, state: dict, source: str) -> None:
         )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, read in blocks."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _preprocess_for(
@@ -267,7 +265,7 @@ def load_backbone(
             # A fine-tuned checkpoint: rebuild with its number of classes.
             model = torchvision.models.get_model(name, weights=None, num_classes=int(w.shape[0]))
         _load_strict(model, state, str(resolved))
-        sha, named = _sha256(resolved), None
+        sha, named = file_sha256(resolved), None
     elif resolved is None:
         # Seeded, so that "none" names one model: resumed and repeated runs see the same random weights.
         with torch.random.fork_rng(devices=[]):

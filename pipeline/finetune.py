@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
 from .artifacts import TamperedArtifactError, load_head
-from .backbones import Backbone, Preprocess, final_linear, load_backbone, resolve_weights, weights_label
+from .backbones import Backbone, Preprocess, file_sha256, final_linear, load_backbone, resolve_weights, weights_label
 from .cache import _slug, diff_settings
 from .data import SPLITS, DatasetSpec, ImageDataset, Split, collate_batch, load_split
 from .extract import ON_ERROR, _auto_workers, _versions
@@ -722,13 +721,6 @@ def _write_history(history: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
@@ -885,7 +877,7 @@ def finetune(config: FinetuneConfig | None = None, *, force: bool = False, progr
              "classes": list(classes), "preprocess": _json(backbone.preprocess.to_dict()), "epoch": best_epoch, "state_dict": best_state}
     _atomic_save(state, model_path)
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "artifact": model_path.name, "artifact_sha256": _sha256(model_path),
+        "format": FORMAT, "format_version": FORMAT_VERSION, "artifact": model_path.name, "artifact_sha256": file_sha256(model_path),
         "clf": "finetune", "model": config.model, "weights": backbone.weights, "weights_sha256": backbone.weights_sha256,
         "classifier": layer, "classes": list(classes), "preprocess": _json(backbone.preprocess.to_dict()),
         "dataset": {"name": spec.name, **_json(asdict(spec)), "root": str(Path(spec.root).resolve())},
@@ -979,7 +971,7 @@ def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
     artifact = meta_path.with_name(meta["artifact"])
     if not artifact.is_file():
         raise ValueError(f"{meta_path} names a model file {meta['artifact']!r} that is not beside it")
-    digest = _sha256(artifact)
+    digest = file_sha256(artifact)
     if digest != meta["artifact_sha256"]:
         raise TamperedArtifactError(f"{artifact} does not match the sha256 recorded when it was written; refusing to load it")
     state = torch.load(artifact, map_location="cpu", weights_only=True)

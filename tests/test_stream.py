@@ -47,7 +47,7 @@ class _CountingSource:
 def test_minibatches_read_small_pieces_and_hold_one_buffer() -> None:
     X, y = _blobs(1000, 3)
     source = _CountingSource(X, (50, 24))
-    seen, rows_per_buffer = [], []
+    seen = []
     for xb, yb in minibatches(source, y, np.random.default_rng(0), block_rows=200, batch_size=64, transform=lambda a: a):
         seen.append(yb)
     assert max(source.reads) <= 200 // 64 and sum(source.reads) == 1000  # small reads, each row read once per epoch
