@@ -190,11 +190,11 @@ def main() -> None:
             limit = GOALS[clf] * args.limit_factor if clf in GOALS else NO_GOAL_LIMIT
             load = os.getloadavg()[0]
             r = run_head(clf, cache_dir, limit)
-            r["load_before"] = load
+            r["load_before"], r["load_after"] = load, os.getloadavg()[0]
             rows.append(r)
             if r["status"] == "ok":
                 print(f"{clf}: {r['fit_wall_s']:.1f} s, {r['param']}={r['value']:g}, val {r['val_accuracy']:.1%}, test {r['top1']:.1%} "
-                      f"(load {load:.2f})", flush=True)
+                      f"(1-min load {load:.2f} before, {r['load_after']:.2f} after)", flush=True)
                 for s in r["sweep"]:
                     print(f"    {r['param']}={s['value']:<10g} val {s['val_accuracy']:.1%}  {s['seconds']:.1f} s", flush=True)
             else:

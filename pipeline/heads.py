@@ -232,16 +232,24 @@ def _rbf_svm(C: float, seed: int) -> BaseEstimator:
     return SVC(C=C, kernel="rbf", gamma="scale", random_state=seed)
 
 
+# Fully grown trees keep a row of class fractions per node: with 120 classes and 10k rows, 200 of them took
+# 1.8 GiB (random forest) and 3.1 GiB (extra trees) on disk. Leaves of at least 5 rows cut that to 412 and
+# 605 MiB, and were more accurate in bench/heads_bench.py (val 28.3 -> 31.6 %, 21.8 -> 36.6 %).
+_MIN_LEAF = 5
+
+
 def _forest(n: int, seed: int) -> BaseEstimator:
-    return RandomForestClassifier(n_estimators=n, n_jobs=-1, random_state=seed)
+    return RandomForestClassifier(n_estimators=n, min_samples_leaf=_MIN_LEAF, n_jobs=-1, random_state=seed)
 
 
 def _extra(n: int, seed: int) -> BaseEstimator:
-    return ExtraTreesClassifier(n_estimators=n, n_jobs=-1, random_state=seed)
+    return ExtraTreesClassifier(n_estimators=n, min_samples_leaf=_MIN_LEAF, n_jobs=-1, random_state=seed)
 
 
 def _hgb(n: int, seed: int) -> BaseEstimator:
-    return HistGradientBoostingClassifier(max_iter=n, learning_rate=0.1, early_stopping=False, random_state=seed)
+    # Every iteration grows one tree per class (120 for the dog breeds); 15 leaves instead of 31 made the sweep
+    # a sixth faster (62 s against 75 s) and more accurate (val 36.4 % against 34.3 %) in bench/heads_bench.py.
+    return HistGradientBoostingClassifier(max_iter=n, learning_rate=0.1, max_leaf_nodes=15, early_stopping=False, random_state=seed)
 
 
 def _knn(k: int, seed: int) -> BaseEstimator:
