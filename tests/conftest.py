@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 CLASSES = ("ant", "bee", "cat")
 
@@ -43,3 +47,15 @@ def tiny(**overrides: object) -> dict:
     base = dict(model="mobilenet_v2", weights="none", crop=32, resize=36, batch_size=4, workers=0, engine="eager", device="cpu")
     base.update(overrides)
     return base
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """One torch thread and one BLAS/OpenMP thread, restored afterwards: tiny arrays gain nothing from more."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(n)

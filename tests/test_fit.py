@@ -10,7 +10,6 @@ import csv
 import hashlib
 import json
 import re
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,11 +18,9 @@ from typing import Iterator
 import h5py
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, top_k_accuracy_score
-from threadpoolctl import threadpool_limits
 
 from pipeline import ExtractConfig, extract, read_cache
 from pipeline.artifacts import feature_identity, load_head
@@ -34,7 +31,7 @@ from pipeline.fit import HeadConfig, fit_head
 from pipeline.heads import HEADS
 from pipeline.predict import predict, write_predictions
 
-from .conftest import CLASSES, make_image_folder, tiny
+from .conftest import CLASSES, make_image_folder, single_threaded, tiny
 
 # Where extract would put caches of dataset "ds" with random-weight MobileNetV2 and the default tap, so that
 # fit-head, evaluate and compare find them without path options.
@@ -52,19 +49,8 @@ def small(name: str) -> tuple:
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     """Tiny arrays gain nothing from threads; on a busy 2-core machine torch's and OpenMP's threads stall for seconds."""
-    with _single_threaded():
+    with single_threaded():
         yield
-
-
-@contextmanager
-def _single_threaded() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- synthetic caches
@@ -613,7 +599,7 @@ def test_fit_head_command() -> None:
 def real(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A tiny real extraction (random-weight MobileNetV2 at 32 px) of train, val (carved) and test, and a head."""
     root = tmp_path_factory.mktemp("real")
-    with pytest.MonkeyPatch.context() as m, _single_threaded():
+    with pytest.MonkeyPatch.context() as m, single_threaded():
         m.setenv("PIPELINE_OFFLINE", "1")
         m.chdir(root)
         data = make_image_folder(root / "ds", {"train": 10, "test": 3})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -15,8 +14,8 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
-from threadpoolctl import threadpool_limits
 
+from .conftest import single_threaded
 from pipeline.artifacts import HeadArtifact, TamperedArtifactError, load_head, save_head
 from pipeline.heads import HEADS, PREPROCESSING, SpatialPool, TorchLinearHead, build_head
 
@@ -39,19 +38,8 @@ def blobs(n: int, k: int = 4, d: int = 16, sep: float = 4.0, seed: int = 0, cent
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     """Tiny arrays gain nothing from threads; on a busy 2-core machine torch's and OpenMP's threads stall for seconds."""
-    with _single_threaded():
+    with single_threaded():
         yield
-
-
-@contextmanager
-def _single_threaded() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- the scikit-learn contract
