@@ -208,11 +208,16 @@ _H = HeadConfig()
 @click.option("--stream/--no-stream", default=None, help="Read train features in blocks instead of loading them (linear, logreg, svm).  [default: when larger than --memory-budget-mb]")
 @click.option("--memory-budget-mb", type=click.IntRange(1), help=f"Train features larger than this are streamed.  [default: {_H.memory_budget_mb}]")
 @click.option("--epochs", type=click.IntRange(1), help=f"Passes over the data: the linear head's, and any head's when streaming.  [default: {_H.epochs}]")
+@click.option("--subset", type=click.IntRange(1), help="Fit on at most this many train images per class (stratified, seeded: the images of finetune --subset).  [default: all]")
 @click.option("--output", "-o", help="Where to save the head (no suffix).  [default: <cache folder>/heads/<clf>]")
+@click.option("--refit", is_flag=True, help="Fit even when a head fitted with the same settings on the same caches is saved there.")
 @_with_cache_options
 @_friendly
-def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, data, model, weights, layers, cache_dir, **options: Any) -> None:
-    """Fit a head on cached train features, choosing its hyper-parameter on val."""
+def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, refit: bool, data, model, weights, layers, cache_dir, **options: Any) -> None:
+    """Fit a head on cached train features, choosing its hyper-parameter on val.
+
+    A head already fitted with the same settings on the same caches is reused: re-running is free.
+    """
     config = load_config(config_file)
     if grid:
         try:
@@ -221,13 +226,12 @@ def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, 
             raise click.BadParameter(f"expected comma-separated numbers, got {grid!r}", param_hint="--grid") from None
     head = settings_from(HeadConfig, config, "head", options, source=config_file or "pipeline.toml")
     source = _source(config, {"data": data, "model": model, "weights": weights, "layers": layers, "cache_dir": cache_dir})
-    result = fit_head(head, source, out=output)
-    for row in result.sweep:
-        if "skipped" in row:
-            click.echo(f"  {result.param}={row['value']:<10g} skipped: {row['skipped']}")
-        else:
-            click.echo(f"  {result.param}={row['value']:<10g} val acc {row['val_accuracy']:.4f}  ({row['seconds']:.1f} s)")
-    click.echo(f"{result.clf}: {result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}, fit {result.fit_seconds:.1f} s -> {result.path}")
+    result = fit_head(head, source, out=output, refit=refit, log=lambda line: click.echo(line, err=True))
+    if result.status == "up-to-date":
+        click.echo(f"{result.clf}: up to date ({result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}); "
+                   f"nothing to do, --refit to fit again -> {result.path}")
+    else:
+        click.echo(f"{result.clf}: {result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}, fit {result.fit_seconds:.1f} s -> {result.path}")
 
 
 @cli.command("evaluate")

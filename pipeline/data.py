@@ -23,6 +23,7 @@ __all__ = [
     "load_split",
     "load_rgb",
     "collate_batch",
+    "stratified_subset",
     "SPLITS",
 ]
 
@@ -106,6 +107,16 @@ class Split:
 
 
 # ---------------------------------------------------------------- scanning
+
+
+def stratified_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    """Sorted positions of at most ``per_class`` images of each class, drawn with ``seed``; all when None."""
+    labels = np.asarray(labels)
+    if per_class is None:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
 
 def _check_file(root: Path, rel: str) -> tuple[int, str | None]:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .artifacts import TamperedArtifactError, load_head
 from .backbones import Backbone, Preprocess, file_sha256, final_linear, load_backbone, resolve_weights, weights_label
 from .cache import _slug, diff_settings
-from .data import SPLITS, DatasetSpec, ImageDataset, Split, collate_batch, load_split
+from .data import SPLITS, DatasetSpec, ImageDataset, Split, collate_batch, load_split, stratified_subset
 from .extract import ON_ERROR, _auto_workers, _versions
 from .runtime import Runtime, resolve_runtime
 from .taps import FeatureHooks, Tap, default_tap
@@ -492,16 +492,6 @@ def train_transform(preprocess: Preprocess, augment: str) -> Callable:
         steps.append(T.RandomRotation(30))
     steps += [T.PILToTensor(), T.ConvertImageDtype(torch.float32), T.Normalize(preprocess.mean, preprocess.std)]
     return T.Compose(steps)
-
-
-def stratified_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
-    """Sorted positions of at most ``per_class`` images of each class, drawn with ``seed``; all when None."""
-    labels = np.asarray(labels)
-    if per_class is None:
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    keep = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
-    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
 
 @dataclass

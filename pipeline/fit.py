@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from sklearn.pipeline import Pipeline
 
+from . import __version__
 from .artifacts import feature_identity, save_head
+from .backbones import file_sha256
 from .cache import FeatureCache, read_cache
+from .data import stratified_subset
 from .extract import ExtractConfig, _versions, locate_cache
 from .heads import HEADS, POOLS, PREPROCESSING, SpatialPool, build_head
 
-__all__ = ["HeadConfig", "FitResult", "fit_head", "heads_dir", "load_split_features", "check_compatible"]
+__all__ = ["HeadConfig", "FitResult", "fit_head", "heads_dir", "load_split_features", "check_compatible", "paths_digest"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class HeadConfig:
         memory_budget_mb: the size above which train features are streamed.
         block_mb: bytes read at once when streaming.
         epochs: passes over the data for the linear head, and for every head when streaming.
+        subset: fit on at most this many train images per class (stratified, drawn with ``seed``; the same
+            images as ``pipeline finetune --subset`` with the same seed); None uses all.
     """
 
     clf: str = "logreg"
@@ -57,6 +64,7 @@ class HeadConfig:
     memory_budget_mb: int = 4096
     block_mb: int = 64
     epochs: int = 20
+    subset: int | None = None
 
     def __post_init__(self) -> None:
         if self.clf not in HEADS:
@@ -65,12 +73,18 @@ class HeadConfig:
             raise ValueError(f"unknown preprocessing {self.preprocessing!r}; expected one of {', '.join(PREPROCESSING)}")
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+        if self.subset is not None and self.subset < 1:
+            raise ValueError(f"subset must be at least 1 image per class, got {self.subset}")
         object.__setattr__(self, "grid", tuple(self.grid))
 
 
 @dataclass
 class FitResult:
-    """A fitted head: where it was saved, what was chosen, and the whole sweep."""
+    """A fitted head: where it was saved, what was chosen, and the whole sweep.
+
+    ``status`` is ``fitted``, or ``up-to-date`` when a head fitted with the same settings on the same caches
+    was found and reused.
+    """
 
     path: Path
     clf: str
@@ -79,6 +93,7 @@ class FitResult:
     val_accuracy: float
     fit_seconds: float
     sweep: list[dict] = field(default_factory=list)
+    status: str = "fitted"
 
 
 def heads_dir(train_cache: Path) -> Path:
@@ -98,22 +113,26 @@ def check_compatible(train: FeatureCache, val: FeatureCache, tap: str) -> None:
         raise ValueError(f"{train.path} and {val.path} do not match: {'; '.join(diff)}")
 
 
-def load_split_features(cache: FeatureCache, tap: str, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of a cache, checked: not empty, finite.
+def load_split_features(cache: FeatureCache, tap: str, what: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of a cache (of its sorted ``rows`` only, when given), checked: not empty, finite.
 
     Raises:
         ValueError: an empty split, or NaN/inf features.
     """
     if len(cache) == 0:
         raise ValueError(f"the {what} split in {cache.path} is empty")
-    X = cache.features(tap).astype(np.float32, copy=False)
+    if rows is None:
+        X, y, where = cache.features(tap).astype(np.float32, copy=False), cache.labels, np.arange(len(cache))
+    else:
+        X, y, where = cache.dataset(tap)[np.asarray(rows)].astype(np.float32, copy=False), cache.labels[rows], np.asarray(rows)
     bad = ~np.isfinite(X.reshape(len(X), -1)).all(axis=1)
     if bad.any():
-        raise ValueError(f"{cache.path} has NaN or inf features in {int(bad.sum())} of {len(X)} rows (first: {cache.paths[int(np.argmax(bad))]})")
-    return X, cache.labels
+        raise ValueError(f"{cache.path} has NaN or inf features in {int(bad.sum())} of {len(X)} rows (first: {cache.paths[int(where[np.argmax(bad)])]})")
+    return X, y
 
 
-def _sweep(clf_name: str, config: HeadConfig, Xt: np.ndarray, yt: np.ndarray, Xv: np.ndarray, yv: np.ndarray) -> tuple[Any, Any, list[dict]]:
+def _sweep(clf_name: str, config: HeadConfig, Xt: np.ndarray, yt: np.ndarray, Xv: np.ndarray, yv: np.ndarray,
+           log: Callable[[str], None] | None = None) -> tuple[Any, Any, list[dict]]:
     """Fit the head for each value of its grid on preprocessed train features; keep the best on val.
 
     Ensembles swept on their size (trees, boosting iterations) grow: a larger value continues a copy of the
@@ -141,13 +160,14 @@ def _sweep(clf_name: str, config: HeadConfig, Xt: np.ndarray, yt: np.ndarray, Xv
             return f"more neighbours than the {len(yt)} train rows"
         return None
 
-    value, clf, sweep = _search(clf_name, config, trial, lambda clf: float((clf.predict(Xv) == yv).mean()), usable)
+    value, clf, sweep = _search(clf_name, config, trial, lambda clf: float((clf.predict(Xv) == yv).mean()), usable, log)
     if grows:
         clf.set_params(warm_start=False)  # a refit of the saved head starts afresh
     return value, clf, sweep
 
 
-def _fit_streaming(config: HeadConfig, features: Any, yt: np.ndarray, Xv: np.ndarray, yv: np.ndarray, where: str) -> tuple[Any, Pipeline, list[dict]]:
+def _fit_streaming(config: HeadConfig, features: Any, yt: np.ndarray, Xv: np.ndarray, yv: np.ndarray, where: str,
+                   log: Callable[[str], None] | None = None) -> tuple[Any, Pipeline, list[dict]]:
     """The sweep of a streaming head: train features are read block by block, never whole."""
     from .stream import STREAMING_HEADS, block_rows_for, fit_streaming, streaming_scaler
 
@@ -169,11 +189,12 @@ def _fit_streaming(config: HeadConfig, features: Any, yt: np.ndarray, Xv: np.nda
         return fit_streaming(config.clf, value, features, yt, classes, (Zv, yv), lambda X: pre.transform(X).astype(np.float32),
                              seed=config.seed, block_rows=block_rows, epochs=config.epochs)
 
-    value, clf, sweep = _search(config.clf, config, trial, lambda clf: float((clf.predict(Zv) == yv).mean()))
+    value, clf, sweep = _search(config.clf, config, trial, lambda clf: float((clf.predict(Zv) == yv).mean()), log=log)
     return value, Pipeline([*pre.steps, ("clf", clf)]), sweep
 
 
-def _search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: Any = lambda value: None) -> tuple[Any, Any, list[dict]]:
+def _search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: Any = lambda value: None,
+            log: Callable[[str], None] | None = None) -> tuple[Any, Any, list[dict]]:
     """Grid, then CLIP-style halving refinement on log grids; keep the value with the best val accuracy.
 
     Args:
@@ -182,6 +203,7 @@ def _search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: A
         trial: fits the head for one value.
         score: the val accuracy of a fitted head.
         usable: None for a value that can be tried, else why not (it is reported, not fitted).
+        log: called with one line per value as it is done.
     """
     spec = HEADS[clf_name]
     grid = list(config.grid or spec.grid)
@@ -197,6 +219,8 @@ def _search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: A
         why = usable(value)
         if why:
             sweep.append({"value": value, "skipped": why})
+            if log:
+                log(f"  {clf_name} {spec.param}={value:<10g} skipped: {why}")
             return
         t0 = time.perf_counter()
         clf = trial(value)
@@ -205,6 +229,8 @@ def _search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: A
         if hasattr(clf, "best_epoch_"):
             row["best_epoch"] = clf.best_epoch_
         sweep.append(row)
+        if log:
+            log(f"  {clf_name} {spec.param}={value:<10g} val acc {acc:.4f}  ({row['seconds']:.1f} s)")
         if acc > best[0]:
             best = (acc, value, clf)
 
@@ -222,13 +248,39 @@ def _search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: A
     return best[1], best[2], sweep
 
 
-def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = None, *, out: str | Path | None = None) -> FitResult:
+def _cache_identity(cache: FeatureCache) -> dict:
+    """What identifies a cache's content for reuse decisions: where it is, when it was made, and what from."""
+    attrs = cache.attrs
+    return {"path": str(cache.path.resolve()), "created": attrs.get("created"), "dataset_fingerprint": attrs.get("dataset_fingerprint"), "rows": len(cache)}
+
+
+def _reusable(base: Path, inputs: dict) -> FitResult | None:
+    """The head saved at ``base`` when it was fitted from exactly ``inputs`` and its artifact is intact, else None."""
+    meta_path = base.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("inputs") != json.loads(json.dumps(inputs, default=str)):
+            return None
+        if file_sha256(meta_path.with_name(meta["artifact"])) != meta["artifact_sha256"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return FitResult(meta_path, meta["clf"], meta["param"], meta["value"], meta["val_accuracy"], meta["fit_seconds"], meta["sweep"], "up-to-date")
+
+
+def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = None, *, out: str | Path | None = None,
+             refit: bool = False, log: Callable[[str], None] | None = None) -> FitResult:
     """Fit one head on the train cache, sweeping its hyper-parameter on the val cache, and save it.
+
+    A head already saved at the destination, fitted with the same settings on the same caches, is reused
+    (status ``up-to-date``) unless ``refit``.
 
     Args:
         config: the head settings; defaults to ``HeadConfig()``.
         source: the extract settings that locate the caches; defaults to ``ExtractConfig()``.
         out: where to save (without suffix); defaults to ``<cache folder>/heads/<clf>``.
+        refit: fit even when an up-to-date head exists.
+        log: called with a line per fitted value of the sweep, as it finishes (progress).
 
     Returns:
         The fit: saved path, chosen value, val accuracy, time, and the sweep.
@@ -241,8 +293,14 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
     source = source or ExtractConfig()
     train_path = Path(config.train_cache) if config.train_cache else locate_cache(replace(source, split="train"))
     val_path = Path(config.val_cache) if config.val_cache else locate_cache(replace(source, split="val"))
+    base = Path(out) if out else heads_dir(train_path) / config.clf
     t0 = time.perf_counter()
     with read_cache(train_path) as train, read_cache(val_path) as val:
+        inputs = {"config": asdict(config), "train": _cache_identity(train), "val": _cache_identity(val), "pipeline": __version__}
+        if not refit:
+            reused = _reusable(base, inputs)
+            if reused is not None:
+                return reused
         tap = config.tap or train.taps[0]
         if tap not in train.taps:
             raise ValueError(f"{train.path} has no tap {tap!r}; it holds {', '.join(train.taps)}")
@@ -262,18 +320,24 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
             raise ValueError(f"the train split has no images of class(es) {absent}; a head cannot learn a class it never sees")
         classes, train_attrs = train.classes, train.attrs
         features = train.dataset(tap)
-        stream = config.stream if config.stream is not None else features.nbytes > config.memory_budget_mb * 2**20
+        rows = None if config.subset is None else stratified_subset(yt, config.subset, config.seed)
+        subset = None
+        if rows is not None:
+            subset = {"per_class": config.subset, "seed": config.seed, "rows": len(rows), "paths_sha256": paths_digest([train.paths[i] for i in rows])}
+        stream = rows is None and (config.stream if config.stream is not None else features.nbytes > config.memory_budget_mb * 2**20)
         if stream:
-            value, pipe, sweep = _fit_streaming(config, features, yt, Xv, yv, str(train.path))
+            value, pipe, sweep = _fit_streaming(config, features, yt, Xv, yv, str(train.path), log)
             train_acc = None
         else:
-            Xt, _ = load_split_features(train, tap, "train")
+            Xt, _ = load_split_features(train, tap, "train", rows)
+            if rows is not None:
+                yt = yt[rows]
     if not stream:
         pre = Pipeline(build_head(config.clf, HEADS[config.clf].grid[0], preprocessing=config.preprocessing, pca=config.pca, pool=config.pool, seed=config.seed).steps[:-1])
         # Preprocessing does not depend on the swept value: fit it once, sweep on the transformed arrays.
         Zt = pre.fit_transform(Xt, yt).astype(np.float32, copy=False)
         Zv = pre.transform(Xv).astype(np.float32, copy=False)
-        value, clf, sweep = _sweep(config.clf, config, Zt, yt, Zv, yv)
+        value, clf, sweep = _sweep(config.clf, config, Zt, yt, Zv, yv, log)
         pipe = Pipeline([*pre.steps, ("clf", clf)])
         train_acc = float((clf.predict(Zt) == yt).mean())
     clf = pipe.steps[-1][1]
@@ -286,14 +350,18 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         "config": asdict(config), "preprocessing": config.preprocessing or spec.preprocessing, "tap": tap, "classes": classes,
         "features": feature_identity(train_attrs), "extract_settings": train_attrs.get("settings", {}),
         "train_cache": {"path": str(train_path.resolve()), "dataset_fingerprint": train_attrs.get("dataset_fingerprint"), "rows": len(yt)},
-        "val_cache": {"path": str(val_path.resolve()), "rows": len(yv)},
+        "val_cache": {"path": str(val_path.resolve()), "rows": len(yv)}, "subset": subset, "inputs": inputs,
         "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    base = Path(out) if out else heads_dir(train_path) / config.clf
     path = save_head(pipe, meta, base)
     if config.clf == "linear":
         _write_history(clf.history_, base.with_name(base.name + "-history.csv"))
     return FitResult(path, config.clf, spec.param, value, val_acc, seconds, sweep)
+
+
+def paths_digest(paths: list[str]) -> str:
+    """sha256 of a list of image paths, in order: equal digests mean the same images."""
+    return hashlib.sha256("\n".join(paths).encode()).hexdigest()
 
 
 def _write_history(history: list[dict], path: Path) -> None:

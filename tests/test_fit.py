@@ -27,7 +27,8 @@ from pipeline.artifacts import feature_identity, load_head
 from pipeline.cache import FeatureCache, PartialRun, write_cache
 from pipeline.cli import cli
 from pipeline.evaluate import compare, evaluate
-from pipeline.fit import HeadConfig, fit_head
+from pipeline.data import stratified_subset
+from pipeline.fit import HeadConfig, fit_head, paths_digest
 from pipeline.heads import HEADS
 from pipeline.predict import predict, write_predictions
 
@@ -580,7 +581,7 @@ def test_fit_head_command() -> None:
     out = _ok(_run("fit-head", "--data", "ds", "--weights", "none", "--clf", "knn", "--grid", "1,3", "--refine", "0")).splitlines()
     head = CACHE_DIR / "heads" / "knn.json"
     meta = json.loads(head.read_text())
-    assert [line.split()[0] for line in out[:-1]] == ["n_neighbors=1", "n_neighbors=3"]
+    assert [line.split()[:2] for line in out[:-1]] == [["knn", "n_neighbors=1"], ["knn", "n_neighbors=3"]]  # live, one per value
     assert out[-1].startswith(f"knn: n_neighbors={meta['value']}, val accuracy {meta['val_accuracy']:.4f}, fit ")
     assert out[-1].endswith(f" s -> {head}")
     assert meta["config"]["grid"] == [1, 3]
@@ -588,8 +589,70 @@ def test_fit_head_command() -> None:
     # Explicit cache files, another output, and [head] settings from pipeline.toml.
     Path("pipeline.toml").write_text('[head]\nclf = "logreg"\ngrid = [0.5]\nrefine = 0\n')
     out = _ok(_run("fit-head", "--train-cache", CACHE_DIR / "train.h5", "--val-cache", CACHE_DIR / "val.h5", "-o", "mine/h"))
-    assert out.splitlines()[-1].endswith("-> mine/h.json") and out.startswith("  C=0.5 ")
+    assert out.splitlines()[-1].endswith("-> mine/h.json") and out.startswith("  logreg C=0.5 ")
     assert json.loads(Path("mine/h.json").read_text())["value"] == 0.5
+
+    # The same command again reuses the head; --refit fits it anew.
+    again = _ok(_run("fit-head", "--train-cache", CACHE_DIR / "train.h5", "--val-cache", CACHE_DIR / "val.h5", "-o", "mine/h"))
+    assert again == "logreg: up to date (C=0.5, val accuracy 1.0000); nothing to do, --refit to fit again -> mine/h.json\n"
+    refit = _ok(_run("fit-head", "--train-cache", CACHE_DIR / "train.h5", "--val-cache", CACHE_DIR / "val.h5", "-o", "mine/h", "--refit"))
+    assert refit.startswith("  logreg C=0.5 ") and "up to date" not in refit
+
+
+# ---------------------------------------------------------------- reuse of fitted heads, subsets
+
+
+def test_fit_head_reuses_a_head_only_while_its_inputs_are_unchanged() -> None:
+    c = make_caches(k=3)
+    first = _fit(c)
+    assert first.status == "fitted"
+    stamp = first.path.stat().st_mtime_ns
+    again = _fit(c)
+    assert again.status == "up-to-date" and again.path == first.path and first.path.stat().st_mtime_ns == stamp
+    assert (again.value, again.val_accuracy, again.sweep) == (first.value, first.val_accuracy, json.loads(json.dumps(first.sweep)))
+    assert fit_head(HeadConfig(clf="logreg", grid=small("logreg"), refine=0, train_cache=str(c.train), val_cache=str(c.val)), refit=True).status == "fitted"
+
+    # Another setting, a re-extracted train cache, or a damaged artifact: fitted again.
+    assert _fit(c, grid=(0.5,)).status == "fitted"
+    assert _fit(c, grid=(0.5,)).status == "up-to-date"
+    X, y = blobs([20] * 3, seed=0)
+    write_features(c.train, X, y, c.classes, attrs={"created": "2025-06-01T00:00:00+00:00"})
+    assert _fit(c, grid=(0.5,)).status == "fitted"
+    artifact = first.path.with_suffix(".joblib")
+    artifact.write_bytes(artifact.read_bytes()[:-8])
+    assert _fit(c, grid=(0.5,)).status == "fitted"
+    assert load_head(first.path).meta["value"] == 0.5
+
+
+def test_fit_head_progress_lines_arrive_while_fitting() -> None:
+    c = make_caches(k=3)
+    lines: list[str] = []
+    fit_head(HeadConfig(clf="logreg", grid=(0.1, 1.0), refine=0, train_cache=str(c.train), val_cache=str(c.val)), log=lines.append)
+    assert [line.split()[:2] for line in lines] == [["logreg", "C=0.1"], ["logreg", "C=1"]]
+    assert all("val acc" in line for line in lines)
+
+
+def test_subset_heads_fit_a_stratified_draw() -> None:
+    c = make_caches(k=3, n=(20, 10, 10))
+    result = _fit(c, subset=4, seed=3)
+    meta = json.loads(result.path.read_text())
+    assert meta["subset"]["rows"] == 12 and meta["train_cache"]["rows"] == 12 and meta["subset"]["per_class"] == 4
+    with read_cache(c.train) as cache:
+        rows = stratified_subset(cache.labels, 4, 3)
+        expected = paths_digest([cache.paths[i] for i in rows])
+        assert np.bincount(cache.labels[rows]).tolist() == [4, 4, 4]
+    assert meta["subset"]["paths_sha256"] == expected
+    assert _fit(c, subset=4, seed=4).status == "fitted"  # another draw is another head
+
+
+
+def test_subset_head_and_finetune_subset_are_the_same_images(real: SimpleNamespace) -> None:
+    from pipeline.data import DatasetSpec
+    from pipeline.finetune import _part
+
+    result = fit_head(HeadConfig(clf="logreg", grid=(1.0,), refine=0, subset=2, seed=5), real.source, out=real.root / "subset-head")
+    part, _ = _part("train", DatasetSpec(root=real.source.data), "train", 2, 5, "fail", None)
+    assert json.loads(result.path.read_text())["subset"]["paths_sha256"] == paths_digest(part.paths)
 
 
 # ---------------------------------------------------------------- end to end, through a real backbone
