@@ -238,9 +238,10 @@ def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, 
 @click.argument("head", required=False, type=click.Path(dir_okay=False))
 @click.option("--clf", type=click.Choice(list(HEADS)), help="Evaluate this head of the cache located from the extract settings, instead of HEAD.")
 @click.option("--test-cache", type=click.Path(dir_okay=False), help="Test cache file.  [default: test.h5 beside the head's train cache]")
+@click.option("--force", is_flag=True, help="Evaluate even when this head was already evaluated on this test split.")
 @_with_cache_options
 @_friendly
-def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, config_file: str | None, **options: Any) -> None:
+def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, force: bool, config_file: str | None, **options: Any) -> None:
     """Evaluate a fitted HEAD (its .json) on the test split: metrics JSON and a confusion-matrix PNG.
 
     HEAD may also be a fine-tuned model.json (pipeline finetune), evaluated on the test split's images.
@@ -254,10 +255,12 @@ def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, conf
         from .fit import heads_dir
 
         head = str(heads_dir(locate_cache(replace(_source(load_config(config_file), options), split="train"))) / f"{clf}.json")
-    m = evaluate(head, test_cache)
+    m = evaluate(head, test_cache, force=force)
     top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
     click.echo(f"{m['clf']}: test top-1 {m['top1']:.4f}{top5}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images")
     click.echo(f"  metrics {m['json']}\n  confusion matrix {m['confusion_png']}")
+    if m["status"] == "up-to-date":
+        click.echo("  up to date: evaluated before on this test split; --force to evaluate again")
 
 
 @cli.command("compare")

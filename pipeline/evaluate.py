@@ -11,13 +11,14 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, top_k_accuracy_score
 
 from .artifacts import load_head
+from .backbones import file_sha256
 from .cache import read_cache
 from .data import DatasetSpec, load_split
 from .extract import ExtractConfig, locate_cache
 from .finetune import image_logits, is_finetuned, load_finetuned
 from .fit import heads_dir, load_split_features
 
-__all__ = ["evaluate", "compare", "scores", "plot_confusion"]
+__all__ = ["evaluate", "compare", "scores", "plot_confusion", "load_predictions"]
 
 
 def scores(pipe, X: np.ndarray) -> np.ndarray | None:
@@ -61,11 +62,14 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
     return path
 
 
-def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = None, source: ExtractConfig | None = None) -> dict:
-    """Evaluate a fitted head on the test split; write ``<head>-test.json`` and ``<head>-confusion.png``.
+def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = None, source: ExtractConfig | None = None, *,
+             force: bool = False) -> dict:
+    """Evaluate a fitted head on the test split; write ``<head>-test.json``, ``<head>-confusion.png`` and the
+    per-image predictions ``<head>-test-predictions.npz`` (``y``, ``pred``, ``paths``, ``root``).
 
     A fine-tuned model (``model.json`` of pipeline finetune) is evaluated on the test split's images, since its
-    backbone no longer computes the cached features.
+    backbone no longer computes the cached features. An evaluation of the same head on the same test split is
+    reused (``status`` ``up-to-date``) unless ``force``.
 
     Args:
         head: the head's ``.json`` (or artifact) path, or a fine-tuned model's ``model.json``.
@@ -77,30 +81,81 @@ def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = Non
         The metrics: top-1, top-5 (more than 5 classes), balanced accuracy, per-class report, confusion matrix.
     """
     if is_finetuned(head):
-        return _evaluate_finetuned(head, test_cache, source)
-    art = load_head(head)
+        return _evaluate_finetuned(head, test_cache, source, force)
+    meta = _head_meta(head)
     if test_cache is None:
-        train_path = Path(art.meta["train_cache"]["path"])
+        train_path = Path(meta["train_cache"]["path"])
         test_cache = locate_cache(replace(source, split="test")) if source else train_path.with_name("test.h5")
     with read_cache(test_cache) as cache:
+        inputs = {"head": _identity(Path(head), meta), "test": {"path": str(cache.path.resolve()), "created": cache.attrs.get("created"), "rows": len(cache)}}
+        reused = None if force else _reusable(Path(head), inputs)
+        if reused is not None:
+            return reused
+        art = load_head(head)
         art.check_features(cache.attrs)
         if cache.classes != art.classes:
             raise ValueError(f"{cache.path} has classes {cache.classes}, the head was fitted on {art.classes}")
         X, y = load_split_features(cache, art.meta["tap"], "test")
-        test_path = cache.path
+        test_path, paths, root = cache.path, cache.paths, cache.attrs.get("data_root", "")
     pred = art.pipeline.predict(X)
     classes = art.classes
     metrics = {
         "head": str(art.path), "clf": art.meta["clf"], "test_cache": str(test_path), "n": int(len(y)),
         "top1": float((pred == y).mean()), "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "val_accuracy": art.meta.get("val_accuracy"), "fit_seconds": art.meta.get("fit_seconds"),
-        "param": art.meta.get("param"), "value": art.meta.get("value"),
+        "param": art.meta.get("param"), "value": art.meta.get("value"), "inputs": inputs,
     }
-    return _report(metrics, y, pred, (lambda: scores(art.pipeline, X)), classes, art.path, art.meta["clf"])
+    return _report(metrics, y, pred, (lambda: scores(art.pipeline, X)), classes, art.path, art.meta["clf"], paths, root)
 
 
-def _report(metrics: dict, y: np.ndarray, pred: np.ndarray, class_scores, classes: list[str], path: Path, name: str) -> dict:
-    """Add top-5, the per-class report and the confusion matrix to ``metrics``; write the JSON and PNG beside ``path``."""
+def _head_meta(path: str | os.PathLike) -> dict:
+    meta_path = Path(path).with_suffix(".json")
+    try:
+        return json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"no head metadata at {meta_path}; fit a head with pipeline fit-head first") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e})") from None
+
+
+def _identity(meta_path: Path, meta: dict) -> dict:
+    """A head's or model's identity for reuse: when it was made and its artifact's digest, as found on disk (so that
+    a damaged artifact is never passed over by a reused result, but refused when it is loaded)."""
+    name = Path(str(meta.get("artifact", ""))).name
+    artifact = Path(meta_path).with_suffix(".json").with_name(name) if name else None
+    digest = file_sha256(artifact) if artifact is not None and artifact.is_file() else None
+    return {"artifact_sha256": digest, "created": meta.get("created")}
+
+
+def _outputs(path: Path) -> tuple[Path, Path]:
+    base = path.with_suffix("")
+    return base.with_name(base.name + "-test.json"), base.with_name(base.name + "-test-predictions.npz")
+
+
+def _reusable(path: Path, inputs: dict) -> dict | None:
+    """The saved metrics of an evaluation made from exactly ``inputs``, with its predictions file, else None."""
+    out, preds = _outputs(Path(path).with_suffix(".json"))
+    try:
+        metrics = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None
+    if metrics.get("inputs") != json.loads(json.dumps(inputs)) or not preds.is_file():
+        return None
+    return {**metrics, "json": str(out), "status": "up-to-date"}
+
+
+def load_predictions(head: str | os.PathLike) -> dict:
+    """The per-image test predictions saved by :func:`evaluate`: ``y``, ``pred``, ``paths`` and the image ``root``."""
+    _, preds = _outputs(Path(head).with_suffix(".json"))
+    if not preds.is_file():
+        raise ValueError(f"no test predictions at {preds}; run pipeline evaluate on {head} first")
+    with np.load(preds, allow_pickle=False) as z:
+        return {"y": z["y"], "pred": z["pred"], "paths": [str(p) for p in z["paths"]], "root": str(z["root"])}
+
+
+def _report(metrics: dict, y: np.ndarray, pred: np.ndarray, class_scores, classes: list[str], path: Path, name: str,
+            paths: list[str], root: str) -> dict:
+    """Add top-5, the per-class report and the confusion matrix to ``metrics``; write the JSON, PNG and predictions beside ``path``."""
     labels = list(range(len(classes)))
     if len(classes) > 5:
         s = class_scores()
@@ -112,22 +167,34 @@ def _report(metrics: dict, y: np.ndarray, pred: np.ndarray, class_scores, classe
     base = path.with_suffix("")
     png = plot_confusion(cm, classes, base.with_name(base.name + "-confusion.png"), f"{name}: test top-1 {metrics['top1']:.2%}")
     metrics["confusion_png"] = str(png)
-    out = base.with_name(base.name + "-test.json")
-    out.write_text(json.dumps(metrics, indent=1))
+    out, preds = _outputs(path)
+    tmp = preds.with_name(f".{preds.name}.tmp.npz")
+    np.savez(tmp, y=np.asarray(y), pred=np.asarray(pred), paths=np.asarray(paths, dtype=str), root=np.asarray(str(root)))
+    os.replace(tmp, preds)
+    # The metrics last: their presence with matching inputs is what marks the evaluation done.
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(metrics, indent=1))
+    os.replace(tmp, out)
     metrics["json"] = str(out)
+    metrics["status"] = "evaluated"
     return metrics
 
 
-def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike | None, source: ExtractConfig | None) -> dict:
+def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike | None, source: ExtractConfig | None, force: bool) -> dict:
     """A fine-tuned model on the test split's images of its dataset (or of ``source``'s)."""
     if test_cache is not None:
         raise ValueError(f"{path} is a fine-tuned model: it is evaluated on the test images, not on a feature cache; drop --test-cache")
-    fm = load_finetuned(path)
-    ds = fm.meta["dataset"]
+    meta = _head_meta(path)
+    ds = meta["dataset"]
     spec = source.dataset if source else DatasetSpec(**{k: ds[k] for k in ("root", "labels_csv", "id_column", "label_column", "image_dir", "extension", "val_fraction", "test_fraction", "split_seed")})
     split = load_split(spec, "test")
     if len(split) == 0:
         raise ValueError(f"the test split of {spec.root} has no images")
+    inputs = {"head": _identity(Path(path), meta), "test": {"root": str(Path(spec.root).resolve()), "fingerprint": split.fingerprint, "rows": len(split)}}
+    reused = None if force else _reusable(Path(path), inputs)
+    if reused is not None:
+        return reused
+    fm = load_finetuned(path)
     if split.classes != fm.classes:
         raise ValueError(f"the test split of {spec.root} has classes {split.classes[:10]}, the model was trained on {fm.classes[:10]}")
     positions, logits, bad = image_logits(fm, spec.root, split.paths)
@@ -137,9 +204,10 @@ def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike |
         "head": str(fm.path), "clf": "finetune", "model": fm.meta["model"], "test_split": f"{spec.root}:test",
         "n": int(len(y)), "n_skipped": len(bad) + len(split.rejected), "top1": float((pred == y).mean()),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)), "val_accuracy": fm.meta.get("val_accuracy"),
-        "fit_seconds": fm.meta.get("seconds"), "best_epoch": fm.meta.get("best_epoch"),
+        "fit_seconds": fm.meta.get("seconds"), "best_epoch": fm.meta.get("best_epoch"), "inputs": inputs,
     }
-    return _report(metrics, y, pred, lambda: logits, fm.classes, fm.path, f"finetune {fm.meta['model']}")
+    return _report(metrics, y, pred, lambda: logits, fm.classes, fm.path, f"finetune {fm.meta['model']}",
+                   [split.paths[i] for i in positions], str(Path(spec.root).resolve()))
 
 
 def compare(folder: str | os.PathLike | None = None, source: ExtractConfig | None = None) -> list[dict]:

@@ -28,6 +28,7 @@ from pipeline.cache import FeatureCache, PartialRun, write_cache
 from pipeline.cli import cli
 from pipeline.evaluate import compare, evaluate
 from pipeline.data import stratified_subset
+from pipeline.evaluate import load_predictions
 from pipeline.fit import HeadConfig, fit_head, paths_digest
 from pipeline.heads import HEADS
 from pipeline.predict import predict, write_predictions
@@ -472,7 +473,11 @@ def test_evaluate_metrics_match_sklearn(clf: str) -> None:
 
     saved = json.loads((CACHE_DIR / "heads" / f"{clf}-test.json").read_text())
     assert m["json"] == str(CACHE_DIR / "heads" / f"{clf}-test.json")
-    assert saved == {k: v for k, v in m.items() if k != "json"}
+    assert saved == {k: v for k, v in m.items() if k not in ("json", "status")} and m["status"] == "evaluated"
+    preds = load_predictions(head)
+    assert np.array_equal(preds["y"], y) and np.array_equal(preds["pred"], pred)
+    with read_cache(CACHE_DIR / "test.h5") as cache:
+        assert preds["paths"] == cache.paths
     png = Path(m["confusion_png"])
     assert png == CACHE_DIR / "heads" / f"{clf}-confusion.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -485,6 +490,27 @@ def test_evaluate_metrics_match_sklearn(clf: str) -> None:
     assert out.splitlines()[0] == (f"{clf}: test top-1 {m['top1']:.4f}, top-5 {m['top5']:.4f}, "
                                    f"balanced accuracy {m['balanced_accuracy']:.4f} on 73 images")
     assert f"metrics {m['json']}" in out and f"confusion matrix {png}" in out
+
+
+def test_evaluate_reuses_its_result_until_the_head_or_the_test_cache_changes() -> None:
+    c = make_caches(k=3)
+    head = _fit(c).path
+    first = evaluate(head)
+    out = Path(first["json"])
+    stamp = out.stat().st_mtime_ns
+    again = evaluate(head)
+    assert again["status"] == "up-to-date" and out.stat().st_mtime_ns == stamp
+    assert {k: v for k, v in again.items() if k != "status"} == {k: v for k, v in first.items() if k != "status"}
+    assert "up to date" in _ok(_run("evaluate", head))
+    assert evaluate(head, force=True)["status"] == "evaluated"
+    _fit(c, grid=(0.5,))  # a new head at the same path
+    assert evaluate(head)["status"] == "evaluated"
+    X, y = blobs([10] * 3, seed=2)
+    write_features(c.test, X[::-1], y[::-1], c.classes, attrs={"created": "2025-06-01T00:00:00+00:00"})
+    m = evaluate(head)
+    assert m["status"] == "evaluated" and np.array_equal(load_predictions(head)["y"], y[::-1])
+    Path(str(head).replace(".json", "-test-predictions.npz")).unlink()  # a lost predictions file is remade
+    assert evaluate(head)["status"] == "evaluated"
 
 
 def test_evaluate_without_top5_for_five_classes_or_fewer() -> None:
