@@ -10,6 +10,7 @@ from .extract import ExtractConfig, ExtractResult, extract  # noqa: E402
 from .finetune import FinetuneConfig, finetune  # noqa: E402
 from .fit import HeadConfig, fit_head  # noqa: E402
 from .predict import predict  # noqa: E402
+from .report import ReportConfig, build_report  # noqa: E402
 from .taps import FeatureHooks, Tap, list_taps  # noqa: E402
 
 __all__ = [
@@ -21,8 +22,10 @@ __all__ = [
     "FeatureHooks",
     "FinetuneConfig",
     "HeadConfig",
+    "ReportConfig",
     "Tap",
     "compare",
+    "build_report",
     "evaluate",
     "extract",
     "finetune",

@@ -19,6 +19,7 @@ from .finetune import AUGMENTS, EXTRACT_SHARED, HEAD_INITS, OPTIMIZERS, RECIPES,
 from .fit import HeadConfig, fit_head
 from .heads import HEADS, POOLS, PREPROCESSING
 from .predict import predict, write_predictions
+from .report import PROJECTIONS, ReportConfig, build_report, check_render, find_chromium
 from .taps import default_tap, list_taps
 
 __all__ = ["cli"]
@@ -275,6 +276,42 @@ def compare_cmd(folder: str | None, config_file: str | None, **options: Any) -> 
     for r in rows:
         click.echo(f"{r['clf']:<12} {fmt(r['top1']):>10} {fmt(r['top5']):>7} {fmt(r['balanced_accuracy']):>8} {fmt(r['val_accuracy']):>8} "
                    f"{r['fit_seconds']:>7.1f}  {r['param']}={r['value']:g} ({r['preprocessing']})")
+
+
+_R = ReportConfig()
+
+
+@cli.command("report")
+@click.option("--out-dir", help=f"Root of OUT_DIR/<dataset>/<model>-<weights>/.  [default: {_R.out_dir}]")
+@click.option("--runs-dir", help=f"Where pipeline finetune wrote its runs; those of this dataset and backbone are included.  [default: {_R.runs_dir}]")
+@click.option("--quality-bar", type=click.FloatRange(0, 1, min_open=True), help="A test top-1 the best cached head should reach, reported as met or not.")
+@click.option("--projection", type=click.Choice(PROJECTIONS), help=f"2-D map of the test features.  [default: {_R.projection}]")
+@click.option("--projection-points", type=click.IntRange(10), help=f"Test images in that map.  [default: {_R.projection_points}]")
+@click.option("--grid-images", type=click.IntRange(1), help=f"Misclassified test images shown.  [default: {_R.grid_images}]")
+@click.option("--force", is_flag=True, help="Write it even when nothing it is made from has changed.")
+@click.option("--check/--no-check", default=False, help="Open the page in headless Chromium and fail if an image does not render (skipped with a note when Chromium is absent).")
+@_with_cache_options
+@_friendly
+def report_cmd(force: bool, check: bool, config_file: str | None, data, model, weights, layers, cache_dir, **options: Any) -> None:
+    """Write the report of every head and fine-tune on a dataset and backbone: index.html (self-contained) and index.md."""
+    config = load_config(config_file)
+    settings = settings_from(ReportConfig, config, "report", options, source=config_file or "pipeline.toml")
+    source = _source(config, {"data": data, "model": model, "weights": weights, "layers": layers, "cache_dir": cache_dir})
+    result = build_report(source, settings, force=force, log=lambda line: click.echo(line, err=True))
+    if result.status == "up-to-date":
+        click.echo(f"{result.html} is up to date; nothing to do (--force to write it again)")
+    else:
+        click.echo(f"report written in {result.seconds:.1f} s: {result.html} (and {result.markdown.name}, {len(result.figures)} figures)")
+    if result.best:
+        click.echo(f"  best model: {result.best['label']}, test top-1 {result.best['top1']:.4f}")
+    if check:
+        if find_chromium() is None:
+            click.echo("  render check skipped: no chromium on PATH (Debian: apt-get install chromium)")
+            return
+        seen = check_render(result.html, screenshot=result.html.with_name("screenshot.png"))
+        if not seen.ok:
+            raise click.ClickException(f"{result.html}: {len(seen.broken)} of {seen.images} images did not render in Chromium: {seen.broken}")
+        click.echo(f"  rendered in headless Chromium: {seen.images} images, all decoded, page {seen.height} px tall -> {seen.screenshot}")
 
 
 @cli.command("predict")

@@ -1,0 +1,176 @@
+"""The report: what it shows comes from the stages' files, it is reused while they are unchanged, and it renders.
+
+One tiny real run feeds it: random-weight MobileNetV2 at 32 px over generated images, three heads on the whole
+train split and on a 3-per-class subset, and a two-epoch fine-tune of that subset.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline import ExtractConfig, extract, read_cache
+from pipeline.cli import cli
+from pipeline.evaluate import evaluate
+from pipeline.finetune import FinetuneConfig, finetune
+from pipeline.fit import HeadConfig, fit_head
+from pipeline.report import ReportConfig, build_report, check_render, find_chromium
+
+from .conftest import make_image_folder, single_threaded, tiny
+
+GRIDS = {"logreg": (1.0,), "linear": (1e-4,), "knn": (1, 3)}
+FIGURES = ["accuracy_vs_time.png", "confusion.png", "learning_curves.png", "misclassified.png", "projection.png"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as m, single_threaded():
+        m.setenv("PIPELINE_OFFLINE", "1")
+        m.chdir(root)
+        data = make_image_folder(root / "ds", {"train": 12, "test": 5})
+        source = ExtractConfig(data=str(data), cache_dir=str(root / "features"), **tiny())
+        for split in ("train", "val", "test"):
+            extract(replace(source, split=split), progress=False)
+        heads = {}
+        for clf, grid in GRIDS.items():
+            heads[clf] = fit_head(HeadConfig(clf=clf, grid=grid, refine=0, epochs=5), source).path
+            fit_head(HeadConfig(clf=clf, grid=grid, refine=0, epochs=5, subset=3), source, out=heads[clf].parent / "subset-3" / clf)
+            evaluate(heads[clf])
+            evaluate(heads[clf].parent / "subset-3" / f"{clf}.json")
+        ft = finetune(FinetuneConfig(data=str(data), model="mobilenet_v2", weights="none", crop=32, resize=36, subset=3, epochs=2,
+                                     batch_size=4, workers=0, device="cpu", optimizer="adamw", lr=1e-3, name="lp-ft",
+                                     init_head=str(heads["linear"].parent / "subset-3" / "linear.json")), progress=False)
+        evaluate(ft.path)
+        ft.path = root / ft.path
+        config = ReportConfig(projection_points=30, grid_images=6, quality_bar=0.5)
+        result = build_report(source, config)
+    return SimpleNamespace(root=root, source=source, heads=heads, ft=ft, config=config, result=result)
+
+
+def _test_json(path: Path) -> dict:
+    return json.loads(Path(path).with_name(Path(path).stem + "-test.json").read_text())
+
+
+def _md_rows(md: str, section: str) -> dict[str, list[str]]:
+    """Markdown table rows of one section (its heading starts with ``section``), by their first cell."""
+    part = next(p for p in md.split("\n## ")[1:] if p.startswith(section))
+    return {cells[0]: cells[1:] for line in part.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split(" | ")]]}
+
+
+def test_the_report_shows_every_head_and_the_finetune_with_their_figures(run: SimpleNamespace) -> None:
+    result, root = run.result, run.root
+    out = root / "reports" / "ds" / "mobilenet_v2-none"
+    assert result.status == "written" and result.html == Path("reports/ds/mobilenet_v2-none/index.html")
+    assert sorted(p.name for p in out.glob("*.png")) == FIGURES
+    for name in FIGURES:
+        with Image.open(out / name) as img:
+            img.verify()
+    md = (out / "index.md").read_text()
+    page = (out / "index.html").read_text()
+    rows = _md_rows(md, "Stage two")
+
+    for clf, head in run.heads.items():
+        m = _test_json(head)
+        assert rows[clf][:2] == [f"{100 * m['top1']:.2f} %", f"{100 * m['balanced_accuracy']:.2f} %"]
+        assert f"<td>{clf}</td><td>{100 * m['top1']:.2f} %</td>" in page
+    ft_metrics = _test_json(run.ft.path)
+    rows = _md_rows(md, "Fine-tuning")
+    assert rows["fine-tune lp-ft (3/class)"][0] == f"{100 * ft_metrics['top1']:.2f} %"
+    subset = {clf: _test_json(h.parent / "subset-3" / f"{clf}.json") for clf, h in run.heads.items()}
+    best_sub = max(subset, key=lambda c: json.loads((run.heads[c].parent / "subset-3" / f"{c}.json").read_text())["val_accuracy"])
+    assert rows[f"best cached head, same images ({best_sub} (3/class))"][0] == f"{100 * subset[best_sub]['top1']:.2f} %"
+
+    # The best model is named, and the confusion figure is its matrix.
+    everything = {clf: _test_json(h)["top1"] for clf, h in run.heads.items()} | {"ft": ft_metrics["top1"]}
+    data = json.loads((out / "report.json").read_text())
+    assert data["best"]["top1"] == max(everything.values())
+    assert f"Best model on the test set: **{data['best']['label']}**" in md
+    best_head = max(v for k, v in everything.items() if k != "ft")
+    assert f"reaches {100 * best_head:.2f} % against a bar of 50.00 %: {'met' if best_head >= 0.5 else '**not met**'}" in md
+
+    # Stage one: rows and throughput from the caches themselves.
+    rows = _md_rows(md, "Stage one")
+    with read_cache(data["caches"]["train"]["path"]) as cache:
+        assert rows["train"][0] == f"{len(cache):,}" and rows["train"][4] == f"{cache.attrs['images_per_s']:.0f} img/s"
+
+    # Self-contained: every image is embedded; the Markdown twin points at the PNGs beside it.
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert len(sources) == 5 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<script" not in page and 'href="http' not in page
+    assert sorted(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)) == FIGURES
+    rows = _md_rows(md, "Settings")
+    assert "torch" in rows and rows["model"][0] == "`mobilenet_v2`"
+
+
+def test_the_report_is_reused_until_something_it_shows_changes(run: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(run.root)
+    with single_threaded():
+        html = run.result.html
+        stamp = html.stat().st_mtime_ns
+        again = build_report(run.source, run.config)
+        assert again.status == "up-to-date" and html.stat().st_mtime_ns == stamp
+        fit_head(HeadConfig(clf="knn", grid=(2,), refine=0), run.source)  # a changed head, not yet evaluated
+        assert build_report(run.source, run.config).status == "written"
+        evaluate(run.heads["knn"])
+        assert build_report(run.source, run.config).status == "written"
+        assert _md_rows(html.with_name("index.md").read_text(), "Stage two")["knn"][5] == "n_neighbors=2"
+        assert build_report(run.source, replace(run.config, grid_images=4)).status == "written"
+        assert build_report(run.source, run.config, force=True).status == "written"
+
+
+def test_a_report_needs_evaluated_heads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: SimpleNamespace) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="no train and test caches .* run pipeline extract"):
+        build_report(replace(run.source, cache_dir=str(tmp_path / "none")))
+    with pytest.raises(ValueError, match="projection must be one of tsne, pca"):
+        ReportConfig(projection="umap")
+    # Caches, but no head evaluated on test.
+    src = replace(run.source, cache_dir=str(tmp_path / "features"))
+    for split in ("train", "val", "test"):
+        extract(replace(src, split=split), progress=False)
+    fit_head(HeadConfig(clf="logreg", grid=(1.0,), refine=0), src)
+    with pytest.raises(ValueError, match="no head in .* was evaluated on test"):
+        build_report(src)
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="no chromium on PATH")
+def test_the_page_renders_in_headless_chromium_and_a_broken_image_is_caught(run: SimpleNamespace, tmp_path: Path) -> None:
+    html = run.root / run.result.html
+    seen = check_render(html, screenshot=tmp_path / "shot.png")
+    assert seen.ok and seen.images == 5 and seen.broken == [] and seen.height > 1000
+    with Image.open(seen.screenshot) as shot:
+        assert np.asarray(shot.convert("L")).std() > 10  # not a blank page
+    broken = tmp_path / "broken.html"
+    text = html.read_text()
+    start = text.index('alt="Confusion matrix')
+    at = text.index("base64,", start) + len("base64,")
+    broken.write_text(text[:at] + "AAAA" + text[at + 200:])
+    seen = check_render(broken)
+    assert not seen.ok and len(seen.broken) == 1 and seen.broken[0].startswith("Confusion matrix")
+
+
+def test_the_report_command(run: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(run.root)
+    args = ["report", "--data", run.source.data, "--weights", "none", "--cache-dir", run.source.cache_dir, "--projection-points", "30",
+            "--grid-images", "6", "--quality-bar", "0.5"]
+    with single_threaded():
+        result = CliRunner().invoke(cli, [*args, "--force"])
+    assert result.exit_code == 0, result.output
+    assert "report written in " in result.output and "best model: " in result.output
+    result = CliRunner().invoke(cli, [*args, "--check"])
+    assert result.exit_code == 0, result.output
+    assert "is up to date; nothing to do" in result.output
+    if find_chromium():
+        assert "rendered in headless Chromium: 5 images, all decoded" in result.output
+    else:
+        assert "render check skipped: no chromium on PATH" in result.output
