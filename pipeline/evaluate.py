@@ -197,7 +197,7 @@ def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike |
     fm = load_finetuned(path)
     if split.classes != fm.classes:
         raise ValueError(f"the test split of {spec.root} has classes {split.classes[:10]}, the model was trained on {fm.classes[:10]}")
-    positions, logits, bad = image_logits(fm, spec.root, split.paths)
+    positions, logits, bad = image_logits(fm, spec.root, split.paths, progress=True)
     y = split.labels[positions]
     pred = logits.argmax(1)
     metrics = {

@@ -984,8 +984,11 @@ def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
 
 
 def image_logits(fm: FinetunedModel, root: str | os.PathLike, paths: Sequence[str], *, device: str = "auto", batch_size: int = 64,
-                 on_error: str = "skip") -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+                 on_error: str = "skip", engine: str = "auto", progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """Class logits of images under ``root`` with the model's eval preprocessing.
+
+    The model runs as extraction does: its classifier layer's output is the tap, and on a plain-fp32 CPU run the
+    ``auto`` engine uses ONNX Runtime when its logits match eager torch within ``ONNX_TOLERANCE``.
 
     Returns:
         (positions of the readable images, their N x classes logits, [(position, reason)] of unreadable ones).
@@ -993,18 +996,28 @@ def image_logits(fm: FinetunedModel, root: str | os.PathLike, paths: Sequence[st
     Raises:
         ValueError: an unreadable image under ``on_error="fail"``.
     """
+    from .engines import make_engine
+    from .taps import TapExtractor
+
     runtime = resolve_runtime(device, None)
-    model = runtime.prepare(fm.model)
     loader = torch.utils.data.DataLoader(ImageDataset(Path(root), paths, fm.preprocess.transform()), batch_size=batch_size,
                                          collate_fn=collate_batch, pin_memory=runtime.pin_memory)
+    layer = fm.meta.get("classifier") or final_linear(fm.model)[0]
     positions, logits, bad_all = [], [], []
-    for index, out, bad in _batches(model, loader, runtime):
-        if bad and on_error == "fail":
-            raise ValueError(f"{Path(root) / paths[bad[0][0]]}: {bad[0][1]}; fix or remove the file, or pass --on-error skip")
-        bad_all += bad
-        if out is not None:
-            positions.append(index)
-            logits.append(out.cpu().numpy())
+    run = None
+    with TapExtractor(fm.model, [Tap(layer, "output")]) as extractor, tqdm(
+            total=len(paths), unit="img", desc="predict", disable=not progress, dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
+        for index, x, bad in loader:
+            if bad and on_error == "fail":
+                raise ValueError(f"{Path(root) / paths[bad[0][0]]}: {bad[0][1]}; fix or remove the file, or pass --on-error skip")
+            bad_all += bad
+            if x is not None:
+                if run is None:
+                    run = make_engine(engine, extractor, runtime, x[:2])
+                positions.append(index)
+                logits.append(run(x)[0])
+            bar.update(len(index) + len(bad))
     k = len(fm.classes)
     return (np.concatenate(positions) if positions else np.zeros(0, np.int64),
             np.concatenate(logits) if logits else np.zeros((0, k), np.float32), bad_all)

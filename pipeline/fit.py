@@ -24,7 +24,7 @@ from .data import stratified_subset
 from .extract import ExtractConfig, _versions, locate_cache
 from .heads import HEADS, POOLS, PREPROCESSING, SpatialPool, build_head
 
-__all__ = ["HeadConfig", "FitResult", "fit_head", "heads_dir", "load_split_features", "check_compatible", "paths_digest"]
+__all__ = ["HeadConfig", "FitResult", "fit_head", "heads_dir", "load_split_features", "check_compatible", "paths_digest", "default_head_path"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,12 @@ class FitResult:
 def heads_dir(train_cache: Path) -> Path:
     """Heads live beside the caches they were fitted on: ``<cache folder>/heads/``."""
     return Path(train_cache).parent / "heads"
+
+
+def default_head_path(train_cache: Path, clf: str, subset: int | None = None) -> Path:
+    """Where a head is saved by default (no suffix): ``heads/<clf>``, or ``heads/subset-<N>/<clf>`` for N per class."""
+    folder = heads_dir(train_cache)
+    return (folder / f"subset-{subset}" if subset else folder) / clf
 
 
 def check_compatible(train: FeatureCache, val: FeatureCache, tap: str) -> None:
@@ -278,7 +284,8 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
     Args:
         config: the head settings; defaults to ``HeadConfig()``.
         source: the extract settings that locate the caches; defaults to ``ExtractConfig()``.
-        out: where to save (without suffix); defaults to ``<cache folder>/heads/<clf>``.
+        out: where to save (without suffix); defaults to ``<cache folder>/heads/<clf>``, or
+            ``<cache folder>/heads/subset-<N>/<clf>`` for a head fitted on N images per class.
         refit: fit even when an up-to-date head exists.
         log: called with a line per fitted value of the sweep, as it finishes (progress).
 
@@ -293,7 +300,7 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
     source = source or ExtractConfig()
     train_path = Path(config.train_cache) if config.train_cache else locate_cache(replace(source, split="train"))
     val_path = Path(config.val_cache) if config.val_cache else locate_cache(replace(source, split="val"))
-    base = Path(out) if out else heads_dir(train_path) / config.clf
+    base = Path(out) if out else default_head_path(train_path, config.clf, config.subset)
     t0 = time.perf_counter()
     with read_cache(train_path) as train, read_cache(val_path) as val:
         inputs = {"config": asdict(config), "train": _cache_identity(train), "val": _cache_identity(val), "pipeline": __version__}

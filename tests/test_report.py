@@ -174,3 +174,29 @@ def test_the_report_command(run: SimpleNamespace, monkeypatch: pytest.MonkeyPatc
         assert "rendered in headless Chromium: 5 images, all decoded" in result.output
     else:
         assert "render check skipped: no chromium on PATH" in result.output
+
+
+def test_subset_heads_and_lp_ft_from_the_command_line(run: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(run.root)
+    Path("pipeline.toml").write_text(f'[extract]\ndata = "{run.source.data}"\nweights = "none"\ncache_dir = "{run.source.cache_dir}"\n'
+                                     'crop = 32\nresize = 36\n')
+    heads = run.heads["logreg"].parent
+    invoke = lambda *args: CliRunner().invoke(cli, [str(a) for a in args])  # noqa: E731
+    with single_threaded():
+        r = invoke("fit-head", "--clf", "logreg", "--grid", "0.5", "--refine", "0", "--subset", "2")
+        assert r.exit_code == 0, r.output
+        assert r.output.strip().endswith(f"-> {heads / 'subset-2' / 'logreg.json'}")
+        assert json.loads((heads / "subset-2" / "logreg.json").read_text())["subset"]["rows"] == 6
+        r = invoke("evaluate", "--clf", "logreg", "--subset", "2")
+        assert r.exit_code == 0 and r.output.startswith("logreg: test top-1 ") and (heads / "subset-2" / "logreg-test.json").is_file()
+
+        args = ["finetune", "--subset", "3", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--name", "cli-ft",
+                "--no-progress", "--evaluate"]
+        r = invoke(*args, "--init-head", "subset-3/linear")
+        assert r.exit_code == 0, r.output
+        run_dir = Path("runs/ds/mobilenet_v2-none/cli-ft")
+        assert json.loads((run_dir / "model.json").read_text())["init_head"] == str(heads / "subset-3" / "linear.json")
+        m = json.loads((run_dir / "model-test.json").read_text())
+        assert f"  test top-1 {m['top1']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f} on 15 images -> " in r.output
+        r = invoke(*args, "--init-head", "subset-9/linear")
+        assert r.exit_code == 1 and "--init-head subset-9/linear: no head file of that name" in r.output
