@@ -266,7 +266,7 @@ HEADS: dict[str, HeadSpec] = {
         HeadSpec("linear", _torch_linear, "weight_decay", (1e-6, 1e-4, 1e-2, 1.0), True, "standardize", "torch linear layer (AdamW), best epoch on val"),
         HeadSpec("logreg", _logreg, "C", (1e-4, 1e-3, 1e-2, 1e-1, 1.0), True, "standardize+pca", "scikit-learn LogisticRegression (lbfgs)"),
         HeadSpec("svm", _linear_svm, "C", (1e-4, 1e-3, 1e-2, 1e-1), True, "standardize+pca", "linear SVM (LinearSVC, Crammer-Singer multi-class)"),
-        HeadSpec("svm-rbf", _rbf_svm, "C", (0.1, 1.0, 10.0), True, "standardize+pca", "RBF-kernel SVM (SVC)"),
+        HeadSpec("svm-rbf", _rbf_svm, "C", (1.0, 10.0), True, "standardize+pca", "RBF-kernel SVM (SVC)"),
         HeadSpec("tree", _forest, "n_estimators", (100, 200), False, "pca", "random forest"),
         HeadSpec("extra-trees", _extra, "n_estimators", (100, 200), False, "pca", "extremely randomised trees"),
         HeadSpec("hgb", _hgb, "max_iter", (50, 100), False, "pca", "histogram gradient boosting"),
