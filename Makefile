@@ -63,11 +63,11 @@ extract: assets  ## Extract train/val/test features of the default dataset into 
 	$(PIPELINE) extract $(SPLITS) $(EXTRACT_ARGS)
 
 heads: extract  ## Fit every head family on the cached features (val sweep) and evaluate each on test (reused when up to date)
-	@for h in $(HEADS); do $(PIPELINE) fit-head --clf $$h $(HEAD_ARGS) && $(PIPELINE) evaluate --clf $$h || exit 1; done
+	$(PIPELINE) fit-head $(addprefix --clf ,$(HEADS)) $(HEAD_ARGS) --evaluate
 	$(PIPELINE) compare
 
 subset-heads: extract  ## The heads again on the fine-tune's FT_SUBSET images per class, for a like-for-like comparison
-	@$(if $(FT_SUBSET),for h in $(SUBSET_HEADS); do $(PIPELINE) fit-head --clf $$h $(HEAD_ARGS) --subset $(FT_SUBSET) && $(PIPELINE) evaluate --clf $$h --subset $(FT_SUBSET) || exit 1; done,true)
+	$(if $(FT_SUBSET),$(PIPELINE) fit-head $(addprefix --clf ,$(SUBSET_HEADS)) $(HEAD_ARGS) --subset $(FT_SUBSET) --evaluate,@true)
 
 finetune: heads subset-heads  ## LP-FT from the linear head, then evaluated on test (FT_SUBSET per class on a CPU; FULL=1 for all)
 	$(PIPELINE) finetune --init-head $(FT_INIT) $(if $(FT_SUBSET),--subset $(FT_SUBSET)) --name $(FT_NAME) $(FT_ARGS) --evaluate

@@ -197,7 +197,7 @@ _H = HeadConfig()
 
 
 @cli.command("fit-head")
-@click.option("--clf", type=click.Choice(list(HEADS)), help=f"Head family.  [default: {_H.clf}]")
+@click.option("--clf", "clfs", multiple=True, type=click.Choice(list(HEADS)), help=f"Head family; repeat for several, fitted one after the other.  [default: {_H.clf}]")
 @click.option("--tap", help="Tap of the cache to use.  [default: the first]")
 @click.option("--preprocessing", type=click.Choice(PREPROCESSING), help="Feature preprocessing.  [default: per head]")
 @click.option("--pca", type=click.IntRange(1), help=f"PCA components where PCA is used.  [default: {_H.pca}]")
@@ -213,27 +213,40 @@ _H = HeadConfig()
 @click.option("--subset", type=click.IntRange(1), help="Fit on at most this many train images per class (stratified, seeded: the images of finetune --subset).  [default: all]")
 @click.option("--output", "-o", help="Where to save the head (no suffix).  [default: <cache folder>/heads/<clf>, or heads/subset-N/<clf> with --subset N]")
 @click.option("--refit", is_flag=True, help="Fit even when a head fitted with the same settings on the same caches is saved there.")
+@click.option("--evaluate", "then_evaluate", is_flag=True, help="Then evaluate each head on the test split (as pipeline evaluate does; reused when up to date).")
 @_with_cache_options
 @_friendly
-def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, refit: bool, data, model, weights, layers, cache_dir, **options: Any) -> None:
+def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, refit: bool, then_evaluate: bool, clfs: tuple[str, ...],
+                 data, model, weights, layers, cache_dir, **options: Any) -> None:
     """Fit a head on cached train features, choosing its hyper-parameter on val.
 
     A head already fitted with the same settings on the same caches is reused: re-running is free.
     """
+    if output and len(clfs) > 1:
+        raise click.UsageError("--output names one head; give one --clf with it")
     config = load_config(config_file)
     if grid:
         try:
             options["grid"] = tuple(float(v) if any(c in v for c in ".eE") else int(v) for v in grid.split(","))
         except ValueError:
             raise click.BadParameter(f"expected comma-separated numbers, got {grid!r}", param_hint="--grid") from None
-    head = settings_from(HeadConfig, config, "head", options, source=config_file or "pipeline.toml")
     source = _source(config, {"data": data, "model": model, "weights": weights, "layers": layers, "cache_dir": cache_dir})
-    result = fit_head(head, source, out=output, refit=refit, log=lambda line: click.echo(line, err=True))
-    if result.status == "up-to-date":
-        click.echo(f"{result.clf}: up to date ({result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}); "
-                   f"nothing to do, --refit to fit again -> {result.path}")
-    else:
-        click.echo(f"{result.clf}: {result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}, fit {result.fit_seconds:.1f} s -> {result.path}")
+    for clf in clfs or (None,):
+        head = settings_from(HeadConfig, config, "head", {**options, "clf": clf}, source=config_file or "pipeline.toml")
+        result = fit_head(head, source, out=output, refit=refit, log=lambda line: click.echo(line, err=True))
+        if result.status == "up-to-date":
+            click.echo(f"{result.clf}: up to date ({result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}); "
+                       f"nothing to do, --refit to fit again -> {result.path}")
+        else:
+            click.echo(f"{result.clf}: {result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}, fit {result.fit_seconds:.1f} s -> {result.path}")
+        if then_evaluate:
+            _print_metrics(evaluate(result.path))
+
+
+def _print_metrics(m: dict) -> None:
+    top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
+    done = " (up to date)" if m["status"] == "up-to-date" else ""
+    click.echo(f"  test top-1 {m['top1']:.4f}{top5}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images{done} -> {m['json']}")
 
 
 @cli.command("evaluate")
@@ -418,6 +431,4 @@ def finetune_cmd(config_file: str | None, force: bool, progress: bool, then_eval
         click.echo(f"finetune: best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.4f}, {result.seconds:.1f} s"
                    f"{' (resumed)' if result.status == 'resumed' else ''} -> {result.path}")
     if then_evaluate:
-        m = evaluate(result.path)
-        done = " (up to date)" if m["status"] == "up-to-date" else ""
-        click.echo(f"  test top-1 {m['top1']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images{done} -> {m['json']}")
+        _print_metrics(evaluate(result.path))

@@ -189,6 +189,19 @@ def test_subset_heads_and_lp_ft_from_the_command_line(run: SimpleNamespace, monk
         assert json.loads((heads / "subset-2" / "logreg.json").read_text())["subset"]["rows"] == 6
         r = invoke("evaluate", "--clf", "logreg", "--subset", "2")
         assert r.exit_code == 0 and r.output.startswith("logreg: test top-1 ") and (heads / "subset-2" / "logreg-test.json").is_file()
+        # Several heads in one command, each evaluated after its fit: what make heads runs.
+        several = ["fit-head", "--clf", "logreg", "--clf", "knn", "--refine", "0", "--subset", "2", "--evaluate"]
+        r = invoke(*several)
+        assert r.exit_code == 0, r.output
+        results = [line for line in r.output.splitlines() if not line.startswith("  logreg C=") and not line.startswith("  knn n_neighbors=")]
+        m = {clf: json.loads((heads / "subset-2" / f"{clf}-test.json").read_text()) for clf in ("logreg", "knn")}
+        assert [line.split(":")[0] for line in results[::2]] == ["logreg", "knn"]
+        assert results[1::2] == [f"  test top-1 {m[c]['top1']:.4f}, balanced accuracy {m[c]['balanced_accuracy']:.4f} on 15 images -> "
+                                 f"{heads / 'subset-2' / f'{c}-test.json'}" for c in ("logreg", "knn")]
+        again = invoke(*several).output.splitlines()
+        assert [line.split(":")[0] + ": " + line.split(": ")[1][:10] for line in again[::2]] == ["logreg: up to date", "knn: up to date"]
+        assert all(line.endswith("images (up to date) -> " + str(heads / "subset-2" / f"{c}-test.json")) for line, c in zip(again[1::2], ("logreg", "knn")))
+        assert invoke("fit-head", "--clf", "logreg", "--clf", "knn", "-o", "x").exit_code == 2
 
         args = ["finetune", "--subset", "3", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--name", "cli-ft",
                 "--no-progress", "--evaluate"]
