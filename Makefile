@@ -70,7 +70,7 @@ subset-heads: extract  ## The heads again on the fine-tune's FT_SUBSET images pe
 	$(if $(FT_SUBSET),$(PIPELINE) fit-head $(addprefix --clf ,$(SUBSET_HEADS)) $(HEAD_ARGS) --subset $(FT_SUBSET) --evaluate,@true)
 
 finetune: heads subset-heads  ## LP-FT from the linear head, then evaluated on test (FT_SUBSET per class on a CPU; FULL=1 for all)
-	$(PIPELINE) finetune --init-head $(FT_INIT) $(if $(FT_SUBSET),--subset $(FT_SUBSET)) --name $(FT_NAME) $(FT_ARGS) --evaluate
+	$(PIPELINE) finetune --init-head $(FT_INIT) $(if $(FT_SUBSET),--subset $(FT_SUBSET)) --name $(FT_NAME) $(FT_ARGS) --force --evaluate
 
 report: finetune  ## The report: reports/<dataset>/<model>-<weights>/index.html (self-contained) and index.md; checked in Chromium
 	$(PIPELINE) report $(REPORT_ARGS) --check

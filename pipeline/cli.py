@@ -395,7 +395,7 @@ _F = FinetuneConfig()
 @click.option("--output-dir", help=f"Root of OUTPUT_DIR/<dataset>/<model>-<weights>/<name>/.  [default: {_F.output_dir}]")
 @click.option("--name", help="The run's folder name.  [default: the recipe's name, else finetune]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings file: [finetune], over [extract]'s dataset and backbone.  [default: ./pipeline.toml if present]")
-@click.option("--force", is_flag=True, help="Overwrite a run made with other settings.")
+@click.option("--force", is_flag=True, help="Overwrite a run made with other settings (a finished run of the same settings is kept).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar within each epoch.")
 @click.option("--evaluate", "then_evaluate", is_flag=True, help="Then evaluate the kept model on the test split (as pipeline evaluate does; reused when up to date).")
 @_friendly

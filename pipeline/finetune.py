@@ -786,7 +786,7 @@ def finetune(config: FinetuneConfig | None = None, *, force: bool = False, progr
 
     if meta_path.exists():
         old = json.loads(meta_path.read_text()).get("settings")
-        if old == settings and not force:
+        if old == settings:  # force discards runs of other settings only; a finished run of these is kept
             if model_path.exists():
                 meta = json.loads(meta_path.read_text())
                 return FinetuneResult(meta_path, out, "up-to-date", meta["best_epoch"], meta["val_accuracy"], meta["seconds"], meta["history"])

@@ -355,6 +355,7 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused_unless_forced(image_fol
     with pytest.raises(ValueError, match=r"runs/ds/resnet18-none/finetune holds a run with other settings \(lr: 0.001 -> 0.002\); pass --force"):
         finetune(replace(config, lr=2e-3), progress=False)
     assert finetune(replace(config, lr=2e-3), force=True, progress=False).status == "trained"
+    assert finetune(replace(config, lr=2e-3), force=True, progress=False).status == "up-to-date"  # what make all relies on
 
     with monkeypatch.context() as m:
         _interrupt_after(m, 30)
