@@ -88,21 +88,23 @@ class Group:
             raise RankError(message if source == 0 else f"rank {source}: {message}", source)
         return value  # type: ignore[return-value]
 
-    def range(self, n: int) -> tuple[int, int]:
+    def range(self, n: int, align: int = 1) -> tuple[int, int]:
         """This rank's positions of ``n`` (see :func:`rank_range`)."""
-        return rank_range(n, self.rank, self.world)
+        return rank_range(n, self.rank, self.world, align)
 
 
-def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
+def rank_range(n: int, rank: int, world: int, align: int = 1) -> tuple[int, int]:
     """The contiguous, disjoint block ``[start, stop)`` of ``n`` positions that ``rank`` of ``world`` handles.
 
-    Blocks differ in size by at most one and cover ``0..n`` exactly: no position is padded or repeated
-    (unlike ``DistributedSampler``'s default), so the ranks' rows concatenated in rank order are the dataset
-    in order.
+    Blocks cover ``0..n`` exactly: no position is padded or repeated (unlike ``DistributedSampler``'s default),
+    so the ranks' rows concatenated in rank order are the dataset in order. Block boundaries fall on multiples
+    of ``align`` (the batch size), so the ranks form the very batches a single process forms and compute
+    bit-identical features; block sizes differ by at most ``align``.
     """
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in 0..{world - 1}, got {rank}")
-    return n * rank // world, n * (rank + 1) // world
+    units = -(-n // align)
+    return min(n, units * rank // world * align), min(n, units * (rank + 1) // world * align)
 
 
 def launched_by_torchrun() -> bool:

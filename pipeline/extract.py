@@ -273,7 +273,7 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bo
 
     def run() -> tuple[int, float, str]:
         """Extract what is missing of this rank's block; return (images done, seconds, engine name)."""
-        lo, hi = group.range(len(split))
+        lo, hi = group.range(len(split), align=config.batch_size)
         gaps = partial.missing(lo, hi)
         # Batches never straddle a gap's end, so each shard's name states exactly the rows it holds.
         batches = [list(range(a, min(a + config.batch_size, b))) for g0, b in gaps for a in range(g0, b, config.batch_size)]
