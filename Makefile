@@ -55,6 +55,7 @@ bench: assets  ## Benchmarks: extraction vs the naive loop, head fit times, larg
 	$(BIN)/python bench/heads_bench.py
 	$(BIN)/python bench/stream_bench.py
 	$(BIN)/python bench/finetune_compare.py
+	$(BIN)/python bench/dist_bench.py --data $(DATA)
 
 clean:  ## Remove caches, reports and benchmark results (keeps the venv and data)
 	rm -rf features reports bench/results .pytest_cache

@@ -34,7 +34,6 @@ DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "gzip", "lzf")
 _SHARD = re.compile(r"^rows-(\d{9})-(\d{9})\.npz$")
 _CHUNK_BYTES = 1 << 20
-_ALL = 10**9  # past the last position a shard name can hold
 
 
 class IncompleteCacheError(ValueError):
@@ -118,7 +117,7 @@ class PartialRun:
         """How many positions finished shards cover, wherever they are (several ranks fill separate ranges)."""
         return sum(b - a for a, b in _union((a, b) for a, b, _ in self.shards()))
 
-    def missing(self, start: int = 0, stop: int | None = None) -> list[tuple[int, int]]:
+    def missing(self, start: int, stop: int) -> list[tuple[int, int]]:
         """The gaps in ``[start, stop)`` that no finished shard covers, in order.
 
         Positions outside the range are left alone, shards and stray temporary files alike: in a distributed
@@ -126,7 +125,6 @@ class PartialRun:
         written by a run with another number of ranks count too, so a re-run redoes only what is missing.
         Temporary files of unfinished shards inside the range are removed.
         """
-        stop = _ALL if stop is None else stop
         for tmp in self.dir.glob(".rows-*.npz.tmp") if self.dir.is_dir() else ():
             m = _SHARD.match(tmp.name[1:-4])
             if m and start <= int(m.group(1)) and int(m.group(2)) <= stop:
@@ -138,7 +136,7 @@ class PartialRun:
             if a > pos:
                 gaps.append((pos, a))
             pos = max(pos, b)
-        if pos < stop and stop != _ALL:
+        if pos < stop:
             gaps.append((pos, stop))
         return gaps
 
