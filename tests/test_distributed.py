@@ -137,10 +137,12 @@ def test_killed_rank_leaves_its_block_resumable_and_the_rerun_computes_only_the_
     child = subprocess.Popen(_torchrun(_cli_args(data, "killed")), env=_env(marker), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and sum(a >= lo1 for a, _, _ in partial.shards()) < 2:
-            time.sleep(0.005)
-        pid = _pid_of_rank(marker, 1)
+        pid = None
+        while pid is None and time.monotonic() < deadline:  # found early: the rank imports torch for seconds
+            pid = _pid_of_rank(marker, 1) or time.sleep(0.05)
         assert pid is not None, "rank 1 was not found"
+        while time.monotonic() < deadline and sum(a >= lo1 for a, _, _ in partial.shards()) < 2:
+            time.sleep(0.002)
         os.kill(pid, signal.SIGKILL)
         assert child.wait(timeout=60) != 0  # torchrun stops the other rank and fails
     finally:
