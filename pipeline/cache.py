@@ -434,7 +434,8 @@ def describe(path: str | os.PathLike) -> str:
                 f"  preprocess resize {pre.get('resize')}, crop {pre.get('crop')}, mean {pre.get('mean')}, std {pre.get('std')}, {pre.get('interpolation')}"
             )
         lines.append(f"  split seed {a.get('split_seed')}  carved {a.get('carved')}")
-        lines.append(f"  engine     {a.get('engine')} on {a.get('runtime')}  ({a.get('images_per_s', 0):.1f} img/s)")
+        ranks = a.get("world_size", 1)
+        lines.append(f"  engine     {a.get('engine')} on {a.get('runtime')}{f' x {ranks} ranks' if ranks > 1 else ''}  ({a.get('images_per_s', 0):.1f} img/s)")
         lines.append(f"  dataset fingerprint {a.get('dataset_fingerprint')}")
         versions = a.get("versions", {})
         if isinstance(versions, dict):

@@ -15,7 +15,7 @@ import pytest
 
 import pipeline
 from pipeline import ExtractConfig, extract, read_cache
-from pipeline.cache import IncompleteCacheError, PartialRun
+from pipeline.cache import IncompleteCacheError, PartialRun, describe
 from pipeline.distributed import rank_range
 
 from .conftest import make_image_folder, single_threaded, tiny
@@ -110,6 +110,7 @@ def test_torchrun_two_ranks_equal_a_single_process(tmp_path: Path) -> None:
     _assert_same_rows(Path("dist") / CACHE, _single_process(data, "single"))
     with read_cache(Path("dist") / CACHE) as c:
         assert c.attrs["world_size"] == 2
+    assert "on cpu (fp32) x 2 ranks" in describe(Path("dist") / CACHE)
     # The settings are those of a single-process run, so it accepts the cache as its own.
     again = extract(ExtractConfig(data=str(data), split="train", cache_dir="dist", **SETTINGS), progress=False)
     assert again.status == "up-to-date"
