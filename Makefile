@@ -86,6 +86,7 @@ bench: assets  ## Benchmarks: extraction vs the naive loop, head fit times, larg
 	$(BIN)/python bench/heads_bench.py
 	$(BIN)/python bench/stream_bench.py
 	$(BIN)/python bench/finetune_compare.py
+	$(BIN)/python bench/dist_bench.py --data $(DATA)
 
 clean:  ## Remove caches, heads, fine-tune runs, reports and benchmark results (keeps the venv and data)
 	rm -rf features reports runs bench/results .pytest_cache

@@ -72,8 +72,9 @@ class PartialRun:
 
     Each shard (``rows-START-STOP.npz``) covers dataset positions [START, STOP): the features of the images
     read, their positions, and the positions skipped with reasons. A shard is written to a temporary name and
-    renamed, so after a crash (Ctrl-C, ``kill -9``) every shard on disk is whole and a re-run resumes after the
-    last contiguous one.
+    renamed, so after a crash (Ctrl-C, ``kill -9``) every shard on disk is whole and a re-run computes only the
+    positions that no shard covers (:meth:`missing`). The ranks of a distributed run share the folder, each
+    writing the shards of its own range.
     """
 
     def __init__(self, final: Path) -> None:
@@ -104,16 +105,40 @@ class PartialRun:
         return sorted(found)
 
     def done_until(self) -> int:
-        """The end of the contiguous run of finished shards from position 0; later shards are dropped."""
+        """The end of the contiguous run of finished shards from position 0 (changes nothing on disk)."""
         end = 0
-        for start, stop, path in self.shards():
-            if start == end:
-                end = stop
-            else:
-                path.unlink()
-        for tmp in self.dir.glob(".*.tmp"):
-            tmp.unlink()
+        for start, stop, _ in self.shards():
+            if start > end:
+                break
+            end = max(end, stop)
         return end
+
+    def rows_done(self) -> int:
+        """How many positions finished shards cover, wherever they are (several ranks fill separate ranges)."""
+        return sum(b - a for a, b in _union((a, b) for a, b, _ in self.shards()))
+
+    def missing(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """The gaps in ``[start, stop)`` that no finished shard covers, in order.
+
+        Positions outside the range are left alone, shards and stray temporary files alike: in a distributed
+        run each rank asks about its own range only, while the other ranks are still writing theirs. Shards
+        written by a run with another number of ranks count too, so a re-run redoes only what is missing.
+        Temporary files of unfinished shards inside the range are removed.
+        """
+        for tmp in self.dir.glob(".rows-*.npz.tmp") if self.dir.is_dir() else ():
+            m = _SHARD.match(tmp.name[1:-4])
+            if m and start <= int(m.group(1)) and int(m.group(2)) <= stop:
+                tmp.unlink(missing_ok=True)
+        gaps, pos = [], start
+        for a, b, _ in self.shards():
+            if b <= pos or a >= stop:
+                continue
+            if a > pos:
+                gaps.append((pos, a))
+            pos = max(pos, b)
+        if pos < stop:
+            gaps.append((pos, stop))
+        return gaps
 
     def write(self, start: int, stop: int, features: Sequence[np.ndarray], index: np.ndarray, skipped: Sequence[tuple[int, str]]) -> None:
         """Record one finished batch covering positions [start, stop)."""
@@ -136,6 +161,16 @@ class PartialRun:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _union(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -185,6 +220,16 @@ def write_cache(
     """
     if compression not in COMPRESSIONS:
         raise ValueError(f"unknown compression {compression!r}; expected one of {', '.join(COMPRESSIONS)}")
+    gaps = partial.missing(0, len(paths))
+    if gaps:
+        a, b = gaps[0]
+        raise ValueError(
+            f"{partial.dir} lacks {sum(b - a for a, b in gaps)} of {len(paths)} rows (first gap: positions {a}-{b - 1}); "
+            "re-run the extraction to compute them (in a multi-node run, the cache folder must be shared by all nodes)"
+        )
+    ends = [(a, b) for a, b, _ in partial.shards()]
+    if any(a != b_prev for (_, b_prev), (a, _) in zip(ends, ends[1:])):
+        raise ValueError(f"{partial.dir} holds overlapping shards; remove it and extract again")
     n_taps = len(tap_names)
     index_parts, skipped_idx, skipped_why, shapes, dtypes = [], [], [], None, None
     for shard in partial.read():
@@ -285,7 +330,7 @@ class FeatureCache:
         partial = PartialRun(self.path)
         if not self.path.exists():
             if partial.exists():
-                done = partial.done_until()
+                done = partial.rows_done()
                 raise IncompleteCacheError(
                     f"{self.path} is incomplete: its extraction stopped after {done} images; "
                     "re-run pipeline extract with the same settings to finish it"
@@ -389,7 +434,8 @@ def describe(path: str | os.PathLike) -> str:
                 f"  preprocess resize {pre.get('resize')}, crop {pre.get('crop')}, mean {pre.get('mean')}, std {pre.get('std')}, {pre.get('interpolation')}"
             )
         lines.append(f"  split seed {a.get('split_seed')}  carved {a.get('carved')}")
-        lines.append(f"  engine     {a.get('engine')} on {a.get('runtime')}  ({a.get('images_per_s', 0):.1f} img/s)")
+        ranks = a.get("world_size", 1)
+        lines.append(f"  engine     {a.get('engine')} on {a.get('runtime')}{f' x {ranks} ranks' if ranks > 1 else ''}  ({a.get('images_per_s', 0):.1f} img/s)")
         lines.append(f"  dataset fingerprint {a.get('dataset_fingerprint')}")
         versions = a.get("versions", {})
         if isinstance(versions, dict):

@@ -13,6 +13,7 @@ from .backbones import WeightsUnavailableError, list_backbones, load_backbone
 from .cache import COMPRESSIONS, DTYPES, describe
 from .config import load_config, settings_from
 from .data import SPLITS
+from .distributed import RankError, env_rank
 from .engines import ENGINES
 from .extract import ON_ERROR, ExtractConfig, extract
 from .evaluate import compare, evaluate
@@ -33,12 +34,18 @@ def _friendly(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        rank = env_rank()
         try:
             return fn(*args, **kwargs)
-        except (ValueError, TypeError, WeightsUnavailableError, OSError) as e:
+        except RankError as e:
+            if rank:  # rank 0 reports what every rank raised together; one message, not one per process
+                sys.exit(1)
             raise click.ClickException(str(e)) from None
+        except (ValueError, TypeError, WeightsUnavailableError, OSError) as e:
+            raise click.ClickException(f"rank {rank}: {e}" if rank else str(e)) from None
         except KeyboardInterrupt:
-            click.echo("\ninterrupted; finished batches are kept: re-run the same command to resume", err=True)
+            if not rank:
+                click.echo("\ninterrupted; finished batches are kept: re-run the same command to resume", err=True)
             sys.exit(130)
 
     return wrapper
@@ -99,6 +106,8 @@ def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, p
     """Run a frozen backbone once over a split and cache the tapped features in HDF5.
 
     An interrupted run resumes where it stopped; a finished cache with the same settings is left alone.
+    Under `torchrun --nproc-per-node N -m pipeline extract ...` the ranks share the work (NCCL on GPUs, gloo
+    on CPUs) and rank 0 writes the one cache.
     """
     config = load_config(config_file)
     chosen = splits or (config.get("extract", {}).get("split"),)
@@ -107,12 +116,15 @@ def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, p
     for split in chosen:
         settings = settings_from(ExtractConfig, config, "extract", {**options, "split": split}, source=config_file or "pipeline.toml")
         result = extract(settings, force=force, progress=progress)
+        if env_rank():  # under torchrun, rank 0 speaks for all ranks
+            continue
         if result.status == "up-to-date":
             click.echo(f"{settings.split}: {result.path} is up to date ({result.n_images} images); nothing to do")
         else:
+            resumed = f", resumed: {result.n_computed} computed" if result.status == "resumed" else ""
             click.echo(
                 f"{settings.split}: {result.path}  {result.n_images} images, {result.n_skipped} skipped, "
-                f"{result.images_per_s:.1f} img/s ({result.engine}{', resumed' if result.status == 'resumed' else ''})"
+                f"{result.images_per_s:.1f} img/s ({result.engine}{resumed})"
             )
         for path, why in result.skipped[:20]:
             click.echo(f"  skipped {path}: {why}")

@@ -6,7 +6,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbones import load_backbone
+from .backbones import WeightsUnavailableError, load_backbone
 from .cache import COMPRESSIONS, DTYPES, PartialRun, cache_path, diff_settings, read_cache, write_cache
 from .data import SPLITS, DatasetSpec, ImageDataset, collate_batch, load_split
+from .distributed import Group, process_group
 from .engines import ENGINES, make_engine
-from .runtime import resolve_runtime
+from .runtime import Runtime, resolve_runtime
 from .taps import TapExtractor, resolve_taps
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract", "extract_cache_path", "locate_cache", "ON_ERROR"]
@@ -106,7 +107,11 @@ class ExtractConfig:
 
 @dataclass
 class ExtractResult:
-    """What one extraction did: ``status`` is ``extracted``, ``resumed`` or ``up-to-date``."""
+    """What one extraction did: ``status`` is ``extracted``, ``resumed`` or ``up-to-date``.
+
+    ``n_computed`` counts the images decoded and run through the backbone by this call, over all ranks: less
+    than ``n_images + n_skipped`` when earlier work was resumed.
+    """
 
     path: Path
     status: str
@@ -116,6 +121,7 @@ class ExtractResult:
     images_per_s: float = 0.0
     engine: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    n_computed: int = 0
 
 
 def _versions() -> dict[str, str]:
@@ -140,8 +146,9 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _auto_workers(device_type: str) -> int:
-    cores = os.cpu_count() or 1
+def _auto_workers(device_type: str, ranks_on_node: int = 1) -> int:
+    # The ranks of one node share its cores.
+    cores = max(1, (os.cpu_count() or 1) // ranks_on_node)
     if device_type != "cpu":
         return min(8, cores)
     # On a CPU run the model keeps every core busy; a decoding process only competes with it unless there
@@ -181,33 +188,52 @@ def extract(config: ExtractConfig | None = None, *, force: bool = False, progres
     refused unless ``force``. Work is saved batch by batch, so an interrupted run continues where it stopped
     and ends with the same rows as an uninterrupted one.
 
+    Under ``torchrun`` (or inside an initialised ``torch.distributed`` process group) every rank calls this
+    with the same config: each extracts its own contiguous block of the split, rank 0 then assembles the one
+    cache, rows in dataset order, equal to a single-process run's. Every rank returns the same result.
+
     Args:
         config: the settings; defaults to ``ExtractConfig()``.
         force: overwrite a cache or partial run made with other settings.
-        progress: show a progress bar with images/s and time left.
+        progress: show a progress bar with images/s and time left (rank 0 only).
 
     Returns:
         What was done, and where the cache is.
 
     Raises:
         ValueError: bad settings, a bad dataset, an unreadable file under ``on_error="fail"``, or a cache
-            with other settings without ``force``.
+            with other settings without ``force``. In a distributed run every rank raises
+            :class:`~pipeline.distributed.RankError` when one of them fails.
     """
     config = config or ExtractConfig()
-    split = load_split(config.dataset, config.split)
-    root = Path(config.data)
-    if split.rejected and config.on_error == "fail":
-        path, why = split.rejected[0].path, split.rejected[0].reason
-        more = f" (and {len(split.rejected) - 1} more)" if len(split.rejected) > 1 else ""
-        raise ValueError(f"{root / path}: {why}{more}; remove it or pass --on-error skip")
-    if len(split) == 0:
-        raise ValueError(f"the {config.split} split of {root} has no images")
-
-    backbone = load_backbone(config.model, config.weights, resize=config.resize, crop=config.crop, mean=config.mean, std=config.std)
-    taps = resolve_taps(backbone.model, config.layers, config.capture)
     runtime = resolve_runtime(config.device, config.amp)
+    group, device = process_group(runtime.device)
+    runtime = replace(runtime, device=device)
+    return _extract(config, runtime, group, force=force, progress=progress and group.is_main)
+
+
+# What a rank may fail with and the other ranks must hear about (anything else is a bug, and torchrun's to stop).
+_ERRORS = (ValueError, TypeError, OSError, WeightsUnavailableError)
+
+
+def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bool, progress: bool) -> ExtractResult:
+    root = Path(config.data)
+
+    def prepare() -> tuple:
+        split = load_split(config.dataset, config.split)
+        if split.rejected and config.on_error == "fail":
+            path, why = split.rejected[0].path, split.rejected[0].reason
+            more = f" (and {len(split.rejected) - 1} more)" if len(split.rejected) > 1 else ""
+            raise ValueError(f"{root / path}: {why}{more}; remove it or pass --on-error skip")
+        if len(split) == 0:
+            raise ValueError(f"the {config.split} split of {root} has no images")
+        backbone = load_backbone(config.model, config.weights, resize=config.resize, crop=config.crop, mean=config.mean, std=config.std)
+        taps = resolve_taps(backbone.model, config.layers, config.capture)
+        return split, backbone, taps
+
+    split, backbone, taps = group.agree(prepare, _ERRORS)
     path = extract_cache_path(config, backbone.weights, [t.slug for t in taps])
-    # What determines the cache's content; how fast it is made (batch size, workers, device) is left out.
+    # What determines the cache's content; how fast it is made (batch size, workers, device, ranks) is left out.
     settings = {
         "dataset": config.dataset.name, "dataset_fingerprint": split.fingerprint, "split": config.split,
         "carved": split.carved, "model": config.model, "weights": backbone.weights, "weights_sha256": backbone.weights_sha256,
@@ -216,76 +242,94 @@ def extract(config: ExtractConfig | None = None, *, force: bool = False, progres
     }
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
     settings["preprocess"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings["preprocess"].items()}
-
-    if path.exists():
-        try:
-            with read_cache(path) as cache:
-                old, n_old, skipped_old = cache.attrs.get("settings"), len(cache), cache.skipped
-        except ValueError:
-            old, n_old, skipped_old = {"file": "unreadable or not a complete cache"}, 0, []
-        if old == settings and not force:
-            return ExtractResult(path, "up-to-date", n_old, len(skipped_old), skipped=skipped_old)
-        if not force:
-            raise ValueError(f"{path} was made with other settings ({'; '.join(diff_settings(old, settings))}); pass --force to overwrite it")
-        path.unlink()
-
     partial = PartialRun(path)
-    if partial.exists() and partial.settings() != settings:
-        if not force:
-            diff = "; ".join(diff_settings(partial.settings() or {}, settings))
-            raise ValueError(f"an interrupted extraction in {partial.dir} used other settings ({diff}); pass --force to discard it")
-        partial.remove()
-    if not partial.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial.start(settings)
-    start = partial.done_until()
-    status = "resumed" if start else "extracted"
 
-    n = len(split)
-    workers = _auto_workers(runtime.device.type) if config.workers is None else config.workers
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(root, split.paths, backbone.preprocess.transform(), offset=start),
-        batch_size=config.batch_size, shuffle=False, num_workers=workers, collate_fn=collate_batch,
-        pin_memory=runtime.pin_memory, prefetch_factor=4 if workers else None, persistent_workers=False,
-    )
-    dtype = np.dtype(config.dtype)
-    engine = None
-    t0 = time.perf_counter()
-    with TapExtractor(backbone.model, taps) as extractor, tqdm(
-        total=n, initial=start, unit="img", desc=f"extract {config.split}", disable=not progress, dynamic_ncols=True, smoothing=0.1,
-        mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not a flood
-    ) as bar:
-        pos = start
-        for index, x, bad in loader:
-            stop = pos + len(index) + len(bad)
-            if bad and config.on_error == "fail":
-                i, why = bad[0]
-                raise ValueError(f"{root / split.paths[i]}: {why}; fix or remove the file, or pass --on-error skip")
-            if x is not None:
-                if engine is None:
-                    engine = make_engine(config.engine, extractor, runtime, x[:2])
-                feats = [f.astype(dtype, copy=False) for f in engine(x)]
-            else:
-                feats = [np.zeros((0,), dtype) for _ in taps]
-            partial.write(pos, stop, feats, index, bad)
-            bar.update(stop - pos)
-            pos = stop
-    seconds = time.perf_counter() - t0
-    done = n - start
-    attrs = {
-        "settings": settings, "dataset": config.dataset.name, "data_root": str(root.resolve()), "split": config.split,
-        "model": config.model, "weights": backbone.weights, "taps": [t.name for t in taps],
-        "preprocess": backbone.preprocess.to_dict(), "image_size": backbone.preprocess.crop, "dtype": config.dtype,
-        "dataset_fingerprint": split.fingerprint, "split_seed": config.split_seed, "carved": split.carved or {},
-        "engine": engine.name if engine else config.engine, "runtime": runtime.describe(), "versions": _versions(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "batch_size": config.batch_size,
-        "images_per_s": done / seconds if seconds > 0 else 0.0,
-    }
-    write_cache(
-        partial, tap_names=[t.name for t in taps], paths=split.paths, labels=split.labels, classes=split.classes,
-        rejected=[(r.path, r.reason) for r in split.rejected], attrs=attrs, compression=config.compression,
-    )
-    with read_cache(path) as cache:
-        skipped = cache.skipped
-        n_rows = len(cache)
-    return ExtractResult(path, status, n_rows, len(skipped), seconds, attrs["images_per_s"], attrs["engine"], skipped)
+    def open_run() -> ExtractResult | bool:
+        """On rank 0: the up-to-date result, or whether earlier work is resumed, with the partial run ready."""
+        if path.exists():
+            try:
+                with read_cache(path) as cache:
+                    old, n_old, skipped_old = cache.attrs.get("settings"), len(cache), cache.skipped
+            except ValueError:
+                old, n_old, skipped_old = {"file": "unreadable or not a complete cache"}, 0, []
+            if old == settings and not force:
+                return ExtractResult(path, "up-to-date", n_old, len(skipped_old), skipped=skipped_old)
+            if not force:
+                raise ValueError(f"{path} was made with other settings ({'; '.join(diff_settings(old, settings))}); pass --force to overwrite it")
+            path.unlink()
+        if partial.exists() and partial.settings() != settings:
+            if not force:
+                diff = "; ".join(diff_settings(partial.settings() or {}, settings))
+                raise ValueError(f"an interrupted extraction in {partial.dir} used other settings ({diff}); pass --force to discard it")
+            partial.remove()
+        if not partial.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial.start(settings)
+        return partial.rows_done() > 0
+
+    opened = group.broadcast(group.agree(open_run if group.is_main else lambda: None, _ERRORS))
+    if isinstance(opened, ExtractResult):
+        return opened
+
+    def run() -> tuple[int, float, str]:
+        """Extract what is missing of this rank's block; return (images done, seconds, engine name)."""
+        lo, hi = group.range(len(split), align=config.batch_size)
+        gaps = partial.missing(lo, hi)
+        # Batches never straddle a gap's end, so each shard's name states exactly the rows it holds.
+        batches = [list(range(a, min(a + config.batch_size, b))) for g0, b in gaps for a in range(g0, b, config.batch_size)]
+        todo = sum(len(b) for b in batches)
+        workers = _auto_workers(runtime.device.type, group.local_world) if config.workers is None else config.workers
+        loader = torch.utils.data.DataLoader(
+            ImageDataset(root, split.paths, backbone.preprocess.transform()),
+            batch_sampler=batches, num_workers=workers if batches else 0, collate_fn=collate_batch,
+            pin_memory=runtime.pin_memory, prefetch_factor=4 if workers and batches else None, persistent_workers=False,
+        )
+        dtype = np.dtype(config.dtype)
+        engine = None
+        desc = f"extract {config.split}" + (f" (rank 0 of {group.world}, rows {lo}-{hi - 1})" if group.distributed else "")
+        t0 = time.perf_counter()
+        with TapExtractor(backbone.model, taps) as extractor, tqdm(
+            total=hi - lo, initial=hi - lo - todo, unit="img", desc=desc, disable=not progress, dynamic_ncols=True, smoothing=0.1,
+            mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not a flood
+        ) as bar:
+            for batch, (index, x, bad) in zip(batches, loader):
+                pos, stop = batch[0], batch[-1] + 1
+                if bad and config.on_error == "fail":
+                    i, why = bad[0]
+                    raise ValueError(f"{root / split.paths[i]}: {why}; fix or remove the file, or pass --on-error skip")
+                if x is not None:
+                    if engine is None:
+                        engine = make_engine(config.engine, extractor, runtime, x[:2])
+                    feats = [f.astype(dtype, copy=False) for f in engine(x)]
+                else:
+                    feats = [np.zeros((0,), dtype) for _ in taps]
+                partial.write(pos, stop, feats, index, bad)
+                bar.update(stop - pos)
+        return todo, time.perf_counter() - t0, engine.name if engine else ""
+
+    ranks = group.gather(group.agree(run, _ERRORS))  # also the barrier: every block is on disk after it
+    done = sum(r[0] for r in ranks)
+    seconds = max(r[1] for r in ranks)
+    engine_name = next((r[2] for r in ranks if r[2]), config.engine)
+
+    def finish() -> ExtractResult:
+        """On rank 0: assemble the one cache from every rank's shards, and summarise it."""
+        attrs = {
+            "settings": settings, "dataset": config.dataset.name, "data_root": str(root.resolve()), "split": config.split,
+            "model": config.model, "weights": backbone.weights, "taps": [t.name for t in taps],
+            "preprocess": backbone.preprocess.to_dict(), "image_size": backbone.preprocess.crop, "dtype": config.dtype,
+            "dataset_fingerprint": split.fingerprint, "split_seed": config.split_seed, "carved": split.carved or {},
+            "engine": engine_name, "runtime": runtime.describe(), "versions": _versions(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "batch_size": config.batch_size,
+            "world_size": group.world, "images_per_s": done / seconds if seconds > 0 else 0.0,
+        }
+        write_cache(
+            partial, tap_names=[t.name for t in taps], paths=split.paths, labels=split.labels, classes=split.classes,
+            rejected=[(r.path, r.reason) for r in split.rejected], attrs=attrs, compression=config.compression,
+        )
+        with read_cache(path) as cache:
+            skipped, n_rows = cache.skipped, len(cache)
+        status = "resumed" if opened else "extracted"
+        return ExtractResult(path, status, n_rows, len(skipped), seconds, attrs["images_per_s"], engine_name, skipped, n_computed=done)
+
+    return group.broadcast(group.agree(finish if group.is_main else lambda: None, _ERRORS))
