@@ -33,7 +33,7 @@ FT_NAME ?= lp-ft$(if $(FT_SUBSET),-$(FT_SUBSET),-full)
 SUBSET_HEADS ?= $(HEADS)
 REPORT_ARGS ?= --quality-bar 0.91
 
-.PHONY: help all venv assets weights dataset extract heads subset-heads finetune report test test-all bench clean distclean
+.PHONY: help all venv assets weights dataset chromium extract heads subset-heads finetune report test test-all bench clean distclean
 
 help:  ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,6 +59,11 @@ dataset: $(STAMP)  ## Fashion-MNIST as an image folder under data/ (Debian packa
 
 assets: weights dataset  ## Both of the above
 
+chromium:  ## Debian's chromium for the report's render check, installed when root with apt-get (else the check is skipped)
+	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	  || echo "chromium is not installable here; the report's render check will be skipped"; fi
+
 extract: assets  ## Extract train/val/test features of the default dataset into features/ (reused when up to date)
 	$(PIPELINE) extract $(SPLITS) $(EXTRACT_ARGS)
 
@@ -72,13 +77,13 @@ subset-heads: extract  ## The heads again on the fine-tune's FT_SUBSET images pe
 finetune: heads subset-heads  ## LP-FT from the linear head, then evaluated on test (FT_SUBSET per class on a CPU; FULL=1 for all)
 	$(PIPELINE) finetune --init-head $(FT_INIT) $(if $(FT_SUBSET),--subset $(FT_SUBSET)) --name $(FT_NAME) $(FT_ARGS) --force --evaluate
 
-report: finetune  ## The report: reports/<dataset>/<model>-<weights>/index.html (self-contained) and index.md; checked in Chromium
+report: finetune chromium  ## The report: reports/<dataset>/<model>-<weights>/index.html (self-contained) and index.md; checked in Chromium
 	$(PIPELINE) report $(REPORT_ARGS) --check
 
-test: $(STAMP) weights  ## The default test run (fast, CPU; slow and GPU tests left out)
+test: $(STAMP) weights chromium  ## The default test run (fast, CPU; slow and GPU tests left out)
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP) weights  ## Every test, slow and GPU ones included where possible
+test-all: $(STAMP) weights chromium  ## Every test, slow and GPU ones included where possible
 	$(BIN)/python -m pytest -q -m ''
 
 bench: assets  ## Benchmarks: extraction vs the naive loop, head fit times, larger-than-memory heads, fine-tuning
