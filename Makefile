@@ -65,7 +65,7 @@ chromium:  ## Debian's chromium for the report's render check, installed when ro
 	  || echo "chromium is not installable here; the report's render check will be skipped"; fi
 
 extract: assets  ## Extract train/val/test features of the default dataset into features/ (reused when up to date)
-	$(PIPELINE) extract $(SPLITS) $(EXTRACT_ARGS)
+	$(PIPELINE) extract $(SPLITS) $(EXTRACT_ARGS) --force
 
 heads: extract  ## Fit every head family on the cached features (val sweep) and evaluate each on test (reused when up to date)
 	$(PIPELINE) fit-head $(addprefix --clf ,$(HEADS)) $(HEAD_ARGS) --evaluate

@@ -99,7 +99,7 @@ def cli() -> None:
 @click.option("--cache-dir", help=f"Root of the cache convention CACHE_DIR/<dataset>/<model>-<weights>/<taps>/<split>.h5.  [default: {_D.cache_dir}]")
 @click.option("--output", "-o", help="Write to this file instead of the convention (one split only).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings file.  [default: ./pipeline.toml if present]")
-@click.option("--force", is_flag=True, help="Overwrite a cache made with other settings.")
+@click.option("--force", is_flag=True, help="Overwrite a cache made with other settings (an up-to-date cache is kept).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @_friendly
 def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, progress: bool, **options: Any) -> None:

@@ -194,7 +194,7 @@ def extract(config: ExtractConfig | None = None, *, force: bool = False, progres
 
     Args:
         config: the settings; defaults to ``ExtractConfig()``.
-        force: overwrite a cache or partial run made with other settings.
+        force: overwrite a cache or partial run made with other settings (a cache of these settings is kept).
         progress: show a progress bar with images/s and time left (rank 0 only).
 
     Returns:
@@ -252,7 +252,7 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bo
                     old, n_old, skipped_old = cache.attrs.get("settings"), len(cache), cache.skipped
             except ValueError:
                 old, n_old, skipped_old = {"file": "unreadable or not a complete cache"}, 0, []
-            if old == settings and not force:
+            if old == settings:  # force discards caches of other settings only; an up-to-date one is kept
                 return ExtractResult(path, "up-to-date", n_old, len(skipped_old), skipped=skipped_old)
             if not force:
                 raise ValueError(f"{path} was made with other settings ({'; '.join(diff_settings(old, settings))}); pass --force to overwrite it")

@@ -174,6 +174,8 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused_unless_forced(image_fol
     assert forced.status == "extracted"
     with read_cache(forced.path) as c:
         assert c.features().dtype == np.float16
+    stamp = forced.path.stat().st_mtime_ns
+    assert extract(other, force=True, progress=False).status == "up-to-date" and forced.path.stat().st_mtime_ns == stamp  # make extract's --force
 
 
 def test_changed_dataset_is_a_different_setting(image_folder: Path) -> None:
