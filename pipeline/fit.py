@@ -17,6 +17,7 @@ from sklearn.pipeline import Pipeline
 from .artifacts import feature_identity, save_head
 from .cache import FeatureCache, read_cache
 from .extract import ExtractConfig, _versions, locate_cache
+from .files import atomic_write
 from .heads import HEADS, POOLS, PREPROCESSING, SpatialPool, build_head
 
 __all__ = ["HeadConfig", "FitResult", "fit_head", "heads_dir", "load_split_features", "check_compatible"]
@@ -297,7 +298,10 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
 
 
 def _write_history(history: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(history[0]))
+            w.writeheader()
+            w.writerows(history)
+
+    atomic_write(path, write)
