@@ -123,13 +123,13 @@ def save_head(pipe: Pipeline, meta: dict, path: str | os.PathLike) -> Path:
     state = _torch_state(pipe)
     if state is not None:
         artifact = base.with_suffix(".pt")
-        atomic_write(artifact, lambda tmp: torch.save(state, tmp))
+        atomic_write(artifact, lambda f: torch.save(state, f))
     else:
         artifact = base.with_suffix(".joblib")
-        atomic_write(artifact, lambda tmp: joblib.dump(pipe, tmp))
+        atomic_write(artifact, lambda f: joblib.dump(pipe, f))
     record = {**meta, "artifact": artifact.name, "artifact_sha256": file_sha256(artifact), "format": "pipeline-head", "format_version": 1}
     meta_path = base.with_suffix(".json")
-    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str)))
+    atomic_write(meta_path, lambda f: f.write(json.dumps(record, indent=1, sort_keys=True, default=str).encode()))
     return meta_path
 
 

@@ -124,7 +124,7 @@ class PartialRun:
         arrays["index"] = np.asarray(index, dtype=np.int64)
         arrays["skipped_index"] = np.asarray([i for i, _ in skipped], dtype=np.int64)
         arrays["skipped_reason"] = np.asarray([r for _, r in skipped], dtype=np.str_)
-        atomic_write(self.dir / f"rows-{start:09d}-{stop:09d}.npz", lambda tmp: _savez(tmp, arrays), hint=_RESUME_HINT)
+        atomic_write(self.dir / f"rows-{start:09d}-{stop:09d}.npz", lambda f: np.savez(f, **arrays), hint=_RESUME_HINT)
 
     def read(self) -> Iterator[dict[str, np.ndarray]]:
         for _, _, path in self.shards():
@@ -136,12 +136,7 @@ class PartialRun:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as f:  # a file object: given a name, np.savez would append .npz to it
-        np.savez(f, **arrays)
+    atomic_write(path, lambda f: f.write(data))
 
 
 # ---------------------------------------------------------------- the final file
@@ -197,6 +192,11 @@ def write_cache(
     rows = len(index)
     final = partial.final
     tmp = final.with_name(f".{final.name}.tmp")
+    # HDF5 can crash the process (not raise) when the disk fills while it writes, so the room is checked first:
+    # the features uncompressed, the per-row arrays, and 1 MiB for strings and metadata.
+    need = rows * (sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in zip(shapes, dtypes)) + 16) + sum(map(len, paths)) + 2**20
+    if shutil.disk_usage(final.parent).free < need:
+        raise disk_full(final, f"; the final file needs about {need / 2**20:.1f} MiB{_RESUME_HINT}")
     filters = {"none": {}, "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True}, "lzf": {"compression": "lzf", "shuffle": True}}[compression]
     text = h5py.string_dtype()
     try:

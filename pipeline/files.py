@@ -6,7 +6,7 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 __all__ = ["DiskFullError", "atomic_write", "disk_full", "is_disk_full"]
 
@@ -35,6 +35,9 @@ def is_disk_full(error: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in _FULL:
             return True
+        # HDF5 reports a failed write as an OSError or RuntimeError without errno, naming the cause in its text.
+        if any(os.strerror(code) in str(e) for code in _FULL):
+            return True
         e = e.__cause__ or e.__context__
     return False
 
@@ -48,15 +51,17 @@ def disk_full(path: str | os.PathLike, hint: str = "") -> DiskFullError:
     return DiskFullError(f"no space left on the disk while writing {path} ({free}); free some space and re-run{hint}")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, hint: str = "") -> Path:
-    """Write ``path`` through ``write(tmp)`` on a temporary name beside it, fsync it, and rename it into place.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *, hint: str = "") -> Path:
+    """Write ``path`` through ``write(file)`` on a temporary name beside it, fsync it, and rename it into place.
 
     A crash at any moment leaves either the old file or the new one at ``path``, never a part of one. On an
-    error the temporary file is removed; a full disk becomes :class:`DiskFullError`.
+    error the temporary file is removed; a full disk becomes :class:`DiskFullError`. ``write`` gets an open
+    binary file rather than a name so that every byte goes through Python, where ENOSPC is an OSError (given a
+    name, torch.save writes from C++ and reports a full disk as a bare RuntimeError).
 
     Args:
         path: the final file.
-        write: writes the whole content to the path it is given.
+        write: writes the whole content to the binary file it is given.
         hint: appended to the disk-full message, e.g. what a re-run will do.
 
     Returns:
@@ -65,8 +70,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, hi
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:

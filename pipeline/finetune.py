@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -708,17 +709,15 @@ def _fail_on_bad(bad: list[tuple[int, str]], part: _Part, on_error: str) -> None
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp), hint=_RESUME_HINT)
+    atomic_write(path, lambda f: torch.save(obj, f), hint=_RESUME_HINT)
 
 
 def _write_history(history: list[dict], path: Path) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(history[0]))
-            w.writeheader()
-            w.writerows(history)
-
-    atomic_write(path, write, hint=_RESUME_HINT)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()), hint=_RESUME_HINT)
 
 
 
@@ -887,7 +886,7 @@ def finetune(config: FinetuneConfig | None = None, *, force: bool = False, progr
         "recipe_source": RECIPES[config.recipe].source if config.recipe else None,
         "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)), hint=_RESUME_HINT)
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()), hint=_RESUME_HINT)
     return FinetuneResult(meta_path, out, status, best_epoch, best_acc, seconds, history)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -298,10 +299,8 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
 
 
 def _write_history(history: list[dict], path: Path) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(history[0]))
-            w.writeheader()
-            w.writerows(history)
-
-    atomic_write(path, write)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
