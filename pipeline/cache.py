@@ -415,7 +415,9 @@ def _is(value: object, types: type | tuple[type, ...], expected: object) -> bool
 
 def _show(value: object, limit: int = 80) -> str:
     """A short repr of a (possibly hostile, huge) attribute value for an error message."""
-    text = repr(value)
+    if isinstance(value, np.generic):
+        value = value.item()
+    text = f"an array {value.tolist()!r}" if isinstance(value, np.ndarray) else repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 

@@ -65,6 +65,13 @@ cli(sys.argv[4:], prog_name="pipeline")
 """
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models and arrays gain nothing from threads; on a busy 2-core machine they stall for seconds."""
+    with single_threaded():
+        yield
+
+
 def _rows(path: Path) -> dict[str, np.ndarray]:
     with read_cache(path) as c:
         out = {t: c.features(t) for t in c.taps}
@@ -484,3 +491,101 @@ def test_label_files_that_are_not_utf8_are_named(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_bytes(b"id,breed\n\xff\xfe,\x80\n")
     with pytest.raises(ValueError, match=r"labels.csv is not UTF-8 text"):
         load_split(DatasetSpec(root=str(tmp_path), labels_csv="labels.csv"), "train")
+
+
+# ---------------------------------------------------------------- hostile HDF5 files
+
+
+def _replace(f: h5py.File, name: str, data: object, **kw: object) -> None:
+    del f[name]
+    f.create_dataset(name, data=data, **kw)
+
+
+TAP = "classifier:input"
+TEXT = h5py.string_dtype()
+HOSTILE = {
+    # name: (how the file is damaged, what the error says)
+    "features-1d": (lambda f: _replace(f, f"features/{TAP}", np.zeros(12, np.float32)), r"features/classifier:input should be a floating-point array of N x D"),
+    "features-int": (lambda f: _replace(f, f"features/{TAP}", np.zeros((12, 8), np.int32)), r"should be a floating-point array .* found int32"),
+    "features-rows": (lambda f: _replace(f, f"features/{TAP}", np.zeros((11, 8), np.float32)), r"arrays disagree on the number of rows: labels 12, paths 12, features/classifier:input 11"),
+    "paths-rows": (lambda f: _replace(f, "paths", np.asarray(["p"] * 13, dtype=object), dtype=TEXT), r"labels 12, paths 13"),
+    "n_rows": (lambda f: f.attrs.__setitem__("n_rows", 1000), r"attribute n_rows 1000"),
+    "n_rows-text": (lambda f: f.attrs.__setitem__("n_rows", "12"), r"attribute n_rows '12'"),
+    "labels-2d": (lambda f: _replace(f, "labels", np.zeros((12, 2), np.int64)), r"'labels' should be a 1-D integer array, found int64 of shape \(12, 2\)"),
+    "labels-float": (lambda f: _replace(f, "labels", np.zeros(12, np.float64)), r"'labels' should be a 1-D integer array, found float64"),
+    "no-labels": (lambda f: f.__delitem__("labels"), r"it has no dataset 'labels'"),
+    "no-classes": (lambda f: f.__delitem__("classes"), r"it has no dataset 'classes'"),
+    "classes-numbers": (lambda f: _replace(f, "classes", np.arange(3)), r"'classes' should be a 1-D array of strings"),
+    "no-classes-listed": (lambda f: _replace(f, "classes", np.asarray([], dtype=object), dtype=TEXT), r"it names no classes"),
+    "skipped-mismatch": (lambda f: _replace(f, "skipped/reasons", np.asarray(["x"], dtype=object), dtype=TEXT), r"0 skipped paths for 1 reasons"),
+    "no-taps": (lambda f: f.attrs.__delitem__("taps"), r"attribute 'taps' should be a JSON list of tap names, found None"),
+    "taps-int": (lambda f: f.attrs.__setitem__("taps", 5), r"attribute 'taps' should be a JSON list of tap names, found 5"),
+    "taps-bad-json": (lambda f: f.attrs.__setitem__("taps", '["classifier:input"'), r"""found '\["classifier:input"'"""),
+    "taps-empty": (lambda f: f.attrs.__setitem__("taps", "[]"), r"found '\[\]'"),
+    "taps-missing": (lambda f: f.attrs.__setitem__("taps", '["fc:output"]'), r"it has no dataset 'features/fc:output'"),
+    "taps-huge": (lambda f: f.attrs.__setitem__("taps", json.dumps(["x" * 50] * 1000)), r"it has no dataset 'features/x{50}'"),
+    "taps-nested": (lambda f: f.attrs.__setitem__("taps", json.dumps([{"a": [1] * 10000}])), r"found .*\(\d+ characters\)"),
+    "format-array": (lambda f: f.attrs.__setitem__("format", np.array(["pipeline-features"] * 2, dtype=object)), r"is not a pipeline feature cache"),
+    "version-array": (lambda f: f.attrs.__setitem__("format_version", np.array([1, 1])), r"has cache format version an array \[1, 1\]; this pipeline reads 1"),
+    "version-text": (lambda f: f.attrs.__setitem__("format_version", "1"), r"has cache format version '1'"),
+    "complete-text": (lambda f: f.attrs.__setitem__("complete", "yes"), r"is incomplete"),
+    "complete-array": (lambda f: f.attrs.__setitem__("complete", np.array([True, True])), r"is incomplete"),
+}
+
+
+def _hostile(kind: str, path: Path = Path("bad/train.h5")) -> Path:
+    X = np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32)
+    write_features(path, X, np.repeat(np.arange(3), 4), ["a", "b", "c"])
+    with h5py.File(path, "r+") as f:
+        HOSTILE[kind][0](f)
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_cache_files_are_refused_with_a_clear_error(kind: str) -> None:
+    path = _hostile(kind)
+    with pytest.raises(ValueError, match=HOSTILE[kind][1]):
+        read_cache(path)
+    run = CliRunner().invoke(cli, ["info", str(path)])
+    assert run.exit_code == 1 and run.output.startswith("Error: ") and "Traceback" not in run.output, run.output
+
+
+@pytest.mark.parametrize("label, where", [(3, "row 5"), (-1, "row 5"), (2**40, "row 5")])
+def test_labels_that_are_not_class_indices_are_refused(label: int, where: str) -> None:
+    path = _hostile("n_rows")  # any valid file, then fixed up
+    with h5py.File(path, "r+") as f:
+        f.attrs["n_rows"] = 12
+        y = f["labels"][()]
+        y[5] = label
+        f["labels"][...] = y
+    with read_cache(path) as c, pytest.raises(ValueError, match=f"label {label} at {where} is not a class index \\(there are 3 classes\\)"):
+        c.labels
+
+
+def _bad_labels(path: Path) -> None:
+    with h5py.File(path, "r+") as f:
+        y = f["labels"][()]
+        y[0] = 7
+        f["labels"][...] = y
+
+
+def _nan_features(path: Path) -> None:
+    with h5py.File(path, "r+") as f:
+        X = f[f"features/{TAP}"][()]
+        X[4, 2] = np.nan
+        f[f"features/{TAP}"][...] = X
+
+
+@pytest.mark.parametrize("damage, message", [(_bad_labels, r"label 7 at row 0 is not a class index"), (_nan_features, r"NaN or inf features in 1 of \d+ rows")])
+def test_fit_head_and_evaluate_refuse_damaged_caches(damage: object, message: str) -> None:
+    c = make_caches(k=3, root=Path("features"))
+    with single_threaded():
+        head = fit_head(HeadConfig(clf="logreg", grid=(1.0,), train_cache=str(c.train), val_cache=str(c.val)), out="heads/h").path
+        damage(c.test)
+        with pytest.raises(ValueError, match=message):
+            evaluate(head, c.test)
+        damage(c.train)
+        with pytest.raises(ValueError, match=message):
+            fit_head(HeadConfig(clf="logreg", grid=(1.0,), train_cache=str(c.train), val_cache=str(c.val)), out="heads/h2")
+        run = CliRunner().invoke(cli, ["fit-head", "--clf", "linear", "--train-cache", str(c.train), "--val-cache", str(c.val)])
+    assert run.exit_code == 1 and run.output.startswith("Error: ") and "Traceback" not in run.output, run.output
