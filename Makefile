@@ -12,7 +12,7 @@ EXTRACT_ARGS ?=
 
 HEADS ?= linear logreg svm tree extra-trees hgb knn
 
-.PHONY: help all venv assets weights dataset extract heads test test-all bench clean distclean
+.PHONY: help all venv assets weights dataset extract heads test test-all bench faults clean distclean
 
 help:  ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,11 +50,15 @@ test: $(STAMP) weights  ## The default test run (fast, CPU; slow and GPU tests l
 test-all: $(STAMP) weights  ## Every test, slow and GPU ones included where possible
 	$(BIN)/python -m pytest -q -m ''
 
-bench: assets  ## Benchmarks: extraction vs the naive loop, head fit times, larger-than-memory heads, fine-tuning
+bench: assets  ## Benchmarks: extraction vs the naive loop, head fit times, larger-than-memory heads, HDF5 reads, fine-tuning
 	$(BIN)/python bench/extract_bench.py
 	$(BIN)/python bench/heads_bench.py
 	$(BIN)/python bench/stream_bench.py
+	$(BIN)/python bench/hdf5_read_bench.py
 	$(BIN)/python bench/finetune_compare.py
+
+faults: $(STAMP)  ## Fault injection: kill -9 extract, fit-head and finetune at random moments and save points (about 15 min)
+	$(BIN)/python bench/fault_inject.py
 
 clean:  ## Remove caches, reports and benchmark results (keeps the venv and data)
 	rm -rf features reports bench/results .pytest_cache
