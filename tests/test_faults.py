@@ -589,3 +589,11 @@ def test_fit_head_and_evaluate_refuse_damaged_caches(damage: object, message: st
             fit_head(HeadConfig(clf="logreg", grid=(1.0,), train_cache=str(c.train), val_cache=str(c.val)), out="heads/h2")
         run = CliRunner().invoke(cli, ["fit-head", "--clf", "linear", "--train-cache", str(c.train), "--val-cache", str(c.val)])
     assert run.exit_code == 1 and run.output.startswith("Error: ") and "Traceback" not in run.output, run.output
+
+
+def test_a_streamed_head_refuses_nan_features_without_standardization() -> None:
+    c = make_caches(k=3, splits=("train", "val"), root=Path("features"))
+    _nan_features(c.train)
+    config = HeadConfig(clf="linear", grid=(1e-3,), epochs=2, stream=True, preprocessing="none", train_cache=str(c.train), val_cache=str(c.val))
+    with pytest.raises(ValueError, match=r"NaN or inf features in the streamed cache \(first at row 4\)"):
+        fit_head(config, out="heads/h")
