@@ -14,7 +14,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -32,7 +32,7 @@ from pipeline.cli import cli
 from pipeline.files import DiskFullError
 from pipeline.finetune import finetune, load_finetuned
 
-from .conftest import make_image_folder, single_threaded, tiny
+from .conftest import single_threaded, tiny
 from .test_finetune import small as small_finetune
 from .test_fit import make_caches, write_features
 
@@ -225,7 +225,7 @@ def test_kill_9_while_saving_a_finetune_checkpoint(image_folder: Path) -> None:
 
 
 @pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[callable]:
+def tiny_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
     """Mount a tmpfs of a given size in KiB (root only; skips where mounting is not allowed); resize it by calling again."""
     where = tmp_path / "disk"
     mounted = []
@@ -247,7 +247,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[callable]:
 
 
 @pytest.mark.parametrize("kib", [64, 200])  # full while saving batches; full while writing the final file
-def test_extract_on_a_full_disk_fails_clearly_and_resumes_once_there_is_space(image_folder: Path, tiny_disk: callable, kib: int) -> None:
+def test_extract_on_a_full_disk_fails_clearly_and_resumes_once_there_is_space(image_folder: Path, tiny_disk: Callable[[int], Path], kib: int) -> None:
     disk = tiny_disk(kib)
     settings = dict(data=str(image_folder), split="train", **tiny())
     run = CliRunner().invoke(cli, ["extract", "--data", str(image_folder), *EXTRACT_ARGS, "--cache-dir", str(disk)])
@@ -277,7 +277,7 @@ def _fill(disk: Path) -> Path:
 
 
 @pytest.mark.parametrize("clf", ["linear", "logreg"])
-def test_fit_head_on_a_full_disk_fails_clearly(tiny_disk: callable, clf: str) -> None:
+def test_fit_head_on_a_full_disk_fails_clearly(tiny_disk: Callable[[int], Path], clf: str) -> None:
     c = make_caches(k=3, splits=("train", "val"), root=Path("features"))
     disk = tiny_disk(64)
     filler = _fill(disk)
@@ -577,7 +577,7 @@ def _nan_features(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage, message", [(_bad_labels, r"label 7 at row 0 is not a class index"), (_nan_features, r"NaN or inf features in 1 of \d+ rows")])
-def test_fit_head_and_evaluate_refuse_damaged_caches(damage: object, message: str) -> None:
+def test_fit_head_and_evaluate_refuse_damaged_caches(damage: Callable[[Path], None], message: str) -> None:
     c = make_caches(k=3, root=Path("features"))
     with single_threaded():
         head = fit_head(HeadConfig(clf="logreg", grid=(1.0,), train_cache=str(c.train), val_cache=str(c.val)), out="heads/h").path
