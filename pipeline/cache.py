@@ -225,6 +225,8 @@ def write_cache(
             for k, v in _json_attrs({**attrs, "n_rows": rows, "n_skipped": len(skipped)}).items():
                 f.attrs[k] = v
             f.attrs["complete"] = True
+        with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible, so a power cut cannot leave it partial
+            os.fsync(fh.fileno())
         os.replace(tmp, final)
     except BaseException as e:
         # A half-built file is never renamed into place; it is removed so that it does not hold the disk.
