@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ class Tally:
 
     trials: int = 0
     kills: int = 0
-    mid_run: int = 0  # kills that landed while there was work on disk but no finished result
+    mid_run: int = 0  # kills that left unfinished work on disk and no finished result
     refused: int = 0  # readers that refused what a kill left (a clear ValueError)
     accepted_valid: int = 0  # results that loaded after a kill and equal the uninterrupted run's
     reruns_identical: int = 0
@@ -96,6 +97,24 @@ def _kill_at(args: list[str], cwd: Path, seconds: float) -> bool:
     child = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         child.wait(timeout=seconds)
+        return False
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        return True
+
+
+def _kill_after_start(args: list[str], cwd: Path, started: Callable[[], bool], delay: float) -> bool:
+    """Run extract and SIGKILL it ``delay`` seconds after ``started()`` turns true; True if it was still running.
+
+    Timing from the child's own start of work, not from its launch, keeps the kill inside the batches whatever the
+    machine's load does to import and model-loading times.
+    """
+    child = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while child.poll() is None and not started():
+        time.sleep(0.002)
+    try:
+        child.wait(timeout=delay)
         return False
     except subprocess.TimeoutExpired:
         child.send_signal(signal.SIGKILL)
@@ -157,33 +176,42 @@ def extract_trials(work: Path, n: int, rng: np.random.Generator) -> tuple[Tally,
     reference = _rows(work / "ref" / cache)
     timing = {"reference_seconds": round(time.perf_counter() - t0, 2), "run_seconds": round(total, 2), "batches_start_at_s": round(first, 2),
               "images": int(len(reference["labels"]))}
+    saved: list[int] = []  # images saved when a kill landed mid-run
     for i in range(n):
         tally.trials += 1
         out = work / f"x{i}"
         args = [*EXTRACT, "--data", str(data), "--cache-dir", str(out)]
-        # Most kills land while batches are saved; some during start-up and some in the final write.
+        partial = PartialRun(out / cache)
+        final = out / cache
         kills = 2 if i % 4 == 3 else 1  # every fourth trial also kills the resuming run
-        for _ in range(kills):
-            at = float(rng.uniform(0.9 * first, total * 1.02))
-            if not _kill_at(args, work, at):
+        for k in range(kills):
+            if i % 8 == 5 and k == 0:  # now and then, a moment of start-up: imports, model, dataset scan
+                at = float(rng.uniform(0, first))
+                killed, where = _kill_at(args, work, at), f"{at:.2f} s after launch"
+            else:  # mostly a moment of the batches or of the final write
+                at = float(rng.uniform(0, 1.05 * (total - first)))
+                # A first run starts work when its partial run appears; a resumed one when it saves a new batch.
+                before = len(partial.shards()) if partial.exists() else None
+                started = partial.exists if before is None else (lambda: len(partial.shards()) > before or final.exists())
+                killed, where = _kill_after_start(args, work, started, at), f"{at:.2f} s into the {'run' if before is None else 'resumed run'}"
+            if not killed:
                 break
             tally.kills += 1
-            partial = PartialRun(out / cache)
-            final = out / cache
             if final.exists():
                 try:
                     if not _same(_rows(final), reference):
-                        tally.lost(f"trial {i}: a kill at {at:.2f} s left a final cache that differs from the reference")
+                        tally.lost(f"trial {i}: a kill {where} left a final cache that differs from the reference")
                     else:
                         tally.accepted_valid += 1
                 except ValueError as e:
-                    tally.lost(f"trial {i}: a kill at {at:.2f} s left an unreadable final cache: {e}")
+                    tally.lost(f"trial {i}: a kill {where} left an unreadable final cache: {e}")
                 continue
-            if partial.exists() and partial.done_until() > 0:
+            if partial.exists():
                 tally.mid_run += 1
+                saved.append(partial.done_until())
             try:
                 read_cache(final).close()
-                tally.lost(f"trial {i}: a reader accepted the partial cache left by a kill at {at:.2f} s")
+                tally.lost(f"trial {i}: a reader accepted the partial cache left by a kill {where}")
             except IncompleteCacheError:
                 tally.refused += 1
             except ValueError:
@@ -196,6 +224,7 @@ def extract_trials(work: Path, n: int, rng: np.random.Generator) -> tuple[Tally,
         else:
             tally.lost(f"trial {i}: the re-run's cache differs from the reference")
         shutil.rmtree(out, ignore_errors=True)
+    timing["saved_at_kill"] = sorted(saved)
     return tally, timing
 
 
