@@ -166,16 +166,19 @@ def extract_trials(work: Path, n: int, rng: np.random.Generator) -> tuple[Tally,
     child = subprocess.Popen([sys.executable, "-m", "pipeline", *EXTRACT, "--data", str(data), "--cache-dir", str(probe)], cwd=work, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     start = time.perf_counter()
-    first = None
+    first = done = None
     while child.poll() is None:
         if first is None and PartialRun(probe / cache).exists():
             first = time.perf_counter() - start
-        time.sleep(0.005)
+        if done is None and (probe / cache).exists():
+            done = time.perf_counter() - start  # the cache is in place; what follows is the interpreter's exit
+        time.sleep(0.002)
     total = time.perf_counter() - start
     first = first if first is not None else total / 2
+    done = done if done is not None else total
     reference = _rows(work / "ref" / cache)
     timing = {"reference_seconds": round(time.perf_counter() - t0, 2), "run_seconds": round(total, 2), "batches_start_at_s": round(first, 2),
-              "images": int(len(reference["labels"]))}
+              "cache_done_at_s": round(done, 2), "images": int(len(reference["labels"]))}
     saved: list[int] = []  # images saved when a kill landed mid-run
     for i in range(n):
         tally.trials += 1
@@ -189,7 +192,7 @@ def extract_trials(work: Path, n: int, rng: np.random.Generator) -> tuple[Tally,
                 at = float(rng.uniform(0, first))
                 killed, where = _kill_at(args, work, at), f"{at:.2f} s after launch"
             else:  # mostly a moment of the batches or of the final write
-                at = float(rng.uniform(0, 1.05 * (total - first)))
+                at = float(rng.uniform(0, 1.1 * (done - first)))
                 # A first run starts work when its partial run appears; a resumed one when it saves a new batch.
                 before = len(partial.shards()) if partial.exists() else None
                 started = partial.exists if before is None else (lambda: len(partial.shards()) > before or final.exists())
