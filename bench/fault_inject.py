@@ -180,6 +180,7 @@ def extract_trials(work: Path, n: int, rng: np.random.Generator) -> tuple[Tally,
     timing = {"reference_seconds": round(time.perf_counter() - t0, 2), "run_seconds": round(total, 2), "batches_start_at_s": round(first, 2),
               "cache_done_at_s": round(done, 2), "images": int(len(reference["labels"]))}
     saved: list[int] = []  # images saved when a kill landed mid-run
+    batches = -(-timing["images"] // 4)  # --batch-size 4
     for i in range(n):
         tally.trials += 1
         out = work / f"x{i}"
@@ -192,11 +193,20 @@ def extract_trials(work: Path, n: int, rng: np.random.Generator) -> tuple[Tally,
                 at = float(rng.uniform(0, first))
                 killed, where = _kill_at(args, work, at), f"{at:.2f} s after launch"
             else:  # mostly a moment of the batches or of the final write
-                at = float(rng.uniform(0, 1.1 * (done - first)))
-                # A first run starts work when its partial run appears; a resumed one when it saves a new batch.
-                before = len(partial.shards()) if partial.exists() else None
-                started = partial.exists if before is None else (lambda: len(partial.shards()) > before or final.exists())
-                killed, where = _kill_after_start(args, work, started, at), f"{at:.2f} s into the {'run' if before is None else 'resumed run'}"
+                before = len(partial.shards()) if partial.exists() else 0
+                if i % 2:
+                    # A random batch, then a random moment within it: the run's own pace, whatever the load.
+                    target = before + int(rng.integers(0, batches - before + 1))
+                    at = float(rng.uniform(0, (done - first) / batches))
+                    where = f"{at:.3f} s after batch {target} was saved"
+                else:
+                    # A random moment from the run's start of work (its partial run appears, or for a resumed run its
+                    # first new batch) to a little after the cache is done in the uninterrupted run.
+                    target = 0 if before == 0 and not partial.exists() else before + 1
+                    at = float(rng.uniform(0, 1.1 * (done - first)))
+                    where = f"{at:.2f} s into the {'run' if target == 0 else 'resumed run'}"
+                started = (lambda: partial.exists() and len(partial.shards()) >= target) if target else partial.exists
+                killed = _kill_after_start(args, work, lambda: started() or final.exists(), at)
             if not killed:
                 break
             tally.kills += 1
