@@ -33,7 +33,7 @@ FT_NAME ?= lp-ft$(if $(FT_SUBSET),-$(FT_SUBSET),-full)
 SUBSET_HEADS ?= $(HEADS)
 REPORT_ARGS ?= --quality-bar 0.91
 
-.PHONY: help all venv assets weights dataset chromium extract heads subset-heads finetune report test test-all bench clean distclean
+.PHONY: help all venv assets weights dataset chromium extract heads subset-heads finetune report test test-all bench faults clean distclean
 
 help:  ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -86,12 +86,16 @@ test: $(STAMP) weights chromium  ## The default test run (fast, CPU; slow and GP
 test-all: $(STAMP) weights chromium  ## Every test, slow and GPU ones included where possible
 	$(BIN)/python -m pytest -q -m ''
 
-bench: assets  ## Benchmarks: extraction vs the naive loop, head fit times, larger-than-memory heads, fine-tuning
+bench: assets  ## Benchmarks: extraction vs the naive loop, head fit times, larger-than-memory heads, HDF5 reads, fine-tuning
 	$(BIN)/python bench/extract_bench.py
 	$(BIN)/python bench/heads_bench.py
 	$(BIN)/python bench/stream_bench.py
+	$(BIN)/python bench/hdf5_read_bench.py
 	$(BIN)/python bench/finetune_compare.py
 	$(BIN)/python bench/dist_bench.py --data $(DATA)
+
+faults: $(STAMP)  ## Fault injection: kill -9 extract, fit-head and finetune at random moments and save points (about 15 min)
+	$(BIN)/python bench/fault_inject.py
 
 clean:  ## Remove caches, heads, fine-tune runs, reports and benchmark results (keeps the venv and data)
 	rm -rf features reports runs bench/results .pytest_cache

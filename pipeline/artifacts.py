@@ -19,6 +19,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
 from .backbones import file_sha256
+from .files import atomic_write
 from .heads import SpatialPool, TorchLinearHead
 
 __all__ = ["save_head", "load_head", "HeadArtifact", "TamperedArtifactError"]
@@ -54,14 +55,6 @@ def feature_identity(attrs: dict) -> dict:
     settings = attrs.get("settings", attrs)
     return {k: settings.get(k) for k in ("model", "weights", "weights_sha256", "taps", "preprocess", "amp")}
 
-
-
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _torch_state(pipe: Pipeline) -> dict[str, Any] | None:
@@ -130,13 +123,13 @@ def save_head(pipe: Pipeline, meta: dict, path: str | os.PathLike) -> Path:
     state = _torch_state(pipe)
     if state is not None:
         artifact = base.with_suffix(".pt")
-        _atomic(artifact, lambda tmp: torch.save(state, tmp))
+        atomic_write(artifact, lambda f: torch.save(state, f))
     else:
         artifact = base.with_suffix(".joblib")
-        _atomic(artifact, lambda tmp: joblib.dump(pipe, tmp))
+        atomic_write(artifact, lambda f: joblib.dump(pipe, f))
     record = {**meta, "artifact": artifact.name, "artifact_sha256": file_sha256(artifact), "format": "pipeline-head", "format_version": 1}
     meta_path = base.with_suffix(".json")
-    _atomic(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1, sort_keys=True, default=str)))
+    atomic_write(meta_path, lambda f: f.write(json.dumps(record, indent=1, sort_keys=True, default=str).encode()))
     return meta_path
 
 

@@ -12,6 +12,8 @@ from typing import Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
+from .files import atomic_write, disk_full, is_disk_full
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
@@ -34,6 +36,7 @@ DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "gzip", "lzf")
 _SHARD = re.compile(r"^rows-(\d{9})-(\d{9})\.npz$")
 _CHUNK_BYTES = 1 << 20
+_RESUME_HINT = "; the batches already saved are kept, so the re-run resumes after them"
 
 
 class IncompleteCacheError(ValueError):
@@ -146,13 +149,7 @@ class PartialRun:
         arrays["index"] = np.asarray(index, dtype=np.int64)
         arrays["skipped_index"] = np.asarray([i for i, _ in skipped], dtype=np.int64)
         arrays["skipped_reason"] = np.asarray([r for _, r in skipped], dtype=np.str_)
-        name = f"rows-{start:09d}-{stop:09d}.npz"
-        tmp = self.dir / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / name)
+        atomic_write(self.dir / f"rows-{start:09d}-{stop:09d}.npz", lambda f: np.savez(f, **arrays), hint=_RESUME_HINT)
 
     def read(self) -> Iterator[dict[str, np.ndarray]]:
         for _, _, path in self.shards():
@@ -174,12 +171,7 @@ def _union(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(data))
 
 
 # ---------------------------------------------------------------- the final file
@@ -245,34 +237,48 @@ def write_cache(
     rows = len(index)
     final = partial.final
     tmp = final.with_name(f".{final.name}.tmp")
+    # HDF5 can crash the process (not raise) when the disk fills while it writes, so the room is checked first:
+    # the features uncompressed, the per-row arrays, and 1 MiB for strings and metadata.
+    need = rows * (sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in zip(shapes, dtypes)) + 16) + sum(map(len, paths)) + 2**20
+    if shutil.disk_usage(final.parent).free < need:
+        raise disk_full(final, f"; the final file needs about {need / 2**20:.1f} MiB{_RESUME_HINT}")
     filters = {"none": {}, "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True}, "lzf": {"compression": "lzf", "shuffle": True}}[compression]
     text = h5py.string_dtype()
-    with h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["complete"] = False
-        dsets = []
-        for name, shape, dtype in zip(tap_names, shapes, dtypes):
-            row_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            chunk_rows = max(1, min(rows, _CHUNK_BYTES // max(1, row_bytes)))
-            dsets.append(f.create_dataset(f"features/{name}", shape=(rows, *shape), dtype=dtype, chunks=(chunk_rows, *shape), **filters))
-        r = 0
-        for shard in partial.read():
-            k = len(shard["index"])
-            for i, d in enumerate(dsets if k else ()):
-                d[r : r + k] = shard[f"f{i}"]
-            r += k
-        f.create_dataset("index", data=index)
-        f.create_dataset("labels", data=np.asarray(labels)[index].astype(np.int64))
-        f.create_dataset("paths", data=np.asarray([paths[i] for i in index], dtype=object), dtype=text)
-        f.create_dataset("classes", data=np.asarray(list(classes), dtype=object), dtype=text)
-        skipped = list(rejected) + [(paths[i], why) for i, why in zip(skipped_idx, skipped_why)]
-        f.create_dataset("skipped/paths", data=np.asarray([p for p, _ in skipped], dtype=object), dtype=text)
-        f.create_dataset("skipped/reasons", data=np.asarray([w for _, w in skipped], dtype=object), dtype=text)
-        for k, v in _json_attrs({**attrs, "n_rows": rows, "n_skipped": len(skipped)}).items():
-            f.attrs[k] = v
-        f.attrs["complete"] = True
-    os.replace(tmp, final)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["complete"] = False
+            dsets = []
+            for name, shape, dtype in zip(tap_names, shapes, dtypes):
+                row_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                chunk_rows = max(1, min(rows, _CHUNK_BYTES // max(1, row_bytes)))
+                dsets.append(f.create_dataset(f"features/{name}", shape=(rows, *shape), dtype=dtype, chunks=(chunk_rows, *shape), **filters))
+            r = 0
+            for shard in partial.read():
+                k = len(shard["index"])
+                for i, d in enumerate(dsets if k else ()):
+                    d[r : r + k] = shard[f"f{i}"]
+                r += k
+            f.create_dataset("index", data=index)
+            f.create_dataset("labels", data=np.asarray(labels)[index].astype(np.int64))
+            f.create_dataset("paths", data=np.asarray([paths[i] for i in index], dtype=object), dtype=text)
+            f.create_dataset("classes", data=np.asarray(list(classes), dtype=object), dtype=text)
+            skipped = list(rejected) + [(paths[i], why) for i, why in zip(skipped_idx, skipped_why)]
+            f.create_dataset("skipped/paths", data=np.asarray([p for p, _ in skipped], dtype=object), dtype=text)
+            f.create_dataset("skipped/reasons", data=np.asarray([w for _, w in skipped], dtype=object), dtype=text)
+            for k, v in _json_attrs({**attrs, "n_rows": rows, "n_skipped": len(skipped)}).items():
+                f.attrs[k] = v
+            f.attrs["complete"] = True
+        with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible, so a power cut cannot leave it partial
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException as e:
+        # A half-built file is never renamed into place; it is removed so that it does not hold the disk.
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(final, _RESUME_HINT) from e
+        raise
     partial.remove()
     return final
 
@@ -340,16 +346,51 @@ class FeatureCache:
             self._file = h5py.File(self.path, "r")
         except OSError as e:
             raise ValueError(f"cannot open {self.path} as HDF5 ({e})") from None
-        a = self._file.attrs
-        if a.get("format") != FORMAT:
+        try:
+            a = self._file.attrs
+            if not _is(a.get("format"), str, FORMAT):
+                raise ValueError(f"{self.path} is not a pipeline feature cache")
+            if not _is(a.get("format_version"), (int, np.integer), FORMAT_VERSION):
+                raise ValueError(f"{self.path} has cache format version {_show(a.get('format_version'))}; this pipeline reads {FORMAT_VERSION}")
+            if not _is(a.get("complete"), (bool, np.bool_), True):
+                raise IncompleteCacheError(f"{self.path} is incomplete (its writer stopped before finishing); re-run pipeline extract")
+            self._check_layout()
+        except BaseException:
             self._file.close()
-            raise ValueError(f"{self.path} is not a pipeline feature cache")
-        if a.get("format_version") != FORMAT_VERSION:
-            self._file.close()
-            raise ValueError(f"{self.path} has cache format version {a.get('format_version')}; this pipeline reads {FORMAT_VERSION}")
-        if a.get("complete") is not np.True_ and a.get("complete") is not True:
-            self._file.close()
-            raise IncompleteCacheError(f"{self.path} is incomplete (its writer stopped before finishing); re-run pipeline extract")
+            raise
+
+    def _check_layout(self) -> None:
+        """Refuse arrays that disagree with each other or with the attributes: an error now, not a wrong result later."""
+        f, where = self._file, f"{self.path} is damaged:"
+        taps = self.attrs.get("taps")
+        if not isinstance(taps, list) or not taps or not all(isinstance(t, str) for t in taps):
+            raise ValueError(f"{where} attribute 'taps' should be a JSON list of tap names, found {_show(self._file.attrs.get('taps'))}")
+        for name in ("labels", "paths", "classes", "skipped/paths", "skipped/reasons", *(f"features/{t}" for t in taps)):
+            if not isinstance(f.get(name), h5py.Dataset):
+                raise ValueError(f"{where} it has no dataset {name!r}")
+        labels = f["labels"]
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise ValueError(f"{where} 'labels' should be a 1-D integer array, found {labels.dtype} of shape {labels.shape}")
+        n = labels.shape[0]
+        for name in ("paths", "classes", "skipped/paths", "skipped/reasons"):
+            d = f[name]
+            if d.ndim != 1 or h5py.check_string_dtype(d.dtype) is None:
+                raise ValueError(f"{where} {name!r} should be a 1-D array of strings, found {d.dtype} of shape {d.shape}")
+        if f["skipped/paths"].shape != f["skipped/reasons"].shape:
+            raise ValueError(f"{where} {f['skipped/paths'].shape[0]} skipped paths for {f['skipped/reasons'].shape[0]} reasons")
+        if f["classes"].shape[0] == 0:
+            raise ValueError(f"{where} it names no classes")
+        lengths = {"paths": f["paths"].shape[0], **{f"features/{t}": f[f"features/{t}"].shape[0] for t in taps}}
+        if "index" in f:
+            lengths["index"] = f["index"].shape[0]
+        rows = self._file.attrs.get("n_rows", n)
+        if not isinstance(rows, (int, np.integer)) or any(v != n for v in lengths.values()) or rows != n:
+            found = ", ".join(f"{k} {v}" for k, v in lengths.items())
+            raise ValueError(f"{where} its arrays disagree on the number of rows: labels {n}, {found}, attribute n_rows {_show(rows)}")
+        for t in taps:
+            d = f[f"features/{t}"]
+            if d.ndim < 2 or d.dtype.kind != "f":
+                raise ValueError(f"{where} features/{t} should be a floating-point array of N x D (or N x C x H x W), found {d.dtype} of shape {d.shape}")
 
     def __enter__(self) -> "FeatureCache":
         return self
@@ -390,7 +431,13 @@ class FeatureCache:
 
     @property
     def labels(self) -> np.ndarray:
-        return self._file["labels"][()]
+        """Class indices, checked to lie in ``range(len(classes))``."""
+        y = self._file["labels"][()].astype(np.int64)
+        k = self._file["classes"].shape[0]
+        if y.size and (y.min() < 0 or y.max() >= k):
+            bad = int(np.argmax((y < 0) | (y >= k)))
+            raise ValueError(f"{self.path} is damaged: label {y[bad]} at row {bad} is not a class index (there are {k} classes)")
+        return y
 
     @property
     def paths(self) -> list[str]:
@@ -406,6 +453,19 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return int(self._file["labels"].shape[0])
+
+
+def _is(value: object, types: type | tuple[type, ...], expected: object) -> bool:
+    """An attribute equal to ``expected`` and of a scalar type: arrays and other types never compare equal."""
+    return isinstance(value, types) and value == expected
+
+
+def _show(value: object, limit: int = 80) -> str:
+    """A short repr of a (possibly hostile, huge) attribute value for an error message."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    text = f"an array {value.tolist()!r}" if isinstance(value, np.ndarray) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def read_cache(path: str | os.PathLike) -> FeatureCache:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -128,6 +129,8 @@ def _check_file(root: Path, rel: str) -> tuple[int, str | None]:
         size = (root / rel).stat().st_size
     except FileNotFoundError:
         return 0, "file not found"
+    except OSError as e:  # a name too long for the filesystem, a permission problem...
+        return 0, f"cannot read file ({e.strerror or e})"
     if size == 0:
         return 0, "empty file (0 bytes)"
     if PurePosixPath(rel).suffix.lower() not in IMAGE_EXTENSIONS:
@@ -182,6 +185,8 @@ def _collect(root: Path, candidates: Iterable[tuple[str, int]]) -> tuple[list[st
 
 def _safe_relpath(image_dir: str, name: str, where: str, image_root: Path) -> str:
     """Join a CSV id onto the image folder, refusing ids that escape it."""
+    if "\0" in name:
+        raise ValueError(f"{where}: image id {name!r} contains a NUL character")
     pure = PurePosixPath(name.replace("\\", "/"))
     if pure.is_absolute() or (len(name) > 1 and name[1] == ":") or ".." in pure.parts:
         raise ValueError(f"{where}: image path {name!r} escapes the image root {image_root}")
@@ -193,8 +198,20 @@ def _scan_csv(spec: DatasetSpec) -> tuple[list[str], list[int], list[int], list[
     csv_path = root / spec.labels_csv
     if not csv_path.is_file():
         raise ValueError(f"labels file {csv_path} not found")
+    try:
+        text = csv_path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{csv_path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        return _parse_csv(spec, csv_path, text)
+    except csv.Error as e:
+        raise ValueError(f"{csv_path} is not a readable CSV file ({e})") from None
+
+
+def _parse_csv(spec: DatasetSpec, csv_path: Path, text: str) -> tuple[list[str], list[int], list[int], list[Rejected], list[str]]:
+    root = Path(spec.root)
     image_root = root / spec.image_dir
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
         for col, opt in ((spec.id_column, "--id-column"), (spec.label_column, "--label-column")):
@@ -264,6 +281,9 @@ def load_split(spec: DatasetSpec, split: str) -> Split:
     carved = None
     if spec.labels_csv:
         paths, labels, sizes, rejected, classes = _scan_csv(spec)
+        if not paths:
+            more = f" (and {len(rejected) - 1} more)" if len(rejected) > 1 else ""
+            raise ValueError(f"{root / spec.labels_csv} lists no usable image: {rejected[0].path}: {rejected[0].reason}{more}")
         y = np.asarray(labels, dtype=np.int64)
         rest, test = _carve(y, spec.test_fraction, spec.split_seed, classes, "test")
         members = {"test": test}
@@ -285,6 +305,8 @@ def load_split(spec: DatasetSpec, split: str) -> Split:
         if scan == split and (split != "train" or has_val):
             members = {split: np.arange(len(paths))}
         else:
+            if not paths:
+                raise ValueError(f"{root / scan} has no usable image to carve a val split from")
             y = np.asarray(labels, dtype=np.int64)
             train, val = _carve(y, spec.val_fraction, spec.split_seed, classes, "val")
             members = {"train": train, "val": val}

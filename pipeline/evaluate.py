@@ -12,6 +12,7 @@ from sklearn.metrics import balanced_accuracy_score, classification_report, conf
 
 from .artifacts import load_head
 from .backbones import file_sha256
+from .files import atomic_write
 from .cache import read_cache
 from .data import DatasetSpec, load_split
 from .extract import ExtractConfig, locate_cache
@@ -168,13 +169,9 @@ def _report(metrics: dict, y: np.ndarray, pred: np.ndarray, class_scores, classe
     png = plot_confusion(cm, classes, base.with_name(base.name + "-confusion.png"), f"{name}: test top-1 {metrics['top1']:.2%}")
     metrics["confusion_png"] = str(png)
     out, preds = _outputs(path)
-    tmp = preds.with_name(f".{preds.name}.tmp.npz")
-    np.savez(tmp, y=np.asarray(y), pred=np.asarray(pred), paths=np.asarray(paths, dtype=str), root=np.asarray(str(root)))
-    os.replace(tmp, preds)
+    atomic_write(preds, lambda f: np.savez(f, y=np.asarray(y), pred=np.asarray(pred), paths=np.asarray(paths, dtype=str), root=np.asarray(str(root))))
     # The metrics last: their presence with matching inputs is what marks the evaluation done.
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
     metrics["json"] = str(out)
     metrics["status"] = "evaluated"
     return metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from .backbones import Backbone, Preprocess, file_sha256, final_linear, load_bac
 from .cache import _slug, diff_settings
 from .data import SPLITS, DatasetSpec, ImageDataset, Split, collate_batch, load_split, stratified_subset
 from .extract import ON_ERROR, _auto_workers, _versions
+from .files import atomic_write
 from .runtime import Runtime, resolve_runtime
 from .taps import FeatureHooks, Tap, default_tap
 
@@ -39,6 +41,8 @@ __all__ = [
 
 FORMAT = "pipeline-finetuned"
 FORMAT_VERSION = 1
+# A full disk during a fine-tune loses at most the epoch in progress: last.pt is only ever replaced whole.
+_RESUME_HINT = "; a re-run of the same command resumes after the last saved epoch"
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 AUGMENTS = ("none", "crop-flip", "crop-flip-rotate")
@@ -695,20 +699,15 @@ def _fail_on_bad(bad: list[tuple[int, str]], part: _Part, on_error: str) -> None
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f), hint=_RESUME_HINT)
 
 
 def _write_history(history: list[dict], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()), hint=_RESUME_HINT)
 
 
 
@@ -877,9 +876,7 @@ def finetune(config: FinetuneConfig | None = None, *, force: bool = False, progr
         "recipe_source": RECIPES[config.recipe].source if config.recipe else None,
         "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    tmp = meta_path.with_name(f".{meta_path.name}.tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()), hint=_RESUME_HINT)
     return FinetuneResult(meta_path, out, status, best_epoch, best_acc, seconds, history)
 
 
@@ -955,10 +952,16 @@ def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
     meta_path = Path(path).with_suffix(".json")
     if not meta_path.is_file():
         raise ValueError(f"no fine-tuned model metadata at {meta_path}; run pipeline finetune first")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "artifact" not in meta or "artifact_sha256" not in meta:
         raise ValueError(f"{meta_path} is not a fine-tuned model")
-    artifact = meta_path.with_name(meta["artifact"])
+    name = str(meta["artifact"])
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"{meta_path} names a model file {name!r} that is not beside it")
+    artifact = meta_path.with_name(name)
     if not artifact.is_file():
         raise ValueError(f"{meta_path} names a model file {meta['artifact']!r} that is not beside it")
     digest = file_sha256(artifact)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
+import io
 import json
 import math
 import time
@@ -22,6 +23,7 @@ from .backbones import file_sha256
 from .cache import FeatureCache, read_cache
 from .data import stratified_subset
 from .extract import ExtractConfig, _versions, locate_cache
+from .files import atomic_write
 from .heads import HEADS, POOLS, PREPROCESSING, SpatialPool, build_head
 
 __all__ = ["HeadConfig", "FitResult", "fit_head", "heads_dir", "load_split_features", "check_compatible", "paths_digest", "default_head_path"]
@@ -372,7 +374,8 @@ def paths_digest(paths: list[str]) -> str:
 
 
 def _write_history(history: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))

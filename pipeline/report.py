@@ -31,6 +31,7 @@ from .cache import _slug, read_cache
 from .data import SPLITS, load_rgb, stratified_subset
 from .evaluate import compare, load_predictions, plot_confusion
 from .extract import ExtractConfig, locate_cache
+from .files import atomic_write
 from .fit import heads_dir
 
 __all__ = ["ReportConfig", "ReportResult", "build_report", "check_render", "find_chromium", "RenderCheck", "PROJECTIONS"]
@@ -185,10 +186,8 @@ def _plt():
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     _plt().close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -229,6 +228,7 @@ def plot_learning_curves(linear: list[dict] | None, finetune: dict | None, path:
             if key in history[0] and history[0][key] not in ("", None):
                 ax.plot(epochs, [100 * float(r[key]) for r in history], style, ms=3, label=key.replace("_acc", ""))
         ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("accuracy, %")
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
@@ -297,7 +297,7 @@ def _pct(v: float | None) -> str:
 def _secs(v: float | None) -> str:
     if v is None:
         return "–"
-    return f"{v:.1f} s" if v < 120 else f"{v / 60:.1f} min"
+    return f"{v:.2f} s" if v < 10 else f"{v:.1f} s" if v < 120 else f"{v / 60:.1f} min"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> dict:
@@ -554,12 +554,9 @@ def build_report(source: ExtractConfig | None = None, config: ReportConfig | Non
     title = f"pipeline report: {s.get('dataset')} with {s.get('model')} ({s.get('weights')})"
     sections = _sections({**data, "best": best, "best_head": best_head, "figures": {k: v for k, v in figures.items() if v}})
     for path, text in ((md_path, render_markdown(title, sections)), (html_path, render_html(title, sections))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    tmp = data_path.with_name(f".{data_path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, data_path)  # last: it marks the report complete for reuse
+        atomic_write(path, lambda f, text=text: f.write(text.encode()))
+    # Last: it marks the report complete for reuse.
+    atomic_write(data_path, lambda f: f.write(json.dumps(data, indent=1, default=str).encode()))
     return ReportResult(html_path, md_path, "written", data["best"], time.perf_counter() - t0, [v for v in figures.values() if v])
 
 

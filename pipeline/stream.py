@@ -51,7 +51,13 @@ def minibatches(
     per_buffer = max(1, block_rows // piece)
     for i in range(0, len(pieces), per_buffer):
         group = pieces[i : i + per_buffer]
-        X = transform(np.concatenate([np.asarray(source[a:b], dtype=np.float32) for a, b in group]))
+        X = np.concatenate([np.asarray(source[a:b], dtype=np.float32) for a, b in group])
+        # Without standardization nothing else reads every row first; a NaN would silently poison the weights.
+        if not np.isfinite(X).all():
+            row = next(a + int(np.argmax(~np.isfinite(source[a:b]).reshape(b - a, -1).all(axis=1))) for a, b in group
+                       if not np.isfinite(source[a:b]).all())
+            raise ValueError(f"NaN or inf features in the streamed cache (first at row {row})")
+        X = transform(X)
         y = np.concatenate([labels[a:b] for a, b in group])
         order = rng.permutation(len(y))
         for j in range(0, len(y), batch_size):
