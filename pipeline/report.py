@@ -201,8 +201,8 @@ def plot_accuracy_vs_time(rows: list[dict], path: Path) -> Path:
         if not pts:
             continue
         ax.scatter([r["fit_seconds"] for r in pts], [100 * r["top1"] for r in pts], marker=markers[kind], s=90 if kind == "finetune" else 45,
-                   label=kind if kind != "head" else "head (full train set)", zorder=3)
-        for r in pts:
+                   label={"head": "head (full train set)", "subset head": "head on the fine-tune's subset"}.get(kind, kind), zorder=3)
+        for r in pts if kind != "subset head" else []:  # subset heads crowd together: the table names them
             ax.annotate(r["label"], (r["fit_seconds"], 100 * r["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("fit time, s (log scale; the sweep on val included)")
