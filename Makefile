@@ -26,7 +26,7 @@ FT_ARGS ?= --epochs 5 --batch-size 128 --lr 0.01 --head-lr-mult 1 --warmup-epoch
 FT_INIT := linear
 else
 FT_SUBSET ?= 100
-FT_ARGS ?= --epochs 3 --head-lr-mult 1 --eval-subset 50
+FT_ARGS ?= --epochs 3 --head-lr-mult 1 --eval-subset 50 --augment none
 FT_INIT := subset-$(FT_SUBSET)/linear
 endif
 FT_NAME ?= lp-ft$(if $(FT_SUBSET),-$(FT_SUBSET),-full)
