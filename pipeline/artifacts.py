@@ -25,6 +25,9 @@ from .heads import SpatialPool, TorchLinearHead
 __all__ = ["save_head", "load_head", "HeadArtifact", "TamperedArtifactError"]
 
 
+HEAD_FORMAT = "pipeline-head"
+
+
 class TamperedArtifactError(ValueError):
     """An artifact whose bytes differ from the digest recorded when it was written."""
 
@@ -109,6 +112,61 @@ def _pipeline_from_torch(state: dict[str, Any]) -> Pipeline:
     return Pipeline(steps)
 
 
+def read_meta(path: str | os.PathLike, fmt: str, what: str, kind: str, hint: str) -> tuple[Path, dict]:
+    """The metadata JSON of an artifact (``path`` is it or its artifact), checked to be of format ``fmt``.
+
+    Args:
+        fmt: the expected ``format`` value.
+        what: how messages name the metadata's owner, e.g. ``head``.
+        kind: what the file claims to be, e.g. ``pipeline head``.
+        hint: what to do when the file is missing.
+
+    Raises:
+        ValueError: a missing, unreadable or foreign metadata file.
+    """
+    meta_path = Path(path).with_suffix(".json")
+    if not meta_path.is_file():
+        raise ValueError(f"no {what} metadata at {meta_path}; {hint}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt or "artifact" not in meta or "artifact_sha256" not in meta:
+        raise ValueError(f"{meta_path} is not a {kind}")
+    return meta_path, meta
+
+
+def artifact_path(meta_path: Path, meta: dict) -> Path:
+    """The artifact a metadata file names, which must be a plain file name beside it.
+
+    Raises:
+        ValueError: a name with a directory part, or no such file.
+    """
+    name = str(meta["artifact"])
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"{meta_path} names an artifact {name!r} that is not beside it")
+    artifact = meta_path.with_name(name)
+    if not artifact.is_file():
+        raise ValueError(f"{meta_path} names an artifact {name!r} that is not beside it")
+    return artifact
+
+
+def verified_artifact(meta_path: Path, meta: dict) -> Path:
+    """:func:`artifact_path`, after checking that its bytes still have the sha256 recorded when it was written.
+
+    Raises:
+        TamperedArtifactError: the digests differ.
+    """
+    artifact = artifact_path(meta_path, meta)
+    digest = file_sha256(artifact)
+    if digest != meta["artifact_sha256"]:
+        raise TamperedArtifactError(
+            f"{artifact} does not match the sha256 recorded when it was written "
+            f"({meta['artifact_sha256'][:16]}... expected, {digest[:16]}... found); refusing to load it"
+        )
+    return artifact
+
+
 def save_head(pipe: Pipeline, meta: dict, path: str | os.PathLike) -> Path:
     """Write a fitted head and its metadata, atomically.
 
@@ -127,7 +185,7 @@ def save_head(pipe: Pipeline, meta: dict, path: str | os.PathLike) -> Path:
     else:
         artifact = base.with_suffix(".joblib")
         atomic_write(artifact, lambda f: joblib.dump(pipe, f))
-    record = {**meta, "artifact": artifact.name, "artifact_sha256": file_sha256(artifact), "format": "pipeline-head", "format_version": 1}
+    record = {**meta, "artifact": artifact.name, "artifact_sha256": file_sha256(artifact), "format": HEAD_FORMAT, "format_version": 1}
     meta_path = base.with_suffix(".json")
     atomic_write(meta_path, lambda f: f.write(json.dumps(record, indent=1, sort_keys=True, default=str).encode()))
     return meta_path
@@ -140,28 +198,8 @@ def load_head(path: str | os.PathLike) -> HeadArtifact:
         ValueError: a missing or malformed metadata file.
         TamperedArtifactError: the artifact's bytes differ from the recorded digest.
     """
-    p = Path(path)
-    meta_path = p.with_suffix(".json")
-    if not meta_path.is_file():
-        raise ValueError(f"no head metadata at {meta_path}; fit a head with pipeline fit-head first")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e})") from None
-    if meta.get("format") != "pipeline-head" or "artifact" not in meta or "artifact_sha256" not in meta:
-        raise ValueError(f"{meta_path} is not a pipeline head")
-    name = str(meta["artifact"])
-    if Path(name).name != name or name in ("", ".", ".."):
-        raise ValueError(f"{meta_path} names an artifact {name!r} that is not beside it")
-    artifact = meta_path.with_name(name)
-    if not artifact.is_file():
-        raise ValueError(f"{meta_path} names an artifact {meta['artifact']!r} that is not beside it")
-    digest = file_sha256(artifact)
-    if digest != meta["artifact_sha256"]:
-        raise TamperedArtifactError(
-            f"{artifact} does not match the sha256 recorded when it was written "
-            f"({meta['artifact_sha256'][:16]}... expected, {digest[:16]}... found); refusing to load it"
-        )
+    meta_path, meta = read_meta(path, HEAD_FORMAT, "head", "pipeline head", "fit a head with pipeline fit-head first")
+    artifact = verified_artifact(meta_path, meta)
     if artifact.suffix == ".pt":
         pipe = _pipeline_from_torch(torch.load(artifact, map_location="cpu", weights_only=True))
     else:

@@ -451,6 +451,14 @@ class FeatureCache:
     def skipped(self) -> list[tuple[str, str]]:
         return list(zip(self._file["skipped/paths"].asstr()[()], self._file["skipped/reasons"].asstr()[()]))
 
+    @property
+    def identity(self) -> dict:
+        """What identifies this cache's content for reuse decisions downstream (a fitted head, an evaluation):
+        where it is, when it was made, from which dataset, and how many rows."""
+        attrs = self.attrs
+        return {"path": str(self.path.resolve()), "created": attrs.get("created"), "dataset_fingerprint": attrs.get("dataset_fingerprint"),
+                "rows": len(self)}
+
     def __len__(self) -> int:
         return int(self._file["labels"].shape[0])
 

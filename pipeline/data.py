@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -74,6 +75,12 @@ class DatasetSpec:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     split_seed: int = 0
+
+    @classmethod
+    def of(cls, settings: Any) -> "DatasetSpec":
+        """The dataset of a settings object that holds these fields flat, with ``data`` for ``root`` (the extract
+        and fine-tune configs, which the command line and pipeline.toml fill field by field)."""
+        return cls(root=settings.data, **{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls) if f.name != "root"})
 
     @property
     def name(self) -> str:

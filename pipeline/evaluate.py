@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, top_k_accuracy_score
 
-from .artifacts import load_head
+from .artifacts import HEAD_FORMAT, artifact_path, load_head, read_meta
 from .backbones import file_sha256
 from .files import atomic_write
 from .cache import read_cache
 from .data import DatasetSpec, load_split
 from .extract import ExtractConfig, locate_cache
-from .finetune import image_logits, is_finetuned, load_finetuned
+from .finetune import FORMAT, image_logits, is_finetuned, load_finetuned
 from .fit import heads_dir, load_split_features
 
 __all__ = ["evaluate", "compare", "scores", "plot_confusion", "load_predictions"]
@@ -83,12 +83,12 @@ def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = Non
     """
     if is_finetuned(head):
         return _evaluate_finetuned(head, test_cache, source, force)
-    meta = _head_meta(head)
+    meta_path, meta = read_meta(head, HEAD_FORMAT, "head", "pipeline head", "fit a head with pipeline fit-head first")
     if test_cache is None:
         train_path = Path(meta["train_cache"]["path"])
         test_cache = locate_cache(replace(source, split="test")) if source else train_path.with_name("test.h5")
     with read_cache(test_cache) as cache:
-        inputs = {"head": _identity(Path(head), meta), "test": {"path": str(cache.path.resolve()), "created": cache.attrs.get("created"), "rows": len(cache)}}
+        inputs = {"head": _identity(meta_path, meta), "test": cache.identity}
         reused = None if force else _reusable(Path(head), inputs)
         if reused is not None:
             return reused
@@ -109,22 +109,13 @@ def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = Non
     return _report(metrics, y, pred, (lambda: scores(art.pipeline, X)), classes, art.path, art.meta["clf"], paths, root)
 
 
-def _head_meta(path: str | os.PathLike) -> dict:
-    meta_path = Path(path).with_suffix(".json")
-    try:
-        return json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"no head metadata at {meta_path}; fit a head with pipeline fit-head first") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e})") from None
-
-
 def _identity(meta_path: Path, meta: dict) -> dict:
     """A head's or model's identity for reuse: when it was made and its artifact's digest, as found on disk (so that
     a damaged artifact is never passed over by a reused result, but refused when it is loaded)."""
-    name = Path(str(meta.get("artifact", ""))).name
-    artifact = Path(meta_path).with_suffix(".json").with_name(name) if name else None
-    digest = file_sha256(artifact) if artifact is not None and artifact.is_file() else None
+    try:
+        digest = file_sha256(artifact_path(meta_path, meta))
+    except ValueError:
+        digest = None
     return {"artifact_sha256": digest, "created": meta.get("created")}
 
 
@@ -181,13 +172,13 @@ def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike |
     """A fine-tuned model on the test split's images of its dataset (or of ``source``'s)."""
     if test_cache is not None:
         raise ValueError(f"{path} is a fine-tuned model: it is evaluated on the test images, not on a feature cache; drop --test-cache")
-    meta = _head_meta(path)
+    meta_path, meta = read_meta(path, FORMAT, "fine-tuned model", "fine-tuned model", "run pipeline finetune first")
     ds = meta["dataset"]
     spec = source.dataset if source else DatasetSpec(**{k: ds[k] for k in ("root", "labels_csv", "id_column", "label_column", "image_dir", "extension", "val_fraction", "test_fraction", "split_seed")})
     split = load_split(spec, "test")
     if len(split) == 0:
         raise ValueError(f"the test split of {spec.root} has no images")
-    inputs = {"head": _identity(Path(path), meta), "test": {"root": str(Path(spec.root).resolve()), "fingerprint": split.fingerprint, "rows": len(split)}}
+    inputs = {"head": _identity(meta_path, meta), "test": {"root": str(Path(spec.root).resolve()), "fingerprint": split.fingerprint, "rows": len(split)}}
     reused = None if force else _reusable(Path(path), inputs)
     if reused is not None:
         return reused
@@ -222,7 +213,7 @@ def compare(folder: str | os.PathLike | None = None, source: ExtractConfig | Non
         if meta_path.name.endswith("-test.json"):
             continue
         meta = json.loads(meta_path.read_text())
-        if meta.get("format") != "pipeline-head":
+        if meta.get("format") != HEAD_FORMAT:
             continue
         test_path = meta_path.with_name(meta_path.stem + "-test.json")
         test = json.loads(test_path.read_text()) if test_path.is_file() else {}
@@ -230,6 +221,7 @@ def compare(folder: str | os.PathLike | None = None, source: ExtractConfig | Non
             "clf": meta["clf"], "val_accuracy": meta["val_accuracy"], "top1": test.get("top1"), "top5": test.get("top5"),
             "balanced_accuracy": test.get("balanced_accuracy"), "fit_seconds": meta["fit_seconds"],
             "param": meta["param"], "value": meta["value"], "preprocessing": meta["preprocessing"], "path": str(meta_path),
+            "config": meta.get("config", {}), "subset": meta.get("subset"),
         })
     if not rows:
         raise ValueError(f"no heads in {folder}; fit one with pipeline fit-head")

@@ -98,11 +98,7 @@ class ExtractConfig:
 
     @property
     def dataset(self) -> DatasetSpec:
-        return DatasetSpec(
-            root=self.data, labels_csv=self.labels_csv, id_column=self.id_column, label_column=self.label_column,
-            image_dir=self.image_dir, extension=self.extension, val_fraction=self.val_fraction,
-            test_fraction=self.test_fraction, split_seed=self.split_seed,
-        )
+        return DatasetSpec.of(self)
 
 
 @dataclass

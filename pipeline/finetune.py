@@ -22,7 +22,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
-from .artifacts import TamperedArtifactError, load_head
+from .artifacts import TamperedArtifactError, load_head, read_meta, verified_artifact
 from .backbones import Backbone, Preprocess, file_sha256, final_linear, load_backbone, resolve_weights, weights_label
 from .cache import _slug, diff_settings
 from .data import SPLITS, DatasetSpec, ImageDataset, Split, collate_batch, load_split, stratified_subset
@@ -264,11 +264,7 @@ class FinetuneConfig:
 
     @property
     def dataset(self) -> DatasetSpec:
-        return DatasetSpec(
-            root=self.data, labels_csv=self.labels_csv, id_column=self.id_column, label_column=self.label_column,
-            image_dir=self.image_dir, extension=self.extension, val_fraction=self.val_fraction,
-            test_fraction=self.test_fraction, split_seed=self.split_seed,
-        )
+        return DatasetSpec.of(self)
 
 
 @dataclass
@@ -949,24 +945,8 @@ def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
         ValueError: a missing or malformed file, or weights that do not fit the model.
         TamperedArtifactError: the model file differs from the digest recorded when it was written.
     """
-    meta_path = Path(path).with_suffix(".json")
-    if not meta_path.is_file():
-        raise ValueError(f"no fine-tuned model metadata at {meta_path}; run pipeline finetune first")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "artifact" not in meta or "artifact_sha256" not in meta:
-        raise ValueError(f"{meta_path} is not a fine-tuned model")
-    name = str(meta["artifact"])
-    if Path(name).name != name or name in ("", ".", ".."):
-        raise ValueError(f"{meta_path} names a model file {name!r} that is not beside it")
-    artifact = meta_path.with_name(name)
-    if not artifact.is_file():
-        raise ValueError(f"{meta_path} names a model file {meta['artifact']!r} that is not beside it")
-    digest = file_sha256(artifact)
-    if digest != meta["artifact_sha256"]:
-        raise TamperedArtifactError(f"{artifact} does not match the sha256 recorded when it was written; refusing to load it")
+    meta_path, meta = read_meta(path, FORMAT, "fine-tuned model", "fine-tuned model", "run pipeline finetune first")
+    artifact = verified_artifact(meta_path, meta)
     state = torch.load(artifact, map_location="cpu", weights_only=True)
     with torch.random.fork_rng(devices=[]):
         model = torchvision.models.get_model(meta["model"], weights=None)

@@ -256,12 +256,6 @@ def _search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: A
     return best[1], best[2], sweep
 
 
-def _cache_identity(cache: FeatureCache) -> dict:
-    """What identifies a cache's content for reuse decisions: where it is, when it was made, and what from."""
-    attrs = cache.attrs
-    return {"path": str(cache.path.resolve()), "created": attrs.get("created"), "dataset_fingerprint": attrs.get("dataset_fingerprint"), "rows": len(cache)}
-
-
 def _reusable(base: Path, inputs: dict) -> FitResult | None:
     """The head saved at ``base`` when it was fitted from exactly ``inputs`` and its artifact is intact, else None."""
     meta_path = base.with_suffix(".json")
@@ -305,7 +299,7 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
     base = Path(out) if out else default_head_path(train_path, config.clf, config.subset)
     t0 = time.perf_counter()
     with read_cache(train_path) as train, read_cache(val_path) as val:
-        inputs = {"config": asdict(config), "train": _cache_identity(train), "val": _cache_identity(val), "pipeline": __version__}
+        inputs = {"config": asdict(config), "train": train.identity, "val": val.identity, "pipeline": __version__}
         if not refit:
             reused = _reusable(base, inputs)
             if reused is not None:

@@ -9,7 +9,6 @@ evaluations); it computes nothing expensive but the 2-D projection, and is reuse
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import json
 import math
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .backbones import file_sha256
 from .cache import _slug, read_cache
 from .data import SPLITS, load_rgb, stratified_subset
 from .evaluate import compare, load_predictions, plot_confusion
@@ -86,10 +86,6 @@ class ReportResult:
 # ---------------------------------------------------------------- gathering what the stages left
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _caches(source: ExtractConfig) -> dict[str, dict]:
     out = {}
     for split in SPLITS:
@@ -124,8 +120,7 @@ def _head_rows(folder: Path) -> list[dict]:
     for r in rows:
         if r["top1"] is None:
             continue
-        meta = json.loads(Path(r["path"]).read_text())
-        out.append({**r, "name": r["clf"], "config": meta.get("config", {}), "subset": meta.get("subset"), "kind": "head"})
+        out.append({**r, "name": r["clf"], "kind": "head"})
     return out
 
 
@@ -165,9 +160,9 @@ def _inputs(caches: dict, heads: list[dict], subset_heads: dict, finetunes: list
     for f in files:
         p = Path(f)
         test = p.with_name(p.stem + "-test.json")
-        digests[f] = [_file_digest(p), _file_digest(test) if test.is_file() else None]
+        digests[f] = [file_sha256(p), file_sha256(test) if test.is_file() else None]
     history = [Path(r["path"]).with_name("linear-history.csv") for r in heads if r["clf"] == "linear"]
-    digests.update({str(h): _file_digest(h) for h in history if h.is_file()})
+    digests.update({str(h): file_sha256(h) for h in history if h.is_file()})
     return {"caches": {s: [c["path"], c["created"], c["rows"]] for s, c in caches.items()}, "files": digests,
             "config": asdict(config), "pipeline": __version__}
 
