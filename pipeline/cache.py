@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from .files import atomic_write, disk_full, is_disk_full
+from .files import atomic_target, atomic_write, disk_full
 
 __all__ = [
     "FORMAT",
@@ -236,7 +236,6 @@ def write_cache(
         raise ValueError(f"no image of the split could be read; nothing to write to {partial.final}")
     rows = len(index)
     final = partial.final
-    tmp = final.with_name(f".{final.name}.tmp")
     # HDF5 can crash the process (not raise) when the disk fills while it writes, so the room is checked first:
     # the features uncompressed, the per-row arrays, and 1 MiB for strings and metadata.
     need = rows * (sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in zip(shapes, dtypes)) + 16) + sum(map(len, paths)) + 2**20
@@ -244,7 +243,8 @@ def write_cache(
         raise disk_full(final, f"; the final file needs about {need / 2**20:.1f} MiB{_RESUME_HINT}")
     filters = {"none": {}, "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True}, "lzf": {"compression": "lzf", "shuffle": True}}[compression]
     text = h5py.string_dtype()
-    try:
+    # A half-built file is never renamed into place; it is removed so that it does not hold the disk.
+    with atomic_target(final, hint=_RESUME_HINT) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
@@ -270,15 +270,6 @@ def write_cache(
             for k, v in _json_attrs({**attrs, "n_rows": rows, "n_skipped": len(skipped)}).items():
                 f.attrs[k] = v
             f.attrs["complete"] = True
-        with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible, so a power cut cannot leave it partial
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException as e:
-        # A half-built file is never renamed into place; it is removed so that it does not hold the disk.
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise disk_full(final, _RESUME_HINT) from e
-        raise
     partial.remove()
     return final
 

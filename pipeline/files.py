@@ -5,10 +5,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
-__all__ = ["DiskFullError", "atomic_write", "disk_full", "is_disk_full"]
+__all__ = ["DiskFullError", "atomic_target", "atomic_write", "disk_full", "is_disk_full"]
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -51,13 +52,37 @@ def disk_full(path: str | os.PathLike, hint: str = "") -> DiskFullError:
     return DiskFullError(f"no space left on the disk while writing {path} ({free}); free some space and re-run{hint}")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *, hint: str = "") -> Path:
-    """Write ``path`` through ``write(file)`` on a temporary name beside it, fsync it, and rename it into place.
+@contextmanager
+def atomic_target(path: str | os.PathLike, *, hint: str = "") -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; on a clean exit it is fsynced and renamed to ``path``.
 
     A crash at any moment leaves either the old file or the new one at ``path``, never a part of one. On an
-    error the temporary file is removed; a full disk becomes :class:`DiskFullError`. ``write`` gets an open
-    binary file rather than a name so that every byte goes through Python, where ENOSPC is an OSError (given a
-    name, torch.save writes from C++ and reports a full disk as a bare RuntimeError).
+    error the temporary file is removed; a full disk becomes :class:`DiskFullError`. For writers that need a
+    file name (HDF5); :func:`atomic_write` is the same for writers that take an open file.
+
+    Args:
+        path: the final file.
+        hint: appended to the disk-full message, e.g. what a re-run will do.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible, so a power cut cannot leave it partial
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise disk_full(path, hint) from e
+        raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *, hint: str = "") -> Path:
+    """Write ``path`` through ``write(file)`` by way of :func:`atomic_target`.
+
+    ``write`` gets an open binary file rather than a name so that every byte goes through Python, where ENOSPC
+    is an OSError (given a name, torch.save writes from C++ and reports a full disk as a bare RuntimeError).
 
     Args:
         path: the final file.
@@ -67,17 +92,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *
     Returns:
         ``path``.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(e):
-            raise disk_full(path, hint) from e
-        raise
-    return path
+    with atomic_target(path, hint=hint) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return Path(path)
