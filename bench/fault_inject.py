@@ -36,7 +36,7 @@ from PIL import Image
 
 from pipeline.artifacts import load_head
 from pipeline.cache import IncompleteCacheError, PartialRun, read_cache
-from pipeline.finetune import load_finetuned
+from pipeline.artifacts import load_finetuned
 
 CLASSES = ("ant", "bee", "cat")
 EXTRACT = ["extract", "--model", "mobilenet_v2", "--weights", "none", "--crop", "64", "--resize", "72", "--batch-size", "4",

@@ -108,7 +108,9 @@ def train_sizes(data: Path, sizes: list[int]) -> list[dict]:
 
 def finetune_cost(data: Path, tmp: Path, per_class: int = 20) -> dict:
     """Seconds per image of fine-tuning (forward and backward, eager) and of evaluation (eager and ONNX Runtime)."""
-    from pipeline.finetune import FinetuneConfig, finetune, image_logits, load_finetuned
+    from pipeline.artifacts import load_finetuned
+    from pipeline.finetune import FinetuneConfig, finetune
+    from pipeline.predict import image_logits
 
     config = FinetuneConfig(data=str(data), model="mobilenet_v2", weights=WEIGHTS, subset=per_class, eval_subset=1, epochs=1,
                             head_lr_mult=1.0, output_dir=str(tmp / "runs"), name="cost")

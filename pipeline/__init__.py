@@ -1,39 +1,56 @@
-"""pipeline: cache a frozen backbone's features once, then fit heads on them in seconds."""
+"""pipeline: cache a frozen backbone's features once, then fit heads on them in seconds.
 
-__version__ = "0.1.0"
+The names below are imported on first use, so ``import pipeline`` (and the ``pipeline`` command) start at once.
+"""
 
-from .backbones import Backbone, load_backbone  # noqa: E402
-from .cache import FeatureCache, read_cache, write_features  # noqa: E402
-from .data import DatasetSpec, load_split  # noqa: E402
-from .evaluate import compare, evaluate  # noqa: E402
-from .extract import ExtractConfig, ExtractResult, extract  # noqa: E402
-from .finetune import FinetuneConfig, finetune  # noqa: E402
-from .fit import HeadConfig, fit_head  # noqa: E402
-from .predict import predict  # noqa: E402
-from .report import ReportConfig, build_report  # noqa: E402
-from .taps import FeatureHooks, Tap, list_taps  # noqa: E402
+from __future__ import annotations
 
-__all__ = [
-    "Backbone",
-    "DatasetSpec",
-    "ExtractConfig",
-    "ExtractResult",
-    "FeatureCache",
-    "FeatureHooks",
-    "FinetuneConfig",
-    "HeadConfig",
-    "ReportConfig",
-    "Tap",
-    "compare",
-    "build_report",
-    "evaluate",
-    "extract",
-    "finetune",
-    "fit_head",
-    "list_taps",
-    "load_backbone",
-    "load_split",
-    "predict",
-    "read_cache",
-    "write_features",
-]
+import importlib
+import sys
+import types
+from typing import Any
+
+from .provenance import PIPELINE_VERSION as __version__
+
+# name -> module that defines it
+_EXPORTS = {
+    "Backbone": "backbones", "load_backbone": "backbones",
+    "FeatureCache": "cache", "read_cache": "cache", "write_features": "cache",
+    "DatasetSpec": "config", "ExtractConfig": "config", "FinetuneConfig": "config", "HeadConfig": "config", "ReportConfig": "config",
+    "load_split": "data",
+    "compare": "evaluate", "evaluate": "evaluate",
+    "ExtractResult": "extract", "extract": "extract",
+    "finetune": "finetune",
+    "fit_head": "fit",
+    "predict": "predict",
+    "build_report": "report",
+    "FeatureHooks": "taps", "Tap": "taps", "list_taps": "taps",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+class _Package(types.ModuleType):
+    """``pipeline.extract`` (and evaluate, finetune, predict) is the function, as ``from pipeline import extract``
+    promises, even after the import system has set the attribute to the submodule of the same name."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _SAME_NAME:
+            return getattr(importlib.import_module(f".{name}", __name__), name)
+        return super().__getattribute__(name)
+
+
+_SAME_NAME = frozenset(name for name, module in _EXPORTS.items() if name == module)
+sys.modules[__name__].__class__ = _Package

@@ -1,4 +1,4 @@
-"""Head artifacts: saving fitted heads with their metadata, and loading them safely.
+"""Model files: saving fitted heads with their metadata, and loading heads and fine-tuned models safely.
 
 Torch heads are plain tensors and strings, loaded with ``torch.load(weights_only=True)``. scikit-learn heads are
 joblib pickles; a pickle runs code when loaded, so its sha256 is recorded in a JSON sidecar when it is written
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,13 @@ import torch
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
-from .backbones import file_sha256
+from .backbones import Preprocess, file_sha256, replace_classifier
 from .files import atomic_write
 from .heads import SpatialPool, TorchLinearHead
+from .layout import FINETUNED_FORMAT, HEAD_FORMAT, head_files
 
-__all__ = ["save_head", "load_head", "HeadArtifact", "TamperedArtifactError"]
-
-
-HEAD_FORMAT = "pipeline-head"
+__all__ = ["save_head", "load_head", "HeadArtifact", "TamperedArtifactError", "FinetunedModel", "is_finetuned", "load_finetuned",
+           "read_meta", "verified_artifact", "feature_identity"]
 
 
 class TamperedArtifactError(ValueError):
@@ -176,17 +176,17 @@ def save_head(pipe: Pipeline, meta: dict, path: str | os.PathLike) -> Path:
     Returns:
         The path of the JSON metadata file, which names the artifact.
     """
-    base = Path(path)
-    base.parent.mkdir(parents=True, exist_ok=True)
+    files = head_files(path)
+    files.base.parent.mkdir(parents=True, exist_ok=True)
     state = _torch_state(pipe)
     if state is not None:
-        artifact = base.with_suffix(".pt")
+        artifact = files.torch
         atomic_write(artifact, lambda f: torch.save(state, f))
     else:
-        artifact = base.with_suffix(".joblib")
+        artifact = files.sklearn
         atomic_write(artifact, lambda f: joblib.dump(pipe, f))
     record = {**meta, "artifact": artifact.name, "artifact_sha256": file_sha256(artifact), "format": HEAD_FORMAT, "format_version": 1}
-    meta_path = base.with_suffix(".json")
+    meta_path = files.meta
     atomic_write(meta_path, lambda f: f.write(json.dumps(record, indent=1, sort_keys=True, default=str).encode()))
     return meta_path
 
@@ -205,3 +205,60 @@ def load_head(path: str | os.PathLike) -> HeadArtifact:
     else:
         pipe = joblib.load(artifact)
     return HeadArtifact(pipe, meta, meta_path)
+
+
+# ---------------------------------------------------------------- fine-tuned models
+
+
+@dataclass
+class FinetunedModel:
+    """A loaded fine-tuned model: the module (eval mode, CPU), its classes and eval preprocessing, and its metadata."""
+
+    model: nn.Module
+    classes: list[str]
+    preprocess: Preprocess
+    meta: dict
+    path: Path
+
+
+def is_finetuned(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (a ``.json`` or its ``.pt``) is a fine-tuned model's metadata rather than a head's."""
+    meta_path = Path(path).with_suffix(".json")
+    if not meta_path.is_file():
+        return False
+    try:
+        return json.loads(meta_path.read_text()).get("format") == FINETUNED_FORMAT
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
+    """Load a fine-tuned model from its ``model.json`` (or ``model.pt``), checking the recorded sha256 first.
+
+    The weights are read with ``torch.load(weights_only=True)``.
+
+    Raises:
+        ValueError: a missing or malformed file, or weights that do not fit the model.
+        TamperedArtifactError: the model file differs from the digest recorded when it was written.
+    """
+    meta_path, meta = read_meta(path, FINETUNED_FORMAT, "fine-tuned model", "fine-tuned model", "run pipeline finetune first")
+    artifact = verified_artifact(meta_path, meta)
+    state = torch.load(artifact, map_location="cpu", weights_only=True)
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        model = torchvision.models.get_model(meta["model"], weights=None)
+        replace_classifier(model, len(meta["classes"]))
+    missing, unexpected = model.load_state_dict(state["state_dict"], strict=False)
+    # Inception/GoogLeNet made with pretrained weights drop their auxiliary classifiers; so must the rebuilt one.
+    absent = {k.split(".")[0] for k in missing}
+    if unexpected or not absent <= {"aux1", "aux2", "AuxLogits"}:
+        raise ValueError(f"{artifact} does not fit {meta['model']}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    for name in absent:
+        setattr(model, name, None)
+        model.aux_logits = False
+    model.eval()
+    p = meta["preprocess"]
+    pre = Preprocess(resize=p["resize"], crop=p["crop"], mean=tuple(p["mean"]), std=tuple(p["std"]),
+                     interpolation=p.get("interpolation", "bilinear"), antialias=p.get("antialias", True))
+    return FinetunedModel(model, list(meta["classes"]), pre, meta, meta_path)

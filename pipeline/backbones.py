@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +17,10 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from .config import HEAD_INITS
+
 __all__ = [
+    "replace_classifier",
     "Backbone", "Preprocess", "WeightsUnavailableError", "file_sha256", "load_backbone", "resolve_weights", "weights_label", "list_backbones", "final_linear",
 ]
 
@@ -25,7 +29,7 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 _WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(ValueError, RuntimeError):
     """Named weights are neither in the torch hub cache nor downloadable."""
 
 
@@ -283,3 +287,40 @@ def load_backbone(
         model=model, name=name, weights=weights_label(resolved), weights_sha256=sha,
         preprocess=_preprocess_for(name, named, resize, crop, mean, std), categories=categories,
     )
+
+
+def replace_classifier(model: nn.Module, num_classes: int, init: str = "torch", generator: torch.Generator | None = None) -> str:
+    """Put a new ``nn.Linear`` for ``num_classes`` where the model's final classifier layer is.
+
+    The layer is found by :func:`final_linear` (``fc``, ``classifier.1``, ``heads.head``, ...), so every torchvision
+    family works the same way.
+
+    Args:
+        model: the classifier, changed in place.
+        num_classes: outputs of the new layer.
+        init: ``torch`` (nn.Linear's own), ``xavier`` (xavier_uniform weight, as d2l) or ``normal``
+            (N(0, 0.005) weight and bias 0.1, as tutorial 000).
+        generator: random source of the init.
+
+    Returns:
+        The layer's dotted name.
+    """
+    if init not in HEAD_INITS:
+        raise ValueError(f"init must be one of {', '.join(HEAD_INITS)}, got {init!r}")
+    name, old = final_linear(model)
+    # Made empty, then drawn from `generator`: nn.Linear's own init would consume the global random state.
+    new = nn.Linear(old.in_features, num_classes, bias=True, device="meta", dtype=old.weight.dtype).to_empty(device=old.weight.device)
+    bound = 1 / math.sqrt(old.in_features)
+    with torch.no_grad():
+        if init == "normal":
+            new.weight.normal_(0.0, 0.005, generator=generator)
+            new.bias.fill_(0.1)
+        else:
+            if init == "xavier":
+                nn.init.xavier_uniform_(new.weight, generator=generator)
+            else:
+                nn.init.kaiming_uniform_(new.weight, a=math.sqrt(5), generator=generator)  # what nn.Linear does
+            new.bias.uniform_(-bound, bound, generator=generator)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return name

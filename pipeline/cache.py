@@ -12,7 +12,11 @@ from typing import Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
+from .config import COMPRESSIONS, DTYPES
 from .files import atomic_target, atomic_write, disk_full
+from .layout import FEATURES_FORMAT as FORMAT
+from .layout import FEATURES_FORMAT_VERSION as FORMAT_VERSION
+from .layout import partial_dir
 
 __all__ = [
     "FORMAT",
@@ -20,9 +24,7 @@ __all__ = [
     "FeatureCache",
     "IncompleteCacheError",
     "PartialRun",
-    "cache_path",
     "describe",
-    "diff_settings",
     "read_cache",
     "write_cache",
     "write_features",
@@ -30,10 +32,6 @@ __all__ = [
     "COMPRESSIONS",
 ]
 
-FORMAT = "pipeline-features"
-FORMAT_VERSION = 1
-DTYPES = ("float32", "float16")
-COMPRESSIONS = ("none", "gzip", "lzf")
 _SHARD = re.compile(r"^rows-(\d{9})-(\d{9})\.npz$")
 _CHUNK_BYTES = 1 << 20
 _RESUME_HINT = "; the batches already saved are kept, so the re-run resumes after them"
@@ -41,30 +39,6 @@ _RESUME_HINT = "; the batches already saved are kept, so the re-run resumes afte
 
 class IncompleteCacheError(ValueError):
     """A cache whose extraction has not finished; readers refuse it."""
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")
-
-
-def cache_path(cache_dir: str | os.PathLike, dataset: str, model: str, weights: str, tap_slugs: Sequence[str], split: str) -> Path:
-    """Where a cache lives: ``CACHE_DIR/<dataset>/<model>-<weights>/<taps>/<split>.h5``.
-
-    Commands that share these settings find each other's caches without path arguments.
-    """
-    return Path(cache_dir) / _slug(dataset) / _slug(f"{model}-{weights}") / _slug("+".join(tap_slugs)) / f"{split}.h5"
-
-
-def diff_settings(old: dict, new: dict) -> list[str]:
-    """Human-readable differences between two settings dicts, e.g. ``preprocess.crop: 224 -> 160``."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{k}.{d}" for d in diff_settings(a, b)]
-        elif a != b:
-            out.append(f"{k}: {a!r} -> {b!r}")
-    return out
 
 
 # ---------------------------------------------------------------- partial runs
@@ -82,7 +56,7 @@ class PartialRun:
 
     def __init__(self, final: Path) -> None:
         self.final = Path(final)
-        self.dir = self.final.with_name(self.final.name + ".partial")
+        self.dir = partial_dir(self.final)
 
     def exists(self) -> bool:
         return (self.dir / "settings.json").is_file()

@@ -3,52 +3,57 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from .backbones import WeightsUnavailableError, list_backbones, load_backbone
-from .cache import COMPRESSIONS, DTYPES, describe
-from .config import load_config, settings_from
-from .data import SPLITS
-from .distributed import RankError, env_rank
-from .engines import ENGINES
-from .extract import ON_ERROR, ExtractConfig, extract
-from .evaluate import compare, evaluate
-from .finetune import AUGMENTS, EXTRACT_SHARED, HEAD_INITS, OPTIMIZERS, RECIPES, SCHEDULES, FinetuneConfig, finetune
-from .fit import HeadConfig, fit_head
-from .heads import HEADS, POOLS, PREPROCESSING
-from .predict import predict, write_predictions
-from .report import PROJECTIONS, ReportConfig, build_report, check_render, find_chromium
-from .taps import default_tap, list_taps
+from .config import (
+    AUGMENTS, COMPRESSIONS, DTYPES, ENGINES, HEAD_INITS, HEAD_NAMES, ON_ERROR, OPTIMIZERS, POOLS, PREPROCESSING, PROJECTIONS,
+    SCHEDULES, SPLITS, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig, load_config, settings_from,
+)
+from .recipes import RECIPES
 
+# Heavy libraries (torch, scikit-learn, h5py) are imported inside each command, so `pipeline --help` answers at once.
 __all__ = ["cli"]
 
 _D = ExtractConfig()  # the library's defaults are the CLI's: help texts read them from here
+_H = HeadConfig()
+_F = FinetuneConfig()
+_R = ReportConfig()
 
 
-def _friendly(fn: Callable) -> Callable:
-    """Turn the library's errors into one clear line and exit code 1; Ctrl-C into a resume hint."""
+def _rank() -> int:
+    from .distributed import env_rank
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        rank = env_rank()
-        try:
-            return fn(*args, **kwargs)
-        except RankError as e:
-            if rank:  # rank 0 reports what every rank raised together; one message, not one per process
-                sys.exit(1)
-            raise click.ClickException(str(e)) from None
-        except (ValueError, TypeError, WeightsUnavailableError, OSError) as e:
-            raise click.ClickException(f"rank {rank}: {e}" if rank else str(e)) from None
-        except KeyboardInterrupt:
-            if not rank:
-                click.echo("\ninterrupted; finished batches are kept: re-run the same command to resume", err=True)
-            sys.exit(130)
+    return env_rank() if "RANK" in os.environ else 0
 
-    return wrapper
+
+def _friendly(interrupted: str = "interrupted") -> Callable[[Callable], Callable]:
+    """Turn the library's errors into one clear line and exit code 1, and Ctrl-C into ``interrupted``, exit 130."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            rank = _rank()
+            try:
+                return fn(*args, **kwargs)
+            except (ValueError, TypeError, OSError) as e:
+                dist = sys.modules.get(f"{__package__}.distributed")
+                if dist is not None and isinstance(e, dist.RankError):
+                    if rank:  # rank 0 reports what every rank raised together; one message, not one per process
+                        sys.exit(1)
+                    raise click.ClickException(str(e)) from None
+                raise click.ClickException(f"rank {rank}: {e}" if rank else str(e)) from None
+            except KeyboardInterrupt:
+                if not rank:
+                    click.echo(f"\n{interrupted}", err=True)
+                sys.exit(130)
+
+        return wrapper
+
+    return decorate
 
 
 def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
@@ -63,6 +68,76 @@ def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tu
     return out
 
 
+def _options(*options: Callable) -> Callable[[Callable], Callable]:
+    """A decorator that adds several click options in the order given."""
+
+    def decorate(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def dataset_options(defaults: Any) -> Callable[[Callable], Callable]:
+    """The dataset options of every command that reads images (extract, finetune)."""
+    return _options(
+        click.option("--data", help=f"Dataset folder: DATA/<split>/<class>/<image>, or a CSV layout with --labels-csv.  [default: {defaults.data}]"),
+        click.option("--labels-csv", help="CSV of labels under DATA (Kaggle dog-breed layout), e.g. labels.csv."),
+        click.option("--id-column", help=f"CSV column with the image id.  [default: {defaults.id_column}]"),
+        click.option("--label-column", help=f"CSV column with the class.  [default: {defaults.label_column}]"),
+        click.option("--image-dir", help=f"Folder under DATA with the CSV's images.  [default: {defaults.image_dir}]"),
+        click.option("--extension", help=f"Appended to CSV ids to make file names.  [default: {defaults.extension}]"),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction of train carved out as val when there is no val/.  [default: {defaults.val_fraction}]"),
+        click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction carved out as test for CSV datasets.  [default: {defaults.test_fraction}]"),
+        click.option("--split-seed", type=int, help=f"Seed of the stratified carving.  [default: {defaults.split_seed}]"),
+    )
+
+
+def backbone_options(model_default: str, weights_default: str) -> Callable[[Callable], Callable]:
+    """The backbone and preprocessing options shared by extract and finetune."""
+    return _options(
+        click.option("--model", help=f"torchvision classification model, e.g. resnet50 (see `pipeline models`).  [default: {model_default}]"),
+        click.option("--weights", help=f"DEFAULT, a torchvision weights name (IMAGENET1K_V1...), a state_dict file, or 'none' for random weights.  [default: {weights_default}]"),
+        click.option("--resize", type=click.IntRange(1), help="Override the weights' resize of the short side."),
+        click.option("--crop", type=click.IntRange(1), help="Override the weights' centre crop (the image size)."),
+        click.option("--mean", callback=_floats, help="Override the normalisation mean, R,G,B."),
+        click.option("--std", callback=_floats, help="Override the normalisation std, R,G,B."),
+    )
+
+
+def runtime_options(command: str) -> Callable[[Callable], Callable]:
+    """Where the backbone runs: device, the fast-path switch and DataLoader workers."""
+    return _options(
+        click.option("--workers", type=click.IntRange(0), help="DataLoader worker processes.  [default: from the CPU count]"),
+        click.option("--device", help="auto, cpu, cuda, cuda:N or mps.  [default: auto: cuda > mps > cpu]"),
+        click.option("--amp/--no-amp", default=None, help=f"The fast path: bf16 autocast, channels_last{', pinned memory, non-blocking copies' if command == 'extract' else ''}.  [default: on for CUDA]"),
+    )
+
+
+config_option = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings file.  [default: ./pipeline.toml if present]")
+
+# The options that locate existing caches, for the commands that read them.
+cache_options = _options(
+    click.option("--data", help="Dataset folder whose caches to use.  [default: from pipeline.toml, else data/fashion-mnist]"),
+    click.option("--model", help="Backbone of the caches."),
+    click.option("--weights", help="Weights of the caches."),
+    click.option("--layer", "layers", multiple=True, help="Tap(s) of the caches, as given to extract."),
+    click.option("--cache-dir", help="Root of the cache convention."),
+    config_option,
+)
+
+
+def _source(config_file: str | None, options: dict[str, Any]) -> ExtractConfig:
+    """The extract settings that locate caches: pipeline.toml's [extract], then the cache-locating options."""
+    return settings_from(ExtractConfig, load_config(config_file), "extract", options, source=config_file or "pipeline.toml")
+
+
+def _cache_args(options: dict[str, Any]) -> dict[str, Any]:
+    """Take the cache-locating options out of a command's options."""
+    return {k: options.pop(k) for k in ("data", "model", "weights", "layers", "cache_dir") if k in options}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pipeline")
 def cli() -> None:
@@ -70,38 +145,23 @@ def cli() -> None:
 
 
 @cli.command("extract")
-@click.option("--data", help=f"Dataset folder: DATA/<split>/<class>/<image>, or a CSV layout with --labels-csv.  [default: {_D.data}]")
 @click.option("--split", "splits", multiple=True, type=click.Choice(SPLITS), help=f"Split(s) to extract; repeat for several.  [default: {_D.split}]")
-@click.option("--model", help=f"torchvision classification model, e.g. resnet50 (see `pipeline models`).  [default: {_D.model}]")
-@click.option("--weights", help=f"DEFAULT, a torchvision weights name (IMAGENET1K_V1...), a state_dict file, or 'none' for random weights.  [default: {_D.weights}]")
+@dataset_options(_D)
+@backbone_options(_D.model, _D.weights)
 @click.option("--layer", "layers", multiple=True, help="Module to tap, NAME or NAME:input|output; repeat for several taps in one pass. Default: avgpool output, or the classifier's input.")
 @click.option("--capture", type=click.Choice(["input", "output"]), help=f"Capture the input or output of --layer modules given without one.  [default: {_D.capture}]")
-@click.option("--resize", type=click.IntRange(1), help="Override the weights' resize of the short side.")
-@click.option("--crop", type=click.IntRange(1), help="Override the weights' centre crop (the image size).")
-@click.option("--mean", callback=_floats, help="Override the normalisation mean, R,G,B.")
-@click.option("--std", callback=_floats, help="Override the normalisation std, R,G,B.")
 @click.option("--dtype", type=click.Choice(DTYPES), help=f"Storage dtype of the features.  [default: {_D.dtype}]")
 @click.option("--compression", type=click.Choice(COMPRESSIONS), help=f"HDF5 compression.  [default: {_D.compression}]")
 @click.option("--batch-size", type=click.IntRange(1), help=f"Images per forward pass.  [default: {_D.batch_size}]")
-@click.option("--workers", type=click.IntRange(0), help="DataLoader worker processes.  [default: from the CPU count]")
-@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.  [default: auto: cuda > mps > cpu]")
-@click.option("--amp/--no-amp", default=None, help="The fast path: bf16 autocast, channels_last, pinned memory, non-blocking copies.  [default: on for CUDA]")
+@runtime_options("extract")
 @click.option("--engine", type=click.Choice(ENGINES), help=f"auto: ONNX Runtime for fp32 on the CPU when installed and equal to eager, else eager torch.  [default: {_D.engine}]")
 @click.option("--on-error", type=click.Choice(ON_ERROR), help=f"On an unreadable file: fail naming it, or skip it and record it.  [default: {_D.on_error}]")
-@click.option("--labels-csv", help="CSV of labels under DATA (Kaggle dog-breed layout), e.g. labels.csv.")
-@click.option("--id-column", help=f"CSV column with the image id.  [default: {_D.id_column}]")
-@click.option("--label-column", help=f"CSV column with the class.  [default: {_D.label_column}]")
-@click.option("--image-dir", help=f"Folder under DATA with the CSV's images.  [default: {_D.image_dir}]")
-@click.option("--extension", help=f"Appended to CSV ids to make file names.  [default: {_D.extension}]")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction of train carved out as val when there is no val/.  [default: {_D.val_fraction}]")
-@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction carved out as test for CSV datasets.  [default: {_D.test_fraction}]")
-@click.option("--split-seed", type=int, help=f"Seed of the stratified carving.  [default: {_D.split_seed}]")
 @click.option("--cache-dir", help=f"Root of the cache convention CACHE_DIR/<dataset>/<model>-<weights>/<taps>/<split>.h5.  [default: {_D.cache_dir}]")
 @click.option("--output", "-o", help="Write to this file instead of the convention (one split only).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings file.  [default: ./pipeline.toml if present]")
+@config_option
 @click.option("--force", is_flag=True, help="Overwrite a cache made with other settings (an up-to-date cache is kept).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-@_friendly
+@_friendly("interrupted; finished batches are kept: re-run the same command to resume")
 def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, progress: bool, **options: Any) -> None:
     """Run a frozen backbone once over a split and cache the tapped features in HDF5.
 
@@ -109,6 +169,8 @@ def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, p
     Under `torchrun --nproc-per-node N -m pipeline extract ...` the ranks share the work (NCCL on GPUs, gloo
     on CPUs) and rank 0 writes the one cache.
     """
+    from .extract import extract
+
     config = load_config(config_file)
     chosen = splits or (config.get("extract", {}).get("split"),)
     if (options.get("output") or config.get("extract", {}).get("output")) and len(chosen) > 1:
@@ -116,7 +178,7 @@ def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, p
     for split in chosen:
         settings = settings_from(ExtractConfig, config, "extract", {**options, "split": split}, source=config_file or "pipeline.toml")
         result = extract(settings, force=force, progress=progress)
-        if env_rank():  # under torchrun, rank 0 speaks for all ranks
+        if _rank():  # under torchrun, rank 0 speaks for all ranks
             continue
         if result.status == "up-to-date":
             click.echo(f"{settings.split}: {result.path} is up to date ({result.n_images} images); nothing to do")
@@ -136,9 +198,12 @@ def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, p
 @click.argument("model")
 @click.option("--image-size", type=click.IntRange(8), default=224, show_default=True, help="Input size for the shapes.")
 @click.option("--all", "show_all", is_flag=True, help="List every module, not only the top two levels.")
-@_friendly
+@_friendly()
 def layers_cmd(model: str, image_size: int, show_all: bool) -> None:
     """List the tap points of MODEL with their input and output shapes for one image."""
+    from .backbones import load_backbone
+    from .taps import default_tap, list_taps
+
     net = load_backbone(model, "none").model
     tap = default_tap(net)
     click.echo(f"{'module':<28} {'type':<22} {'input':<18} output")
@@ -152,15 +217,19 @@ def layers_cmd(model: str, image_size: int, show_all: bool) -> None:
 
 @cli.command("info")
 @click.argument("file", type=click.Path())
-@_friendly
+@_friendly()
 def info_cmd(file: str) -> None:
     """Print what a feature cache holds and how it was made."""
+    from .cache import describe
+
     click.echo(describe(file))
 
 
 @cli.command("models")
 def models_cmd() -> None:
     """List torchvision's classification models."""
+    from .backbones import list_backbones
+
     click.echo("\n".join(list_backbones()))
 
 
@@ -168,7 +237,7 @@ def models_cmd() -> None:
 @click.option("--weights/--no-weights", default=True, help="Fetch MobileNetV2 ImageNet weights into the torch hub cache.")
 @click.option("--fashion-mnist", "fmnist", type=click.Path(file_okay=False), default=None, help="Materialise Fashion-MNIST as an image folder here, e.g. data/fashion-mnist.")
 @click.option("--source", type=click.Path(file_okay=False, exists=True), default=None, help="Folder with the four Fashion-MNIST IDX .gz files.  [default: Debian's, else download]")
-@_friendly
+@_friendly()
 def assets_cmd(weights: bool, fmnist: str | None, source: str | None) -> None:
     """Obtain the embedded default: MobileNetV2 ImageNet weights and Fashion-MNIST, offline where possible."""
     from pathlib import Path
@@ -184,32 +253,8 @@ def assets_cmd(weights: bool, fmnist: str | None, source: str | None) -> None:
         click.echo(f"fashion-mnist: {root} ({counts['train']} train, {counts['test']} test images)")
 
 
-def _source(config: dict, options: dict[str, Any]) -> ExtractConfig:
-    """The extract settings that locate caches: pipeline.toml's [extract], then the cache-locating options."""
-    return settings_from(ExtractConfig, config, "extract", options)
-
-
-_cache_options = [
-    click.option("--data", help="Dataset folder whose caches to use.  [default: from pipeline.toml, else data/fashion-mnist]"),
-    click.option("--model", help="Backbone of the caches."),
-    click.option("--weights", help="Weights of the caches."),
-    click.option("--layer", "layers", multiple=True, help="Tap(s) of the caches, as given to extract."),
-    click.option("--cache-dir", help="Root of the cache convention."),
-    click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings file.  [default: ./pipeline.toml if present]"),
-]
-
-
-def _with_cache_options(fn: Callable) -> Callable:
-    for option in reversed(_cache_options):
-        fn = option(fn)
-    return fn
-
-
-_H = HeadConfig()
-
-
 @cli.command("fit-head")
-@click.option("--clf", "clfs", multiple=True, type=click.Choice(list(HEADS)), help=f"Head family; repeat for several, fitted one after the other.  [default: {_H.clf}]")
+@click.option("--clf", "clfs", multiple=True, type=click.Choice(HEAD_NAMES), help=f"Head family; repeat for several, fitted one after the other.  [default: {_H.clf}]")
 @click.option("--tap", help="Tap of the cache to use.  [default: the first]")
 @click.option("--preprocessing", type=click.Choice(PREPROCESSING), help="Feature preprocessing.  [default: per head]")
 @click.option("--pca", type=click.IntRange(1), help=f"PCA components where PCA is used.  [default: {_H.pca}]")
@@ -226,23 +271,26 @@ _H = HeadConfig()
 @click.option("--output", "-o", help="Where to save the head (no suffix).  [default: <cache folder>/heads/<clf>, or heads/subset-N/<clf> with --subset N]")
 @click.option("--refit", is_flag=True, help="Fit even when a head fitted with the same settings on the same caches is saved there.")
 @click.option("--evaluate", "then_evaluate", is_flag=True, help="Then evaluate each head on the test split (as pipeline evaluate does; reused when up to date).")
-@_with_cache_options
-@_friendly
+@cache_options
+@_friendly("interrupted; a head is saved only when its fit is complete, so nothing of this fit was kept")
 def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, refit: bool, then_evaluate: bool, clfs: tuple[str, ...],
-                 data, model, weights, layers, cache_dir, **options: Any) -> None:
+                 **options: Any) -> None:
     """Fit a head on cached train features, choosing its hyper-parameter on val.
 
     A head already fitted with the same settings on the same caches is reused: re-running is free.
     """
+    from .evaluate import evaluate
+    from .fit import fit_head
+
     if output and len(clfs) > 1:
         raise click.UsageError("--output names one head; give one --clf with it")
-    config = load_config(config_file)
     if grid:
         try:
             options["grid"] = tuple(float(v) if any(c in v for c in ".eE") else int(v) for v in grid.split(","))
         except ValueError:
             raise click.BadParameter(f"expected comma-separated numbers, got {grid!r}", param_hint="--grid") from None
-    source = _source(config, {"data": data, "model": model, "weights": weights, "layers": layers, "cache_dir": cache_dir})
+    source = _source(config_file, _cache_args(options))
+    config = load_config(config_file)
     for clf in clfs or (None,):
         head = settings_from(HeadConfig, config, "head", {**options, "clf": clf}, source=config_file or "pipeline.toml")
         result = fit_head(head, source, out=output, refit=refit, log=lambda line: click.echo(line, err=True))
@@ -263,27 +311,24 @@ def _print_metrics(m: dict) -> None:
 
 @cli.command("evaluate")
 @click.argument("head", required=False, type=click.Path(dir_okay=False))
-@click.option("--clf", type=click.Choice(list(HEADS)), help="Evaluate this head of the cache located from the extract settings, instead of HEAD.")
+@click.option("--clf", type=click.Choice(HEAD_NAMES), help="Evaluate this head of the cache located from the extract settings, instead of HEAD.")
 @click.option("--test-cache", type=click.Path(dir_okay=False), help="Test cache file.  [default: test.h5 beside the head's train cache]")
 @click.option("--subset", type=click.IntRange(1), help="With --clf: the head fitted on this many train images per class (fit-head --subset).")
 @click.option("--force", is_flag=True, help="Evaluate even when this head was already evaluated on this test split.")
-@_with_cache_options
-@_friendly
+@cache_options
+@_friendly()
 def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, subset: int | None, force: bool, config_file: str | None, **options: Any) -> None:
     """Evaluate a fitted HEAD (its .json) on the test split: metrics JSON and a confusion-matrix PNG.
 
     HEAD may also be a fine-tuned model.json (pipeline finetune), evaluated on the test split's images.
     """
+    from .evaluate import evaluate
+    from .fit import locate_head
+
     if (head is None) == (clf is None):
         raise click.UsageError("give either HEAD (a head's .json) or --clf NAME")
     if head is None:
-        from dataclasses import replace
-
-        from .extract import locate_cache
-        from .fit import default_head_path
-
-        train = locate_cache(replace(_source(load_config(config_file), options), split="train"))
-        head = str(default_head_path(train, clf, subset).with_suffix(".json"))
+        head = str(locate_head(clf, subset, _source(config_file, options)))
     m = evaluate(head, test_cache, force=force)
     top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
     click.echo(f"{m['clf']}: test top-1 {m['top1']:.4f}{top5}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images")
@@ -294,11 +339,13 @@ def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, subs
 
 @cli.command("compare")
 @click.argument("folder", required=False, type=click.Path(file_okay=False))
-@_with_cache_options
-@_friendly
+@cache_options
+@_friendly()
 def compare_cmd(folder: str | None, config_file: str | None, **options: Any) -> None:
-    """One table of every head fitted on a cache (FOLDER, or located from the extract settings)."""
-    rows = compare(folder, None if folder else _source(load_config(config_file), options))
+    """One table of every head fitted on a cache (FOLDER, or located from the extract settings), best on val first."""
+    from .evaluate import compare
+
+    rows = compare(folder, None if folder else _source(config_file, options))
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     click.echo(f"{'head':<12} {'test top-1':>10} {'top-5':>7} {'bal. acc':>8} {'val acc':>8} {'fit s':>7}  chosen")
     for r in rows:
@@ -306,32 +353,30 @@ def compare_cmd(folder: str | None, config_file: str | None, **options: Any) -> 
                    f"{r['fit_seconds']:>7.1f}  {r['param']}={r['value']:g} ({r['preprocessing']})")
 
 
-_R = ReportConfig()
-
-
 @cli.command("report")
 @click.option("--out-dir", help=f"Root of OUT_DIR/<dataset>/<model>-<weights>/.  [default: {_R.out_dir}]")
 @click.option("--runs-dir", help=f"Where pipeline finetune wrote its runs; those of this dataset and backbone are included.  [default: {_R.runs_dir}]")
-@click.option("--quality-bar", type=click.FloatRange(0, 1, min_open=True), help="A test top-1 the best cached head should reach, reported as met or not.")
+@click.option("--quality-bar", type=click.FloatRange(0, 1, min_open=True), help="A test top-1 the head chosen on val should reach, reported as met or not.")
 @click.option("--projection", type=click.Choice(PROJECTIONS), help=f"2-D map of the test features.  [default: {_R.projection}]")
 @click.option("--projection-points", type=click.IntRange(10), help=f"Test images in that map.  [default: {_R.projection_points}]")
 @click.option("--grid-images", type=click.IntRange(1), help=f"Misclassified test images shown.  [default: {_R.grid_images}]")
 @click.option("--force", is_flag=True, help="Write it even when nothing it is made from has changed.")
 @click.option("--check/--no-check", default=False, help="Open the page in headless Chromium and fail if an image does not render (skipped with a note when Chromium is absent).")
-@_with_cache_options
-@_friendly
-def report_cmd(force: bool, check: bool, config_file: str | None, data, model, weights, layers, cache_dir, **options: Any) -> None:
+@cache_options
+@_friendly()
+def report_cmd(force: bool, check: bool, config_file: str | None, **options: Any) -> None:
     """Write the report of every head and fine-tune on a dataset and backbone: index.html (self-contained) and index.md."""
-    config = load_config(config_file)
-    settings = settings_from(ReportConfig, config, "report", options, source=config_file or "pipeline.toml")
-    source = _source(config, {"data": data, "model": model, "weights": weights, "layers": layers, "cache_dir": cache_dir})
+    from .report import build_report, check_render, find_chromium
+
+    source = _source(config_file, _cache_args(options))
+    settings = settings_from(ReportConfig, load_config(config_file), "report", options, source=config_file or "pipeline.toml")
     result = build_report(source, settings, force=force, log=lambda line: click.echo(line, err=True))
     if result.status == "up-to-date":
         click.echo(f"{result.html} is up to date; nothing to do (--force to write it again)")
     else:
         click.echo(f"report written in {result.seconds:.1f} s: {result.html} (and {result.markdown.name}, {len(result.figures)} figures)")
     if result.best:
-        click.echo(f"  best model: {result.best['label']}, test top-1 {result.best['top1']:.4f}")
+        click.echo(f"  best model: {result.best['label']} (chosen on val), test top-1 {result.best['top1']:.4f}")
     if check:
         if find_chromium() is None:
             click.echo("  render check skipped: no chromium on PATH (Debian: apt-get install chromium)")
@@ -350,35 +395,21 @@ def report_cmd(force: bool, check: bool, config_file: str | None, data, model, w
 @click.option("--weights", help="The backbone's weights file, when the head's cache came from one.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@_friendly
+@_friendly()
 def predict_cmd(inputs: tuple[str, ...], head: str, output: str, on_error: str, weights: str | None, batch_size: int, device: str) -> None:
     """Predict new images (files or folders) end to end: backbone, tap and head."""
+    from .predict import predict, write_predictions
+
     rows, classes = predict(head, inputs, on_error=on_error, weights=weights, batch_size=batch_size, device=device)
     path = write_predictions(rows, classes, output)
     failed = sum("error" in r for r in rows)
     click.echo(f"{len(rows) - failed} images predicted, {failed} skipped -> {path}")
 
 
-_F = FinetuneConfig()
-
-
 @cli.command("finetune", epilog="\b\nRecipes:\n" + "\n".join(f"  {r.name:<18} {r.source}" for r in RECIPES.values()))
 @click.option("--recipe", type=click.Choice(list(RECIPES)), help="A source tutorial's model, freezing, optimizer, learning rates, augmentation and epochs (listed below); explicit options override them.")
-@click.option("--data", help=f"Dataset folder, as for extract.  [default: {_F.data}]")
-@click.option("--model", help=f"torchvision classification model.  [default: {_F.model}]")
-@click.option("--weights", help=f"DEFAULT, a torchvision weights name, a state_dict file, or 'none'.  [default: {_F.weights}]")
-@click.option("--resize", type=click.IntRange(1), help="Override the weights' resize of the short side.")
-@click.option("--crop", type=click.IntRange(1), help="Override the weights' crop (the image size).")
-@click.option("--mean", callback=_floats, help="Override the normalisation mean, R,G,B.")
-@click.option("--std", callback=_floats, help="Override the normalisation std, R,G,B.")
-@click.option("--labels-csv", help="CSV of labels under DATA (Kaggle dog-breed layout), e.g. labels.csv.")
-@click.option("--id-column", help=f"CSV column with the image id.  [default: {_F.id_column}]")
-@click.option("--label-column", help=f"CSV column with the class.  [default: {_F.label_column}]")
-@click.option("--image-dir", help=f"Folder under DATA with the CSV's images.  [default: {_F.image_dir}]")
-@click.option("--extension", help=f"Appended to CSV ids to make file names.  [default: {_F.extension}]")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction of train carved out as val when there is no val/.  [default: {_F.val_fraction}]")
-@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction carved out as test for CSV datasets.  [default: {_F.test_fraction}]")
-@click.option("--split-seed", type=int, help=f"Seed of the stratified carving.  [default: {_F.split_seed}]")
+@dataset_options(_F)
+@backbone_options("the recipe's, else mobilenet_v2", "the recipe's, else DEFAULT")
 @click.option("--subset", type=click.IntRange(1), help="Train on at most this many images per class (stratified, seeded).  [default: all]")
 @click.option("--eval-subset", type=click.IntRange(1), help="Evaluate val and targets on at most this many images per class.  [default: all]")
 @click.option("--target", "targets", multiple=True, help="Also evaluate every epoch: test, or DIR[:SPLIT], a dataset folder with the same classes (a target domain); repeat for several.")
@@ -397,11 +428,9 @@ _F = FinetuneConfig()
 @click.option("--batch-size", type=click.IntRange(1), help=f"Images per step.  [default: {_F.batch_size}]")
 @click.option("--augment", type=click.Choice(AUGMENTS), help=f"Training augmentation.  [default: {_F.augment}]")
 @click.option("--head-init", type=click.Choice(HEAD_INITS), help=f"Init of the new classifier.  [default: {_F.head_init}]")
-@click.option("--init-head", type=click.Path(dir_okay=False), help="Start from a linear head fitted by fit-head on this backbone's cached features (LP-FT), e.g. features/.../heads/linear.json.")
+@click.option("--init-head", help="Start from a head fitted by fit-head on this backbone's cached features (LP-FT): its .json, or its name in the heads folder, e.g. linear or subset-100/linear.")
 @click.option("--seed", type=int, help=f"Seed of the classifier init, shuffling and augmentation.  [default: {_F.seed}]")
-@click.option("--workers", type=click.IntRange(0), help="DataLoader worker processes.  [default: from the CPU count]")
-@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.  [default: auto: cuda > mps > cpu]")
-@click.option("--amp/--no-amp", default=None, help="The fast path: bf16 autocast and channels_last.  [default: on for CUDA]")
+@runtime_options("finetune")
 @click.option("--on-error", type=click.Choice(ON_ERROR), help=f"On an unreadable image: fail naming it, or skip it.  [default: {_F.on_error}]")
 @click.option("--log-every", type=click.IntRange(0), help="A log line every N batches; 0 for none.  [default: per recipe, else 0]")
 @click.option("--output-dir", help=f"Root of OUTPUT_DIR/<dataset>/<model>-<weights>/<name>/.  [default: {_F.output_dir}]")
@@ -410,33 +439,21 @@ _F = FinetuneConfig()
 @click.option("--force", is_flag=True, help="Overwrite a run made with other settings (a finished run of the same settings is kept).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar within each epoch.")
 @click.option("--evaluate", "then_evaluate", is_flag=True, help="Then evaluate the kept model on the test split (as pipeline evaluate does; reused when up to date).")
-@_friendly
+@_friendly("interrupted; finished epochs are kept in last.pt: re-run the same command to resume")
 def finetune_cmd(config_file: str | None, force: bool, progress: bool, then_evaluate: bool, **options: Any) -> None:
     """Fine-tune a backbone with a new classifier, keeping the epoch with the best val accuracy.
 
     Writes history.csv, last.pt (resume) and model.pt + model.json, which evaluate and predict accept like a head.
-    An interrupted run resumes from its last finished epoch when re-run with the same settings. --init-head also
-    takes a head's name in the heads folder of this dataset and backbone, e.g. linear or subset-100/linear.
+    An interrupted run resumes from its last finished epoch when re-run with the same settings.
     """
+    from .evaluate import evaluate
+    from .finetune import finetune
+
     config = load_config(config_file)
-    shared = {k: v for k, v in config.get("extract", {}).items() if k in EXTRACT_SHARED}
-    settings = settings_from(FinetuneConfig, {"finetune": {**shared, **config.get("finetune", {})}}, "finetune", options, source=config_file or "pipeline.toml")
-    if settings.init_head and not Path(settings.init_head).is_file() and not settings.init_head.endswith(".json"):
-        from dataclasses import replace
-
-        from .extract import locate_cache
-        from .fit import heads_dir
-
-        source = _source(config, {"data": settings.data, "model": settings.model, "weights": settings.weights})
-        named = heads_dir(locate_cache(replace(source, split="train"))) / f"{settings.init_head}.json"
-        if not named.is_file():
-            raise click.ClickException(f"--init-head {settings.init_head}: no head file of that name, and no {named}; fit it with pipeline fit-head first")
-        settings = replace(settings, init_head=str(named))
-    try:
-        result = finetune(settings, force=force, progress=progress, log=click.echo)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted; finished epochs are kept in last.pt: re-run the same command to resume", err=True)
-        sys.exit(130)
+    settings = settings_from(FinetuneConfig, config, "finetune", options, source=config_file or "pipeline.toml")
+    # The [extract] settings of this dataset and backbone locate the heads that --init-head names.
+    source = settings_from(ExtractConfig, config, "extract", {"data": settings.data, "model": settings.model, "weights": settings.weights})
+    result = finetune(settings, source=source, force=force, progress=progress, log=click.echo)
     if result.status == "up-to-date":
         click.echo(f"{result.path} is up to date (best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.4f}); nothing to do")
     else:

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .config import SPLITS, DatasetSpec
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DatasetSpec",
@@ -30,7 +32,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-SPLITS = ("train", "val", "test")
 
 
 class UnreadableImageError(ValueError):
@@ -48,44 +49,6 @@ class Rejected:
 
     path: str
     reason: str
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """Where a dataset lives and how its splits are made.
-
-    Args:
-        root: the dataset folder. Image-folder layout: ``root/<split>/<class>/<image>``.
-        labels_csv: a CSV of labels relative to ``root`` (Kaggle dog-breed layout); None for image folders.
-        id_column: the CSV column holding the image id.
-        label_column: the CSV column holding the class name.
-        image_dir: the folder under ``root`` holding the CSV's images.
-        extension: appended to each id to make the file name.
-        val_fraction: fraction of train carved out as val when there is no ``val/``.
-        test_fraction: fraction carved out as test for CSV datasets.
-        split_seed: seed of the stratified carving.
-    """
-
-    root: str
-    labels_csv: str | None = None
-    id_column: str = "id"
-    label_column: str = "breed"
-    image_dir: str = "train"
-    extension: str = ".jpg"
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    split_seed: int = 0
-
-    @classmethod
-    def of(cls, settings: Any) -> "DatasetSpec":
-        """The dataset of a settings object that holds these fields flat, with ``data`` for ``root`` (the extract
-        and fine-tune configs, which the command line and pipeline.toml fill field by field)."""
-        return cls(root=settings.data, **{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls) if f.name != "root"})
-
-    @property
-    def name(self) -> str:
-        """The dataset's name in cache paths: the root folder's name."""
-        return Path(self.root).resolve().name
 
 
 @dataclass

@@ -6,17 +6,17 @@ import importlib.util
 import os
 import tempfile
 import warnings
-from typing import Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 
+from .config import ENGINES
 from .runtime import Runtime
 from .taps import TapExtractor
 
-__all__ = ["Engine", "EagerEngine", "OnnxEngine", "make_engine", "ENGINES", "ONNX_TOLERANCE"]
+__all__ = ["Engine", "EagerEngine", "OnnxEngine", "BatchRunner", "make_engine", "ENGINES", "ONNX_TOLERANCE"]
 
-ENGINES = ("auto", "eager", "onnx")
 # ONNX Runtime's features must match eager fp32 within this (absolute, and relative to the largest feature).
 ONNX_TOLERANCE = 1e-4
 
@@ -111,3 +111,39 @@ def make_engine(kind: str, extractor: TapExtractor, runtime: Runtime, example: t
         warnings.warn(f"ONNX Runtime features differ from eager by {error:.2e}; using the eager engine")
         return eager
     return fast
+
+
+class BatchRunner:
+    """Run an engine over a loader of ``(positions, batch, bad)``: the one loop of extract, predict and evaluate.
+
+    Iterating yields ``(positions, features, bad)`` per batch, with ``features`` one array per tap (None when no
+    image of the batch could be read) and ``bad`` the ``(position, reason)`` of unreadable images. The engine is
+    built on the first readable batch, which it is checked against; ``engine`` names it afterwards.
+
+    Args:
+        loader: yields what :func:`pipeline.data.collate_batch` makes.
+        extractor: the tapped model.
+        kind: ``auto``, ``eager`` or ``onnx``.
+        runtime: where and how the model runs.
+        on_error: ``fail`` raises on the first batch with an unreadable image, naming it with ``name``; ``skip``
+            passes them on in ``bad``.
+        name: the path of an image by position, for messages.
+    """
+
+    def __init__(self, loader: Iterable, extractor: TapExtractor, kind: str, runtime: Runtime, *, on_error: str = "fail",
+                 name: Callable[[int], str] = str) -> None:
+        self.loader, self.extractor, self.kind, self.runtime = loader, extractor, kind, runtime
+        self.on_error, self.name = on_error, name
+        self.engine: Engine | None = None
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, list[np.ndarray] | None, list[tuple[int, str]]]]:
+        for index, x, bad in self.loader:
+            if bad and self.on_error == "fail":
+                i, why = bad[0]
+                raise ValueError(f"{self.name(i)}: {why}; fix or remove the file, or pass --on-error skip")
+            features = None
+            if x is not None:
+                if self.engine is None:
+                    self.engine = make_engine(self.kind, self.extractor, self.runtime, x[:2])
+                features = self.engine(x)
+            yield index, features, bad

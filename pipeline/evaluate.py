@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, top_k_accuracy_score
 
-from .artifacts import HEAD_FORMAT, artifact_path, load_head, read_meta
+from . import layout, provenance
+from .artifacts import artifact_path, is_finetuned, load_finetuned, load_head, read_meta
 from .backbones import file_sha256
-from .files import atomic_write
 from .cache import read_cache
-from .data import DatasetSpec, load_split
-from .extract import ExtractConfig, locate_cache
-from .finetune import FORMAT, image_logits, is_finetuned, load_finetuned
-from .fit import heads_dir, load_split_features
+from .config import DatasetSpec, ExtractConfig
+from .data import load_split
+from .extract import locate_cache
+from .files import atomic_write
+from .fit import load_split_features
+from .plots import plot_confusion
+from .predict import image_logits
 
-__all__ = ["evaluate", "compare", "scores", "plot_confusion", "load_predictions"]
+__all__ = ["evaluate", "compare", "scores", "load_predictions"]
 
 
 def scores(pipe, X: np.ndarray) -> np.ndarray | None:
@@ -31,36 +35,6 @@ def scores(pipe, X: np.ndarray) -> np.ndarray | None:
             except AttributeError:  # e.g. SVC without probability=True
                 continue
     return None
-
-
-def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> Path:
-    """Save a row-normalised confusion matrix with counts as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(classes)
-    size = max(5.0, 0.45 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
-    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8 if n <= 30 else 5)
-    ax.set_yticks(range(n), classes, fontsize=8 if n <= 30 else 5)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                if cm[i, j]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = None, source: ExtractConfig | None = None, *,
@@ -83,10 +57,10 @@ def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = Non
     """
     if is_finetuned(head):
         return _evaluate_finetuned(head, test_cache, source, force)
-    meta_path, meta = read_meta(head, HEAD_FORMAT, "head", "pipeline head", "fit a head with pipeline fit-head first")
+    meta_path, meta = read_meta(head, layout.HEAD_FORMAT, "head", "pipeline head", "fit a head with pipeline fit-head first")
     if test_cache is None:
         train_path = Path(meta["train_cache"]["path"])
-        test_cache = locate_cache(replace(source, split="test")) if source else train_path.with_name("test.h5")
+        test_cache = locate_cache(replace(source, split="test")) if source else layout.sibling_cache(train_path, "test")
     with read_cache(test_cache) as cache:
         inputs = {"head": _identity(meta_path, meta), "test": cache.identity}
         reused = None if force else _reusable(Path(head), inputs)
@@ -104,7 +78,7 @@ def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = Non
         "head": str(art.path), "clf": art.meta["clf"], "test_cache": str(test_path), "n": int(len(y)),
         "top1": float((pred == y).mean()), "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "val_accuracy": art.meta.get("val_accuracy"), "fit_seconds": art.meta.get("fit_seconds"),
-        "param": art.meta.get("param"), "value": art.meta.get("value"), "inputs": inputs,
+        "param": art.meta.get("param"), "value": art.meta.get("value"), **provenance.stamp(inputs),
     }
     return _report(metrics, y, pred, (lambda: scores(art.pipeline, X)), classes, art.path, art.meta["clf"], paths, root)
 
@@ -119,26 +93,16 @@ def _identity(meta_path: Path, meta: dict) -> dict:
     return {"artifact_sha256": digest, "created": meta.get("created")}
 
 
-def _outputs(path: Path) -> tuple[Path, Path]:
-    base = path.with_suffix("")
-    return base.with_name(base.name + "-test.json"), base.with_name(base.name + "-test-predictions.npz")
-
-
 def _reusable(path: Path, inputs: dict) -> dict | None:
     """The saved metrics of an evaluation made from exactly ``inputs``, with its predictions file, else None."""
-    out, preds = _outputs(Path(path).with_suffix(".json"))
-    try:
-        metrics = json.loads(out.read_text())
-    except (OSError, ValueError):
-        return None
-    if metrics.get("inputs") != json.loads(json.dumps(inputs)) or not preds.is_file():
-        return None
-    return {**metrics, "json": str(out), "status": "up-to-date"}
+    files = layout.evaluation_files(path)
+    metrics = provenance.current_record(files.metrics, inputs, files.predictions)
+    return None if metrics is None else {**metrics, "json": str(files.metrics), "status": "up-to-date"}
 
 
 def load_predictions(head: str | os.PathLike) -> dict:
     """The per-image test predictions saved by :func:`evaluate`: ``y``, ``pred``, ``paths`` and the image ``root``."""
-    _, preds = _outputs(Path(head).with_suffix(".json"))
+    preds = layout.evaluation_files(head).predictions
     if not preds.is_file():
         raise ValueError(f"no test predictions at {preds}; run pipeline evaluate on {head} first")
     with np.load(preds, allow_pickle=False) as z:
@@ -156,10 +120,10 @@ def _report(metrics: dict, y: np.ndarray, pred: np.ndarray, class_scores, classe
     metrics["per_class"] = classification_report(y, pred, labels=labels, target_names=classes, output_dict=True, zero_division=0)
     cm = confusion_matrix(y, pred, labels=labels)
     metrics["confusion_matrix"] = cm.tolist()
-    base = path.with_suffix("")
-    png = plot_confusion(cm, classes, base.with_name(base.name + "-confusion.png"), f"{name}: test top-1 {metrics['top1']:.2%}")
+    files = layout.evaluation_files(path)
+    out, preds = files.metrics, files.predictions
+    png = plot_confusion(cm, classes, files.confusion, f"{name}: test top-1 {metrics['top1']:.2%}")
     metrics["confusion_png"] = str(png)
-    out, preds = _outputs(path)
     atomic_write(preds, lambda f: np.savez(f, y=np.asarray(y), pred=np.asarray(pred), paths=np.asarray(paths, dtype=str), root=np.asarray(str(root))))
     # The metrics last: their presence with matching inputs is what marks the evaluation done.
     atomic_write(out, lambda f: f.write(json.dumps(metrics, indent=1).encode()))
@@ -172,7 +136,7 @@ def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike |
     """A fine-tuned model on the test split's images of its dataset (or of ``source``'s)."""
     if test_cache is not None:
         raise ValueError(f"{path} is a fine-tuned model: it is evaluated on the test images, not on a feature cache; drop --test-cache")
-    meta_path, meta = read_meta(path, FORMAT, "fine-tuned model", "fine-tuned model", "run pipeline finetune first")
+    meta_path, meta = read_meta(path, layout.FINETUNED_FORMAT, "fine-tuned model", "fine-tuned model", "run pipeline finetune first")
     ds = meta["dataset"]
     spec = source.dataset if source else DatasetSpec(**{k: ds[k] for k in ("root", "labels_csv", "id_column", "label_column", "image_dir", "extension", "val_fraction", "test_fraction", "split_seed")})
     split = load_split(spec, "test")
@@ -192,7 +156,7 @@ def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike |
         "head": str(fm.path), "clf": "finetune", "model": fm.meta["model"], "test_split": f"{spec.root}:test",
         "n": int(len(y)), "n_skipped": len(bad) + len(split.rejected), "top1": float((pred == y).mean()),
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)), "val_accuracy": fm.meta.get("val_accuracy"),
-        "fit_seconds": fm.meta.get("seconds"), "best_epoch": fm.meta.get("best_epoch"), "inputs": inputs,
+        "fit_seconds": fm.meta.get("seconds"), "best_epoch": fm.meta.get("best_epoch"), **provenance.stamp(inputs),
     }
     return _report(metrics, y, pred, lambda: logits, fm.classes, fm.path, f"finetune {fm.meta['model']}",
                    [split.paths[i] for i in positions], str(Path(spec.root).resolve()))
@@ -201,28 +165,34 @@ def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike |
 def compare(folder: str | os.PathLike | None = None, source: ExtractConfig | None = None) -> list[dict]:
     """One row per head fitted on a cache: val and test accuracy, fit time, chosen hyper-parameter.
 
+    Rows are ranked by val accuracy, the criterion every choice is made on; test accuracy is reported beside it.
+    A metadata file that cannot be read is named in a warning and left out.
+
     Args:
         folder: a heads folder; None locates ``<train cache folder>/heads`` from ``source``.
         source: extract settings.
     """
-    folder = Path(folder) if folder else heads_dir(locate_cache(replace(source or ExtractConfig(), split="train")))
+    folder = Path(folder) if folder else layout.heads_dir(locate_cache(replace(source or ExtractConfig(), split="train")))
     if not folder.is_dir():
         raise ValueError(f"no heads in {folder}; fit one with pipeline fit-head")
     rows = []
-    for meta_path in sorted(folder.glob("*.json")):
-        if meta_path.name.endswith("-test.json"):
+    for meta_path in layout.head_metadata(folder):
+        meta = provenance.read_record(meta_path)
+        if meta is None:
+            warnings.warn(f"{meta_path} is not readable JSON; left out of the comparison")
             continue
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != HEAD_FORMAT:
+        if meta.get("format") != layout.HEAD_FORMAT:
             continue
-        test_path = meta_path.with_name(meta_path.stem + "-test.json")
-        test = json.loads(test_path.read_text()) if test_path.is_file() else {}
-        rows.append({
-            "clf": meta["clf"], "val_accuracy": meta["val_accuracy"], "top1": test.get("top1"), "top5": test.get("top5"),
-            "balanced_accuracy": test.get("balanced_accuracy"), "fit_seconds": meta["fit_seconds"],
-            "param": meta["param"], "value": meta["value"], "preprocessing": meta["preprocessing"], "path": str(meta_path),
-            "config": meta.get("config", {}), "subset": meta.get("subset"),
-        })
+        test = provenance.read_record(layout.evaluation_files(meta_path).metrics) or {}
+        try:
+            rows.append({
+                "clf": meta["clf"], "val_accuracy": meta["val_accuracy"], "top1": test.get("top1"), "top5": test.get("top5"),
+                "balanced_accuracy": test.get("balanced_accuracy"), "fit_seconds": meta["fit_seconds"],
+                "param": meta["param"], "value": meta["value"], "preprocessing": meta["preprocessing"], "path": str(meta_path),
+                "config": meta.get("config", {}), "subset": meta.get("subset"), "n_test": test.get("n"),
+            })
+        except KeyError as e:
+            warnings.warn(f"{meta_path} lacks the field {e}; left out of the comparison")
     if not rows:
         raise ValueError(f"no heads in {folder}; fit one with pipeline fit-head")
-    return sorted(rows, key=lambda r: -(r["top1"] if r["top1"] is not None else r["val_accuracy"]))
+    return sorted(rows, key=lambda r: -float(r["val_accuracy"]))

@@ -3,102 +3,26 @@
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import layout, provenance
 from .backbones import WeightsUnavailableError, load_backbone
-from .cache import COMPRESSIONS, DTYPES, PartialRun, cache_path, diff_settings, read_cache, write_cache
-from .data import SPLITS, DatasetSpec, ImageDataset, collate_batch, load_split
+from .cache import PartialRun, read_cache, write_cache
+from .config import ExtractConfig
+from .data import ImageDataset, collate_batch, load_split
 from .distributed import Group, process_group
-from .engines import ENGINES, make_engine
+from .engines import BatchRunner
 from .runtime import Runtime, resolve_runtime
 from .taps import TapExtractor, resolve_taps
 
-__all__ = ["ExtractConfig", "ExtractResult", "extract", "extract_cache_path", "locate_cache", "ON_ERROR"]
-
-ON_ERROR = ("fail", "skip")
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Everything that defines a feature cache and how it is computed.
-
-    Attributes:
-        data: dataset folder (``ROOT/<split>/<class>/<image>``, or with ``labels_csv``).
-        split: ``train``, ``val`` or ``test``.
-        model: torchvision classification model name.
-        weights: ``DEFAULT``, a torchvision weights name, a state_dict file, or ``none`` for random weights.
-        layers: modules to tap, each ``name`` or ``name:input|output``; empty means the default tap.
-        capture: ``input`` or ``output``, for layers given without one.
-        resize, crop, mean, std: overrides of the weights' preprocessing.
-        dtype: ``float32`` or ``float16`` storage.
-        compression: ``none``, ``gzip`` or ``lzf``.
-        batch_size: images per forward pass.
-        workers: DataLoader worker processes; None picks from the CPU count.
-        device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-        amp: the fast-path switch (bf16 autocast, channels_last, pinned memory); None means on for CUDA only.
-        engine: ``auto``, ``eager`` or ``onnx`` (ONNX Runtime, CPU only).
-        on_error: ``fail`` on the first unreadable file, or ``skip`` it and record it.
-        labels_csv, id_column, label_column, image_dir, extension: the CSV dataset layout.
-        val_fraction, test_fraction, split_seed: how missing splits are carved.
-        cache_dir: root of the cache path convention.
-        output: an explicit cache path instead of the convention.
-    """
-
-    data: str = "data/fashion-mnist"
-    split: str = "train"
-    model: str = "mobilenet_v2"
-    weights: str = "DEFAULT"
-    layers: tuple[str, ...] = ()
-    capture: str = "output"
-    resize: int | None = None
-    crop: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    dtype: str = "float32"
-    compression: str = "none"
-    batch_size: int = 64
-    workers: int | None = None
-    device: str = "auto"
-    amp: bool | None = None
-    engine: str = "auto"
-    on_error: str = "fail"
-    # The dataset layout, flat for the command line and pipeline.toml; defaults are DatasetSpec's.
-    labels_csv: str | None = DatasetSpec.labels_csv
-    id_column: str = DatasetSpec.id_column
-    label_column: str = DatasetSpec.label_column
-    image_dir: str = DatasetSpec.image_dir
-    extension: str = DatasetSpec.extension
-    val_fraction: float = DatasetSpec.val_fraction
-    test_fraction: float = DatasetSpec.test_fraction
-    split_seed: int = DatasetSpec.split_seed
-    cache_dir: str = "features"
-    output: str | None = None
-
-    def __post_init__(self) -> None:
-        for name, value, choices in (
-            ("split", self.split, SPLITS), ("dtype", self.dtype, DTYPES), ("compression", self.compression, COMPRESSIONS),
-            ("engine", self.engine, ENGINES), ("on_error", self.on_error, ON_ERROR), ("capture", self.capture, ("input", "output")),
-        ):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError(f"workers must be 0 or more, got {self.workers}")
-        object.__setattr__(self, "layers", tuple(self.layers))
-
-    @property
-    def dataset(self) -> DatasetSpec:
-        return DatasetSpec.of(self)
+__all__ = ["ExtractConfig", "ExtractResult", "extract", "extract_cache_path", "locate_cache", "auto_workers"]
 
 
 @dataclass
@@ -120,29 +44,7 @@ class ExtractResult:
     n_computed: int = 0
 
 
-def _versions() -> dict[str, str]:
-    import h5py
-    import PIL
-    import torchvision
-
-    from . import __version__
-
-    out = {"pipeline": __version__, "python": platform.python_version(), "torch": torch.__version__,
-           "torchvision": torchvision.__version__, "numpy": np.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__}
-    import joblib
-    import sklearn
-
-    out["scikit-learn"], out["joblib"] = sklearn.__version__, joblib.__version__
-    try:
-        import onnxruntime
-
-        out["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return out
-
-
-def _auto_workers(device_type: str, ranks_on_node: int = 1) -> int:
+def auto_workers(device_type: str, ranks_on_node: int = 1) -> int:
     # The ranks of one node share its cores.
     cores = max(1, (os.cpu_count() or 1) // ranks_on_node)
     if device_type != "cpu":
@@ -156,7 +58,7 @@ def extract_cache_path(config: ExtractConfig, weights: str, tap_slugs: list[str]
     """The cache path of a config: ``config.output`` or the convention under ``config.cache_dir``."""
     if config.output:
         return Path(config.output)
-    return cache_path(config.cache_dir, config.dataset.name, config.model, weights, tap_slugs, config.split)
+    return layout.cache_path(config.cache_dir, config.dataset.name, config.model, weights, tap_slugs, config.split)
 
 
 def locate_cache(config: ExtractConfig) -> Path:
@@ -248,14 +150,14 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bo
                     old, n_old, skipped_old = cache.attrs.get("settings"), len(cache), cache.skipped
             except ValueError:
                 old, n_old, skipped_old = {"file": "unreadable or not a complete cache"}, 0, []
-            if old == settings:  # force discards caches of other settings only; an up-to-date one is kept
+            if provenance.same(old, settings):  # force discards caches of other settings only; an up-to-date one is kept
                 return ExtractResult(path, "up-to-date", n_old, len(skipped_old), skipped=skipped_old)
             if not force:
-                raise ValueError(f"{path} was made with other settings ({'; '.join(diff_settings(old, settings))}); pass --force to overwrite it")
+                raise ValueError(f"{path} was made with other settings ({'; '.join(provenance.diff(old, settings))}); pass --force to overwrite it")
             path.unlink()
-        if partial.exists() and partial.settings() != settings:
+        if partial.exists() and not provenance.same(partial.settings(), settings):
             if not force:
-                diff = "; ".join(diff_settings(partial.settings() or {}, settings))
+                diff = "; ".join(provenance.diff(partial.settings() or {}, settings))
                 raise ValueError(f"an interrupted extraction in {partial.dir} used other settings ({diff}); pass --force to discard it")
             partial.remove()
         if not partial.exists():
@@ -274,34 +176,29 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bo
         # Batches never straddle a gap's end, so each shard's name states exactly the rows it holds.
         batches = [list(range(a, min(a + config.batch_size, b))) for g0, b in gaps for a in range(g0, b, config.batch_size)]
         todo = sum(len(b) for b in batches)
-        workers = _auto_workers(runtime.device.type, group.local_world) if config.workers is None else config.workers
+        workers = auto_workers(runtime.device.type, group.local_world) if config.workers is None else config.workers
         loader = torch.utils.data.DataLoader(
             ImageDataset(root, split.paths, backbone.preprocess.transform()),
             batch_sampler=batches, num_workers=workers if batches else 0, collate_fn=collate_batch,
             pin_memory=runtime.pin_memory, prefetch_factor=4 if workers and batches else None, persistent_workers=False,
         )
         dtype = np.dtype(config.dtype)
-        engine = None
         desc = f"extract {config.split}" + (f" (rank 0 of {group.world}, rows {lo}-{hi - 1})" if group.distributed else "")
         t0 = time.perf_counter()
         with TapExtractor(backbone.model, taps) as extractor, tqdm(
             total=hi - lo, initial=hi - lo - todo, unit="img", desc=desc, disable=not progress, dynamic_ncols=True, smoothing=0.1,
             mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not a flood
         ) as bar:
-            for batch, (index, x, bad) in zip(batches, loader):
+            runner = BatchRunner(loader, extractor, config.engine, runtime, on_error=config.on_error, name=lambda i: str(root / split.paths[i]))
+            for batch, (index, features, bad) in zip(batches, runner):
                 pos, stop = batch[0], batch[-1] + 1
-                if bad and config.on_error == "fail":
-                    i, why = bad[0]
-                    raise ValueError(f"{root / split.paths[i]}: {why}; fix or remove the file, or pass --on-error skip")
-                if x is not None:
-                    if engine is None:
-                        engine = make_engine(config.engine, extractor, runtime, x[:2])
-                    feats = [f.astype(dtype, copy=False) for f in engine(x)]
+                if features is not None:
+                    feats = [f.astype(dtype, copy=False) for f in features]
                 else:
                     feats = [np.zeros((0,), dtype) for _ in taps]
                 partial.write(pos, stop, feats, index, bad)
                 bar.update(stop - pos)
-        return todo, time.perf_counter() - t0, engine.name if engine else ""
+        return todo, time.perf_counter() - t0, runner.engine.name if runner.engine else ""
 
     ranks = group.gather(group.agree(run, _ERRORS))  # also the barrier: every block is on disk after it
     done = sum(r[0] for r in ranks)
@@ -315,8 +212,8 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bo
             "model": config.model, "weights": backbone.weights, "taps": [t.name for t in taps],
             "preprocess": backbone.preprocess.to_dict(), "image_size": backbone.preprocess.crop, "dtype": config.dtype,
             "dataset_fingerprint": split.fingerprint, "split_seed": config.split_seed, "carved": split.carved or {},
-            "engine": engine_name, "runtime": runtime.describe(), "versions": _versions(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "batch_size": config.batch_size,
+            "engine": engine_name, "runtime": runtime.describe(), "versions": provenance.versions(),
+            "created": provenance.now(), "batch_size": config.batch_size,
             "world_size": group.world, "images_per_s": done / seconds if seconds > 0 else 0.0,
         }
         write_cache(

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -22,249 +19,25 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
+from . import layout, provenance
 from .artifacts import TamperedArtifactError, load_head, read_meta, verified_artifact
-from .backbones import Backbone, Preprocess, file_sha256, final_linear, load_backbone, resolve_weights, weights_label
-from .cache import _slug, diff_settings
-from .data import SPLITS, DatasetSpec, ImageDataset, Split, collate_batch, load_split, stratified_subset
-from .extract import ON_ERROR, _auto_workers, _versions
+from .backbones import Backbone, Preprocess, file_sha256, final_linear, load_backbone, replace_classifier, resolve_weights, weights_label
+from .config import AUGMENTS, BACKBONE_AND_DATASET, HEAD_INITS, OPTIMIZERS, SCHEDULES, SPLITS, DatasetSpec, ExtractConfig, FinetuneConfig
+from .data import ImageDataset, Split, collate_batch, load_split, stratified_subset
+from .extract import auto_workers
 from .files import atomic_write
+from .recipes import RECIPES, Recipe
 from .runtime import Runtime, resolve_runtime
 from .taps import FeatureHooks, Tap, default_tap
 
 __all__ = [
-    "FinetuneConfig", "FinetuneResult", "Recipe", "RECIPES", "FinetunedModel", "finetune", "build_model", "run_dir",
-    "replace_classifier", "backbone_stages", "apply_freeze", "set_train_mode", "param_groups", "build_optimizer",
+    "FinetuneConfig", "FinetuneResult", "Recipe", "RECIPES", "finetune", "resolve_init_head", "build_model", "run_dir",
+    "backbone_stages", "apply_freeze", "set_train_mode", "param_groups", "build_optimizer",
     "build_scheduler", "lr_factor", "train_transform", "stratified_subset", "linear_init_from_head",
-    "load_finetuned", "is_finetuned", "image_logits", "FORMAT", "OPTIMIZERS", "SCHEDULES", "AUGMENTS", "HEAD_INITS",
-    "EXTRACT_SHARED",
 ]
 
-FORMAT = "pipeline-finetuned"
-FORMAT_VERSION = 1
-# A full disk during a fine-tune loses at most the epoch in progress: last.pt is only ever replaced whole.
 _RESUME_HINT = "; a re-run of the same command resumes after the last saved epoch"
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("constant", "cosine", "step")
-AUGMENTS = ("none", "crop-flip", "crop-flip-rotate")
-HEAD_INITS = ("torch", "xavier", "normal")
-# Settings a fine-tune shares with extract: the same dataset, backbone, weights and preprocessing. The CLI reads
-# them from pipeline.toml's [extract] under [finetune], so that --init-head finds a head of the same backbone.
-EXTRACT_SHARED = (
-    "data", "model", "weights", "resize", "crop", "mean", "std", "labels_csv", "id_column", "label_column",
-    "image_dir", "extension", "val_fraction", "test_fraction", "split_seed",
-)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-# ---------------------------------------------------------------- recipes
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A named preset: the training settings of one source tutorial.
-
-    Attributes:
-        name: the ``--recipe`` name.
-        source: the tutorial it reproduces.
-        description: what it does, in one line.
-        settings: FinetuneConfig fields; explicit options override them.
-    """
-
-    name: str
-    source: str
-    description: str
-    settings: dict[str, Any]
-
-
-RECIPES: dict[str, Recipe] = {
-    r.name: r
-    for r in (
-        Recipe(
-            "jdw-finetune",
-            "seed 000: jindongwang/transferlearning code/deep/finetune_AlexNet_ResNet/finetune_office31.py",
-            "ResNet-50, all layers trained; SGD momentum 0.9, lr 1e-4 with the new fc at 10x, no weight decay, constant lr; "
-            "fc init N(0, 0.005) with bias 0.1; RandomResizedCrop + flip; batch 64, 100 epochs; pass --target for the target domain",
-            dict(model="resnet50", freeze="none", optimizer="sgd", lr=1e-4, head_lr_mult=10.0, backbone_lr_mult=1.0,
-                 momentum=0.9, weight_decay=0.0, schedule="constant", warmup_epochs=0.0, epochs=100, batch_size=64,
-                 augment="crop-flip", head_init="normal"),
-        ),
-        Recipe(
-            "ants-bees",
-            "seed 001: the hymenoptera (ants/bees) ResNet-18 fine-tune of the PyTorch course it quotes (finetune_resnet18.py)",
-            "ResNet-18, all layers trained with the backbone at 0.1x through parameter groups; SGD momentum 0.9, lr 1e-3, "
-            "StepLR every 7 epochs x0.1; RandomResizedCrop + flip; batch 16, 25 epochs",
-            dict(model="resnet18", freeze="none", optimizer="sgd", lr=1e-3, head_lr_mult=1.0, backbone_lr_mult=0.1,
-                 momentum=0.9, weight_decay=0.0, schedule="step", step_epochs=7, gamma=0.1, warmup_epochs=0.0, epochs=25,
-                 batch_size=16, augment="crop-flip", head_init="torch"),
-        ),
-        Recipe(
-            "dog-breed",
-            "seed 002: the Kaggle dog-breed ResNet-50 fine-tune (4.1 Fine tuning), with --labels-csv labels.csv",
-            "ResNet-50 frozen, only the new fc trained; Adam (AdamW without weight decay) lr 1e-3; "
-            "Resize + RandomResizedCrop + flip + rotation 30; batch 256, 9 epochs",
-            dict(model="resnet50", freeze="backbone", optimizer="adamw", lr=1e-3, head_lr_mult=1.0, backbone_lr_mult=1.0,
-                 weight_decay=0.0, schedule="constant", warmup_epochs=0.0, epochs=9, batch_size=256,
-                 augment="crop-flip-rotate", head_init="torch"),
-        ),
-        Recipe(
-            "d2l-hotdog",
-            "seed 003: d2l.ai 13.2 Fine-Tuning (hot dog), train_fine_tuning(finetune_net, 5e-5)",
-            "ResNet-18, all layers trained; plain SGD (no momentum) lr 5e-5 with the new fc at 10x, weight decay 1e-3; "
-            "fc xavier_uniform; RandomResizedCrop + flip; batch 128, 5 epochs",
-            dict(model="resnet18", freeze="none", optimizer="sgd", lr=5e-5, head_lr_mult=10.0, backbone_lr_mult=1.0,
-                 momentum=0.0, weight_decay=1e-3, schedule="constant", warmup_epochs=0.0, epochs=5, batch_size=128,
-                 augment="crop-flip", head_init="xavier"),
-        ),
-        Recipe(
-            "cifar100-resnet18",
-            "seed 004: 'pytorch怎么finetuning', ResNet-18 on CIFAR-100",
-            "ResNet-18, all layers trained at one lr; SGD momentum 0.9, lr 1e-3, no weight decay; no augmentation; "
-            "batch 32, 100 epochs; a log line every 100 batches",
-            dict(model="resnet18", freeze="none", optimizer="sgd", lr=1e-3, head_lr_mult=1.0, backbone_lr_mult=1.0,
-                 momentum=0.9, weight_decay=0.0, schedule="constant", warmup_epochs=0.0, epochs=100, batch_size=32,
-                 augment="none", head_init="torch", log_every=100),
-        ),
-    )
-}
-
-# What a field left at None becomes when the recipe does not set it.
-_DEFAULTS: dict[str, Any] = dict(
-    model="mobilenet_v2", weights="DEFAULT", freeze="none", optimizer="sgd", lr=1e-3, head_lr_mult=10.0,
-    backbone_lr_mult=1.0, momentum=0.9, weight_decay=1e-4, schedule="cosine", warmup_epochs=0.0, step_epochs=7,
-    gamma=0.1, epochs=5, batch_size=32, augment="crop-flip", head_init="xavier", log_every=0,
-)
-
-
-# ---------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """How to fine-tune: the dataset and backbone (as for extract), the recipe, and the training settings.
-
-    Training fields left at None take the recipe's value, else the default of ``_DEFAULTS``; explicit values
-    override the recipe. After construction every field holds its resolved value.
-
-    Attributes:
-        recipe: a key of ``RECIPES``, or None.
-        data, labels_csv, id_column, label_column, image_dir, extension, val_fraction, test_fraction, split_seed:
-            the dataset, as for extract.
-        model, weights, resize, crop, mean, std: the backbone and its eval preprocessing, as for extract.
-        subset: train images per class (stratified, seeded); None uses all.
-        eval_subset: images per class of val and target splits; None uses all.
-        targets: extra splits evaluated every epoch: ``test``, or ``DIR[:SPLIT]``, another dataset folder with the
-            same classes (default split test), e.g. a target domain.
-        freeze: ``none``; ``backbone`` (train the new classifier only); or ``K``, the first K stages (see
-            :func:`backbone_stages`).
-        optimizer: ``sgd`` (with momentum) or ``adamw``.
-        lr: base learning rate.
-        head_lr_mult: the new classifier's lr is ``lr * head_lr_mult``.
-        backbone_lr_mult: every other trainable parameter's lr is ``lr * backbone_lr_mult``.
-        momentum: SGD momentum.
-        weight_decay: L2 (SGD) or decoupled (AdamW) weight decay.
-        schedule: ``constant``, ``cosine`` (to zero at the end) or ``step`` (x gamma every step_epochs).
-        warmup_epochs: linear warm-up, in epochs (fractions allowed).
-        step_epochs, gamma: the step schedule.
-        epochs: passes over the train split.
-        batch_size: images per step.
-        augment: ``none`` (eval preprocessing), ``crop-flip`` or ``crop-flip-rotate`` (rotation 30 degrees).
-        head_init: the new classifier's init: ``torch`` (nn.Linear's), ``xavier`` (uniform weight) or
-            ``normal`` (N(0, 0.005) weight, bias 0.1).
-        init_head: a ``linear`` (or logreg/svm without PCA) head fitted by fit-head on this backbone's cached
-            features, to start from instead of a random classifier (LP-FT).
-        seed: seed of the classifier init, shuffling, augmentation and dropout.
-        workers: DataLoader workers; None picks from the CPU count (0 on small CPUs).
-        device, amp: as for extract: the one fast-path switch (bf16 autocast, channels_last).
-        on_error: ``fail`` on an unreadable image, or ``skip`` it.
-        log_every: a log line every N batches; 0 for none.
-        output_dir: root of ``OUTPUT_DIR/<dataset>/<model>-<weights>/<name>/``.
-        name: the run's folder name; None takes the recipe's name, else ``finetune``.
-    """
-
-    recipe: str | None = None
-    data: str = "data/fashion-mnist"
-    model: str | None = None
-    weights: str | None = None
-    resize: int | None = None
-    crop: int | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    labels_csv: str | None = DatasetSpec.labels_csv
-    id_column: str = DatasetSpec.id_column
-    label_column: str = DatasetSpec.label_column
-    image_dir: str = DatasetSpec.image_dir
-    extension: str = DatasetSpec.extension
-    val_fraction: float = DatasetSpec.val_fraction
-    test_fraction: float = DatasetSpec.test_fraction
-    split_seed: int = DatasetSpec.split_seed
-    subset: int | None = None
-    eval_subset: int | None = None
-    targets: tuple[str, ...] = ()
-    freeze: str | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    head_lr_mult: float | None = None
-    backbone_lr_mult: float | None = None
-    momentum: float | None = None
-    weight_decay: float | None = None
-    schedule: str | None = None
-    warmup_epochs: float | None = None
-    step_epochs: int | None = None
-    gamma: float | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    augment: str | None = None
-    head_init: str | None = None
-    init_head: str | None = None
-    seed: int = 0
-    workers: int | None = None
-    device: str = "auto"
-    amp: bool | None = None
-    on_error: str = "fail"
-    log_every: int | None = None
-    output_dir: str = "runs"
-    name: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.recipe is not None and self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
-        preset = RECIPES[self.recipe].settings if self.recipe else {}
-        for key, default in _DEFAULTS.items():
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, preset.get(key, default))
-        if self.name is None:
-            object.__setattr__(self, "name", self.recipe or "finetune")
-        object.__setattr__(self, "freeze", str(self.freeze).strip().lower())
-        object.__setattr__(self, "targets", tuple(self.targets))
-        for key, value, choices in (
-            ("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES), ("augment", self.augment, AUGMENTS),
-            ("head_init", self.head_init, HEAD_INITS), ("on_error", self.on_error, ON_ERROR),
-        ):
-            if value not in choices:
-                raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-        if self.freeze not in ("none", "backbone") and not self.freeze.isdigit():
-            raise ValueError(f"freeze must be none, backbone or a number of stages, got {self.freeze!r}")
-        for key, low in (("epochs", 1), ("batch_size", 1), ("step_epochs", 1), ("subset", 1), ("eval_subset", 1), ("log_every", 0)):
-            value = getattr(self, key)
-            if value is not None and value < low:
-                raise ValueError(f"{key} must be at least {low}, got {value}")
-        for key in ("lr", "head_lr_mult", "backbone_lr_mult", "weight_decay", "warmup_epochs", "gamma"):
-            if getattr(self, key) < 0 or (key == "lr" and self.lr == 0):
-                raise ValueError(f"{key} must be {'positive' if key == 'lr' else '0 or more'}, got {getattr(self, key)}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be shorter than epochs ({self.epochs})")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError(f"workers must be 0 or more, got {self.workers}")
-        if any(not t.strip() for t in self.targets):
-            raise ValueError("an empty --target; give a split name (test) or a dataset folder")
-        if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
-            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
-
-    @property
-    def dataset(self) -> DatasetSpec:
-        return DatasetSpec.of(self)
 
 
 @dataclass
@@ -283,47 +56,10 @@ class FinetuneResult:
 def run_dir(config: FinetuneConfig) -> Path:
     """Where a fine-tune writes: ``OUTPUT_DIR/<dataset>/<model>-<weights>/<name>/``."""
     weights = weights_label(resolve_weights(config.model, config.weights))
-    return Path(config.output_dir) / _slug(config.dataset.name) / _slug(f"{config.model}-{weights}") / config.name
+    return layout.run_dir(config.output_dir, config.dataset.name, config.model, weights, config.name)
 
 
 # ---------------------------------------------------------------- the model: classifier, stages, freezing
-
-
-def replace_classifier(model: nn.Module, num_classes: int, init: str = "torch", generator: torch.Generator | None = None) -> str:
-    """Put a new ``nn.Linear`` for ``num_classes`` where the model's final classifier layer is.
-
-    The layer is found by :func:`final_linear` (``fc``, ``classifier.1``, ``heads.head``, ...), so every torchvision
-    family works the same way.
-
-    Args:
-        model: the classifier, changed in place.
-        num_classes: outputs of the new layer.
-        init: ``torch`` (nn.Linear's own), ``xavier`` (xavier_uniform weight, as d2l) or ``normal``
-            (N(0, 0.005) weight and bias 0.1, as tutorial 000).
-        generator: random source of the init.
-
-    Returns:
-        The layer's dotted name.
-    """
-    if init not in HEAD_INITS:
-        raise ValueError(f"init must be one of {', '.join(HEAD_INITS)}, got {init!r}")
-    name, old = final_linear(model)
-    # Made empty, then drawn from `generator`: nn.Linear's own init would consume the global random state.
-    new = nn.Linear(old.in_features, num_classes, bias=True, device="meta", dtype=old.weight.dtype).to_empty(device=old.weight.device)
-    bound = 1 / math.sqrt(old.in_features)
-    with torch.no_grad():
-        if init == "normal":
-            new.weight.normal_(0.0, 0.005, generator=generator)
-            new.bias.fill_(0.1)
-        else:
-            if init == "xavier":
-                nn.init.xavier_uniform_(new.weight, generator=generator)
-            else:
-                nn.init.kaiming_uniform_(new.weight, a=math.sqrt(5), generator=generator)  # what nn.Linear does
-            new.bias.uniform_(-bound, bound, generator=generator)
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-    return name
 
 
 def backbone_stages(model: nn.Module, classifier: str | None = None) -> list[tuple[str, list[str]]]:
@@ -531,7 +267,7 @@ def _parse_target(target: str, dataset: DatasetSpec) -> tuple[str, DatasetSpec, 
         path, split = target, "test"
     if not Path(path).is_dir():
         raise ValueError(f"--target {target!r}: expected test, or a dataset folder DIR[:SPLIT]; {path} is not a folder")
-    return f"{_slug(Path(path).resolve().name)}-{split}", DatasetSpec(root=path), split
+    return f"{layout.slug(Path(path).resolve().name)}-{split}", DatasetSpec(root=path), split
 
 
 def _loader(part: _Part, transform: Callable, batch_size: int, workers: int, runtime: Runtime,
@@ -698,15 +434,6 @@ def _atomic_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), hint=_RESUME_HINT)
 
 
-def _write_history(history: list[dict], path: Path) -> None:
-    text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=list(history[0]))
-    w.writeheader()
-    w.writerows(history)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()), hint=_RESUME_HINT)
-
-
-
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
@@ -729,7 +456,26 @@ def _json(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def finetune(config: FinetuneConfig | None = None, *, force: bool = False, progress: bool = True,
+def resolve_init_head(config: FinetuneConfig, source: ExtractConfig | None = None) -> FinetuneConfig:
+    """``config`` with ``init_head`` as a metadata path: a head's name (``linear``, ``subset-100/linear``) is looked
+    up in the heads folder of the caches that ``source`` locates (default: this config's dataset and backbone).
+
+    Raises:
+        ValueError: a name with no head of that name.
+    """
+    name = config.init_head
+    if not name or Path(name).is_file() or name.endswith(".json"):
+        return config
+    from .fit import locate_head
+
+    source = source or ExtractConfig(**{k: getattr(config, k) for k in BACKBONE_AND_DATASET})
+    found = locate_head(name, source=source)
+    if not found.is_file():
+        raise ValueError(f"--init-head {name}: no head file of that name, and no {found}; fit it with pipeline fit-head first")
+    return replace(config, init_head=str(found))
+
+
+def finetune(config: FinetuneConfig | None = None, *, source: ExtractConfig | None = None, force: bool = False, progress: bool = True,
              log: Callable[[str], None] | None = None) -> FinetuneResult:
     """Fine-tune a backbone with a new classifier on the train split, keeping the epoch with the best val accuracy.
 
@@ -740,6 +486,7 @@ def finetune(config: FinetuneConfig | None = None, *, force: bool = False, progr
 
     Args:
         config: the settings; defaults to ``FinetuneConfig()``.
+        source: the extract settings whose heads folder ``init_head`` names a head in (see :func:`resolve_init_head`).
         force: discard a run of other settings in the same folder.
         progress: progress bars within the epoch.
         log: receives one line per epoch (loss, accuracy per phase, lr, seconds) and every ``log_every`` batches.
@@ -750,7 +497,7 @@ def finetune(config: FinetuneConfig | None = None, *, force: bool = False, progr
     Raises:
         ValueError: bad settings or data, an unusable ``init_head``, or a run of other settings without ``force``.
     """
-    config = config or FinetuneConfig()
+    config = resolve_init_head(config or FinetuneConfig(), source)
     say = log or (lambda line: None)
     spec = config.dataset
     train, train_split = _part("train", spec, "train", config.subset, config.seed, config.on_error, None)
@@ -786,7 +533,7 @@ def finetune(config: FinetuneConfig | None = None, *, force: bool = False, progr
                 meta = json.loads(meta_path.read_text())
                 return FinetuneResult(meta_path, out, "up-to-date", meta["best_epoch"], meta["val_accuracy"], meta["seconds"], meta["history"])
         elif not force:
-            raise ValueError(f"{out} holds a run with other settings ({'; '.join(diff_settings(old or {}, settings))}); pass --force to overwrite it, or --name for another run")
+            raise ValueError(f"{out} holds a run with other settings ({'; '.join(provenance.diff(old or {}, settings))}); pass --force to overwrite it, or --name for another run")
     checkpoint = None
     if last_path.exists() and not meta_path.exists():
         saved = torch.load(last_path, map_location="cpu", weights_only=True)
@@ -794,14 +541,14 @@ def finetune(config: FinetuneConfig | None = None, *, force: bool = False, progr
         if old == settings:
             checkpoint = saved  # an interrupted run of these settings: resume it, --force or not
         elif not force:
-            raise ValueError(f"an interrupted fine-tune in {out} used other settings ({'; '.join(diff_settings(old, settings))}); pass --force to discard it, or --name for another run")
+            raise ValueError(f"an interrupted fine-tune in {out} used other settings ({'; '.join(provenance.diff(old, settings))}); pass --force to discard it, or --name for another run")
     if checkpoint is None:
         for p in (meta_path, model_path, last_path, history_path):
             p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
     model = runtime.prepare(model)
-    workers = _auto_workers(runtime.device.type) if config.workers is None else config.workers
+    workers = auto_workers(runtime.device.type) if config.workers is None else config.workers
     steps_per_epoch = len(train.paths) // config.batch_size if len(train.paths) > config.batch_size else 1
     optimizer = build_optimizer(param_groups(model, layer, config.lr, config.head_lr_mult, config.backbone_lr_mult),
                                 config.optimizer, config.lr, config.momentum, config.weight_decay)
@@ -847,7 +594,7 @@ def finetune(config: FinetuneConfig | None = None, *, force: bool = False, progr
             better = row["val_acc"] > best_acc
             if better:
                 best_epoch, best_acc, best_state = epoch, row["val_acc"], _cpu_state(model)
-            _write_history(history, history_path)
+            provenance.write_history(history, history_path, hint=_RESUME_HINT)
             _atomic_save({
                 "settings": json.dumps(settings), "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": _rng_state(runtime), "history": json.dumps(history),
@@ -858,11 +605,11 @@ def finetune(config: FinetuneConfig | None = None, *, force: bool = False, progr
             say(f"epoch {epoch}/{config.epochs}  {phases}  lr {lr_text}  {row['seconds']:.1f} s{'  *best' if better else ''}")
     seconds = time.perf_counter() - t_all + sum(r["seconds"] for r in history[: start - 1])
 
-    state = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": config.model, "classifier": layer,
+    state = {"format": layout.FINETUNED_FORMAT, "format_version": layout.FINETUNED_FORMAT_VERSION, "model": config.model, "classifier": layer,
              "classes": list(classes), "preprocess": _json(backbone.preprocess.to_dict()), "epoch": best_epoch, "state_dict": best_state}
     _atomic_save(state, model_path)
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "artifact": model_path.name, "artifact_sha256": file_sha256(model_path),
+        "format": layout.FINETUNED_FORMAT, "format_version": layout.FINETUNED_FORMAT_VERSION, "artifact": model_path.name, "artifact_sha256": file_sha256(model_path),
         "clf": "finetune", "model": config.model, "weights": backbone.weights, "weights_sha256": backbone.weights_sha256,
         "classifier": layer, "classes": list(classes), "preprocess": _json(backbone.preprocess.to_dict()),
         "dataset": {"name": spec.name, **_json(asdict(spec)), "root": str(Path(spec.root).resolve())},
@@ -870,7 +617,7 @@ def finetune(config: FinetuneConfig | None = None, *, force: bool = False, progr
         "targets": [p.label for p in targets], "init_head": config.init_head, "runtime": runtime.describe(),
         "config": _json(asdict(config)), "settings": settings, "recipe": config.recipe,
         "recipe_source": RECIPES[config.recipe].source if config.recipe else None,
-        "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": provenance.versions(), "created": provenance.now(),
     }
     atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()), hint=_RESUME_HINT)
     return FinetuneResult(meta_path, out, status, best_epoch, best_acc, seconds, history)
@@ -909,98 +656,3 @@ def _train_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, part: _P
     if n == 0:
         raise ValueError(f"no readable image in the train split of {part.root}")
     return float(loss_sum) / n, int(correct) / n
-
-
-# ---------------------------------------------------------------- the model file, for evaluate and predict
-
-
-@dataclass
-class FinetunedModel:
-    """A loaded fine-tuned model: the module (eval mode, CPU), its classes and eval preprocessing, and its metadata."""
-
-    model: nn.Module
-    classes: list[str]
-    preprocess: Preprocess
-    meta: dict
-    path: Path
-
-
-def is_finetuned(path: str | os.PathLike) -> bool:
-    """Whether ``path`` (a ``.json`` or its ``.pt``) is a fine-tuned model's metadata rather than a head's."""
-    meta_path = Path(path).with_suffix(".json")
-    if not meta_path.is_file():
-        return False
-    try:
-        return json.loads(meta_path.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, AttributeError):
-        return False
-
-
-def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
-    """Load a fine-tuned model from its ``model.json`` (or ``model.pt``), checking the recorded sha256 first.
-
-    The weights are read with ``torch.load(weights_only=True)``.
-
-    Raises:
-        ValueError: a missing or malformed file, or weights that do not fit the model.
-        TamperedArtifactError: the model file differs from the digest recorded when it was written.
-    """
-    meta_path, meta = read_meta(path, FORMAT, "fine-tuned model", "fine-tuned model", "run pipeline finetune first")
-    artifact = verified_artifact(meta_path, meta)
-    state = torch.load(artifact, map_location="cpu", weights_only=True)
-    with torch.random.fork_rng(devices=[]):
-        model = torchvision.models.get_model(meta["model"], weights=None)
-        replace_classifier(model, len(meta["classes"]))
-    missing, unexpected = model.load_state_dict(state["state_dict"], strict=False)
-    # Inception/GoogLeNet made with pretrained weights drop their auxiliary classifiers; so must the rebuilt one.
-    absent = {k.split(".")[0] for k in missing}
-    if unexpected or not absent <= {"aux1", "aux2", "AuxLogits"}:
-        raise ValueError(f"{artifact} does not fit {meta['model']}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    for name in absent:
-        setattr(model, name, None)
-        model.aux_logits = False
-    model.eval()
-    p = meta["preprocess"]
-    pre = Preprocess(resize=p["resize"], crop=p["crop"], mean=tuple(p["mean"]), std=tuple(p["std"]),
-                     interpolation=p.get("interpolation", "bilinear"), antialias=p.get("antialias", True))
-    return FinetunedModel(model, list(meta["classes"]), pre, meta, meta_path)
-
-
-def image_logits(fm: FinetunedModel, root: str | os.PathLike, paths: Sequence[str], *, device: str = "auto", batch_size: int = 64,
-                 on_error: str = "skip", engine: str = "auto", progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """Class logits of images under ``root`` with the model's eval preprocessing.
-
-    The model runs as extraction does: its classifier layer's output is the tap, and on a plain-fp32 CPU run the
-    ``auto`` engine uses ONNX Runtime when its logits match eager torch within ``ONNX_TOLERANCE``.
-
-    Returns:
-        (positions of the readable images, their N x classes logits, [(position, reason)] of unreadable ones).
-
-    Raises:
-        ValueError: an unreadable image under ``on_error="fail"``.
-    """
-    from .engines import make_engine
-    from .taps import TapExtractor
-
-    runtime = resolve_runtime(device, None)
-    loader = torch.utils.data.DataLoader(ImageDataset(Path(root), paths, fm.preprocess.transform()), batch_size=batch_size,
-                                         collate_fn=collate_batch, pin_memory=runtime.pin_memory)
-    layer = fm.meta.get("classifier") or final_linear(fm.model)[0]
-    positions, logits, bad_all = [], [], []
-    run = None
-    with TapExtractor(fm.model, [Tap(layer, "output")]) as extractor, tqdm(
-            total=len(paths), unit="img", desc="predict", disable=not progress, dynamic_ncols=True,
-            mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
-        for index, x, bad in loader:
-            if bad and on_error == "fail":
-                raise ValueError(f"{Path(root) / paths[bad[0][0]]}: {bad[0][1]}; fix or remove the file, or pass --on-error skip")
-            bad_all += bad
-            if x is not None:
-                if run is None:
-                    run = make_engine(engine, extractor, runtime, x[:2])
-                positions.append(index)
-                logits.append(run(x)[0])
-            bar.update(len(index) + len(bad))
-    k = len(fm.classes)
-    return (np.concatenate(positions) if positions else np.zeros(0, np.int64),
-            np.concatenate(logits) if logits else np.zeros((0, k), np.float32), bad_all)

@@ -3,81 +3,26 @@
 from __future__ import annotations
 
 import copy
-import csv
 import hashlib
-import io
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from . import __version__
+from . import layout, provenance
 from .artifacts import feature_identity, save_head
 from .backbones import file_sha256
 from .cache import FeatureCache, read_cache
+from .config import ExtractConfig, HeadConfig
 from .data import stratified_subset
-from .extract import ExtractConfig, _versions, locate_cache
-from .files import atomic_write
-from .heads import HEADS, POOLS, PREPROCESSING, SpatialPool, build_head
+from .extract import locate_cache
+from .heads import HEADS, SpatialPool, build_head
 
-__all__ = ["HeadConfig", "FitResult", "fit_head", "heads_dir", "load_split_features", "check_compatible", "paths_digest", "default_head_path"]
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    """How to fit a head.
-
-    Attributes:
-        clf: the head family, a key of ``pipeline.heads.HEADS``.
-        tap: which tap of the cache; None takes the first.
-        preprocessing: feature preprocessing; None takes the head's default.
-        pca: PCA components where PCA is used.
-        pool: pooling of spatial features: avg, max or flatten.
-        grid: values of the swept hyper-parameter; empty takes the head's default grid.
-        refine: rounds of the CLIP-style halving search around the best value of a log grid.
-        seed: random state.
-        train_cache, val_cache: explicit cache files; None locates them from the extract settings.
-        stream: read train features in blocks instead of loading them (linear, logreg and svm heads);
-            None streams when they exceed ``memory_budget_mb``.
-        memory_budget_mb: the size above which train features are streamed.
-        block_mb: bytes read at once when streaming.
-        epochs: passes over the data for the linear head, and for every head when streaming.
-        subset: fit on at most this many train images per class (stratified, drawn with ``seed``; the same
-            images as ``pipeline finetune --subset`` with the same seed); None uses all.
-    """
-
-    clf: str = "logreg"
-    tap: str | None = None
-    preprocessing: str | None = None
-    pca: int = 256
-    pool: str = "avg"
-    grid: tuple[float, ...] = ()
-    refine: int = 2
-    seed: int = 0
-    train_cache: str | None = None
-    val_cache: str | None = None
-    stream: bool | None = None
-    memory_budget_mb: int = 4096
-    block_mb: int = 64
-    epochs: int = 20
-    subset: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.clf not in HEADS:
-            raise ValueError(f"unknown head {self.clf!r}; expected one of {', '.join(HEADS)}")
-        if self.preprocessing is not None and self.preprocessing not in PREPROCESSING:
-            raise ValueError(f"unknown preprocessing {self.preprocessing!r}; expected one of {', '.join(PREPROCESSING)}")
-        if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
-        if self.subset is not None and self.subset < 1:
-            raise ValueError(f"subset must be at least 1 image per class, got {self.subset}")
-        object.__setattr__(self, "grid", tuple(self.grid))
+__all__ = ["HeadConfig", "FitResult", "fit_head", "locate_head", "load_split_features", "check_compatible", "paths_digest"]
 
 
 @dataclass
@@ -98,15 +43,13 @@ class FitResult:
     status: str = "fitted"
 
 
-def heads_dir(train_cache: Path) -> Path:
-    """Heads live beside the caches they were fitted on: ``<cache folder>/heads/``."""
-    return Path(train_cache).parent / "heads"
+def locate_head(clf: str, subset: int | None = None, source: ExtractConfig | None = None) -> Path:
+    """The metadata file of the head ``fit_head`` saves by default for these extract settings: ``--clf`` lookup.
 
-
-def default_head_path(train_cache: Path, clf: str, subset: int | None = None) -> Path:
-    """Where a head is saved by default (no suffix): ``heads/<clf>``, or ``heads/subset-<N>/<clf>`` for N per class."""
-    folder = heads_dir(train_cache)
-    return (folder / f"subset-{subset}" if subset else folder) / clf
+    ``clf`` may also name a head within the heads folder, e.g. ``subset-100/linear``.
+    """
+    train = locate_cache(replace(source or ExtractConfig(), split="train"))
+    return layout.head_files(layout.head_base(train, clf, subset)).meta
 
 
 def check_compatible(train: FeatureCache, val: FeatureCache, tap: str) -> None:
@@ -258,16 +201,14 @@ def _search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: A
 
 def _reusable(base: Path, inputs: dict) -> FitResult | None:
     """The head saved at ``base`` when it was fitted from exactly ``inputs`` and its artifact is intact, else None."""
-    meta_path = base.with_suffix(".json")
+    meta_path = layout.head_files(base).meta
+    meta = provenance.current_record(meta_path, inputs)
     try:
-        meta = json.loads(meta_path.read_text())
-        if meta.get("inputs") != json.loads(json.dumps(inputs, default=str)):
+        if meta is None or file_sha256(meta_path.with_name(meta["artifact"])) != meta["artifact_sha256"]:
             return None
-        if file_sha256(meta_path.with_name(meta["artifact"])) != meta["artifact_sha256"]:
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
+        return FitResult(meta_path, meta["clf"], meta["param"], meta["value"], meta["val_accuracy"], meta["fit_seconds"], meta["sweep"], "up-to-date")
+    except (OSError, KeyError, TypeError):
         return None
-    return FitResult(meta_path, meta["clf"], meta["param"], meta["value"], meta["val_accuracy"], meta["fit_seconds"], meta["sweep"], "up-to-date")
 
 
 def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = None, *, out: str | Path | None = None,
@@ -296,10 +237,10 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
     source = source or ExtractConfig()
     train_path = Path(config.train_cache) if config.train_cache else locate_cache(replace(source, split="train"))
     val_path = Path(config.val_cache) if config.val_cache else locate_cache(replace(source, split="val"))
-    base = Path(out) if out else default_head_path(train_path, config.clf, config.subset)
+    base = Path(out) if out else layout.head_base(train_path, config.clf, config.subset)
     t0 = time.perf_counter()
     with read_cache(train_path) as train, read_cache(val_path) as val:
-        inputs = {"config": asdict(config), "train": train.identity, "val": val.identity, "pipeline": __version__}
+        inputs = {"config": asdict(config), "train": train.identity, "val": val.identity, "pipeline": provenance.PIPELINE_VERSION}
         if not refit:
             reused = _reusable(base, inputs)
             if reused is not None:
@@ -353,23 +294,14 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         "config": asdict(config), "preprocessing": config.preprocessing or spec.preprocessing, "tap": tap, "classes": classes,
         "features": feature_identity(train_attrs), "extract_settings": train_attrs.get("settings", {}),
         "train_cache": {"path": str(train_path.resolve()), "dataset_fingerprint": train_attrs.get("dataset_fingerprint"), "rows": len(yt)},
-        "val_cache": {"path": str(val_path.resolve()), "rows": len(yv)}, "subset": subset, "inputs": inputs,
-        "versions": _versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "val_cache": {"path": str(val_path.resolve()), "rows": len(yv)}, "subset": subset, **provenance.stamp(inputs),
     }
     path = save_head(pipe, meta, base)
     if config.clf == "linear":
-        _write_history(clf.history_, base.with_name(base.name + "-history.csv"))
+        provenance.write_history(clf.history_, layout.head_files(base).history)
     return FitResult(path, config.clf, spec.param, value, val_acc, seconds, sweep)
 
 
 def paths_digest(paths: list[str]) -> str:
     """sha256 of a list of image paths, in order: equal digests mean the same images."""
     return hashlib.sha256("\n".join(paths).encode()).hexdigest()
-
-
-def _write_history(history: list[dict], path: Path) -> None:
-    text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=list(history[0]))
-    w.writeheader()
-    w.writerows(history)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))

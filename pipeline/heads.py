@@ -19,6 +19,9 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.multiclass import unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .config import POOLS, PREPROCESSING
+from .runtime import torch_threads
+
 __all__ = [
     "HEADS",
     "HeadSpec",
@@ -29,8 +32,6 @@ __all__ = [
     "POOLS",
 ]
 
-POOLS = ("avg", "max", "flatten")
-PREPROCESSING = ("none", "standardize", "l2", "pca", "standardize+pca", "l2+pca")
 
 
 class SpatialPool(TransformerMixin, BaseEstimator):
@@ -130,12 +131,8 @@ class TorchLinearHead(ClassifierMixin, BaseEstimator):
     def _train(self, batches: Callable, n_features: int, val: tuple[torch.Tensor, torch.Tensor] | None) -> "TorchLinearHead":
         # Minibatch GEMMs this small gain nothing from threads, and on a busy 2-core machine torch's threads
         # stall each other: one thread measured 25x faster (0.23 s against 5.7 s an epoch of 10k x 2048).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             return self._train_loop(batches, n_features, val)
-        finally:
-            torch.set_num_threads(threads)
 
     def _train_loop(self, batches: Callable, n_features: int, val: tuple[torch.Tensor, torch.Tensor] | None) -> "TorchLinearHead":
         gen = torch.Generator().manual_seed(self.random_state)

@@ -5,21 +5,22 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .artifacts import load_head
-from .backbones import load_backbone
+from .artifacts import FinetunedModel, is_finetuned, load_finetuned, load_head
+from .backbones import final_linear, load_backbone
 from .data import IMAGE_EXTENSIONS, ImageDataset, collate_batch
-from .engines import make_engine
-from .finetune import image_logits, is_finetuned, load_finetuned
+from .engines import BatchRunner
 from .runtime import resolve_runtime
 from .taps import Tap, TapExtractor
 
-__all__ = ["predict", "write_predictions", "find_images"]
+__all__ = ["predict", "write_predictions", "find_images", "image_logits"]
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -99,16 +100,13 @@ def predict(
     has_proba = hasattr(art.pipeline, "predict_proba") and hasattr(art.pipeline.steps[-1][1], "predict_proba")
     classes = art.classes
     with TapExtractor(backbone.model, taps) as extractor:
-        eng = None
-        for index, x, bad in loader:
-            if bad and on_error == "fail":
-                raise ValueError(f"{paths[bad[0][0]]}: {bad[0][1]}; fix or remove the file, or pass --on-error skip")
+        kind = engine if engine != "auto" else settings.get("engine", "auto")
+        for index, features, bad in BatchRunner(loader, extractor, kind, runtime, on_error=on_error, name=lambda i: paths[i]):
             for i, why in bad:
                 rows[i] = {"path": paths[i], "error": why}
-            if x is None:
+            if features is None:
                 continue
-            eng = eng or make_engine(engine if engine != "auto" else settings.get("engine", "auto"), extractor, runtime, x[:2])
-            feats = eng(x)[which]
+            feats = features[which]
             s = art.pipeline.predict_proba(feats) if has_proba else art.pipeline.decision_function(feats)
             s = np.asarray(s)
             if s.ndim == 1:  # two classes: one score, positive for the second
@@ -143,6 +141,38 @@ def _predict_finetuned(path: str | os.PathLike, inputs: Sequence[str | os.PathLi
                    "probabilities": {c: float(v) for c, v in zip(fm.classes, row)}}
     out = [rows[i] for i in range(len(paths))] + [{"path": p, "error": why} for p, why in rejected]
     return out, fm.classes
+
+
+def image_logits(fm: FinetunedModel, root: str | os.PathLike, paths: Sequence[str], *, device: str = "auto", batch_size: int = 64,
+                 on_error: str = "skip", engine: str = "auto", progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """Class logits of images under ``root`` with a fine-tuned model's eval preprocessing.
+
+    The model runs as extraction does: its classifier layer's output is the tap, and on a plain-fp32 CPU run the
+    ``auto`` engine uses ONNX Runtime when its logits match eager torch within ``ONNX_TOLERANCE``.
+
+    Returns:
+        (positions of the readable images, their N x classes logits, [(position, reason)] of unreadable ones).
+
+    Raises:
+        ValueError: an unreadable image under ``on_error="fail"``.
+    """
+    runtime = resolve_runtime(device, None)
+    loader = torch.utils.data.DataLoader(ImageDataset(Path(root), paths, fm.preprocess.transform()), batch_size=batch_size,
+                                         collate_fn=collate_batch, pin_memory=runtime.pin_memory)
+    layer = fm.meta.get("classifier") or final_linear(fm.model)[0]
+    positions, logits, bad_all = [], [], []
+    with TapExtractor(fm.model, [Tap(layer, "output")]) as extractor, tqdm(
+            total=len(paths), unit="img", desc="predict", disable=not progress, dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
+        for index, features, bad in BatchRunner(loader, extractor, engine, runtime, on_error=on_error, name=lambda i: str(Path(root) / paths[i])):
+            bad_all += bad
+            if features is not None:
+                positions.append(index)
+                logits.append(features[0])
+            bar.update(len(index) + len(bad))
+    k = len(fm.classes)
+    return (np.concatenate(positions) if positions else np.zeros(0, np.int64),
+            np.concatenate(logits) if logits else np.zeros((0, k), np.float32), bad_all)
 
 
 def write_predictions(rows: list[dict], classes: list[str], path: str | os.PathLike) -> Path:

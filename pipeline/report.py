@@ -25,51 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import layout
+from .provenance import PIPELINE_VERSION as __version__
 from .backbones import file_sha256
-from .cache import _slug, read_cache
-from .data import SPLITS, load_rgb, stratified_subset
-from .evaluate import compare, load_predictions, plot_confusion
-from .extract import ExtractConfig, locate_cache
+from .cache import read_cache
+from .config import PROJECTIONS, SPLITS, ExtractConfig, ReportConfig
+from .data import load_rgb, stratified_subset
+from .evaluate import compare, load_predictions
+from .extract import locate_cache
 from .files import atomic_write
-from .fit import heads_dir
+from .plots import plot_confusion
 
 __all__ = ["ReportConfig", "ReportResult", "build_report", "check_render", "find_chromium", "RenderCheck", "PROJECTIONS"]
-
-PROJECTIONS = ("tsne", "pca")
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    """What goes into the report and where it is written.
-
-    Attributes:
-        out_dir: root of ``OUT_DIR/<dataset>/<model>-<weights>/``.
-        runs_dir: where ``pipeline finetune`` wrote its runs (``--output-dir``); their ``model.json`` files made
-            from this dataset and backbone are included.
-        quality_bar: a test top-1 the best cached head should reach; reported as met or not. None for none.
-        projection: ``tsne`` or ``pca``, for the 2-D map of test features.
-        projection_points: test images in that map (stratified).
-        grid_images: misclassified test images shown.
-        seed: seed of the samples drawn for the map and the grid.
-    """
-
-    out_dir: str = "reports"
-    runs_dir: str = "runs"
-    quality_bar: float | None = None
-    projection: str = "tsne"
-    projection_points: int = 2000
-    grid_images: int = 24
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.projection not in PROJECTIONS:
-            raise ValueError(f"projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}")
-        if self.quality_bar is not None and not 0 < self.quality_bar <= 1:
-            raise ValueError(f"quality_bar is a top-1 accuracy in (0, 1], got {self.quality_bar}")
-        if self.projection_points < 10 or self.grid_images < 1:
-            raise ValueError("projection_points must be at least 10 and grid_images at least 1")
-
 
 @dataclass
 class ReportResult:
@@ -444,7 +411,7 @@ def render_markdown(title: str, sections: list[tuple[str, list[Any]]]) -> str:
 
 def report_dir(source: ExtractConfig, config: ReportConfig, caches: dict) -> Path:
     s = caches["train"]["settings"]
-    return Path(config.out_dir) / _slug(s.get("dataset", "dataset")) / _slug(f"{s.get('model')}-{s.get('weights')}")
+    return layout.report_dir(config.out_dir, s.get("dataset", "dataset"), s.get("model"), s.get("weights"))
 
 
 def _label(r: dict) -> str:
@@ -471,7 +438,7 @@ def build_report(source: ExtractConfig | None = None, config: ReportConfig | Non
     say = log or (lambda line: None)
     t0 = time.perf_counter()
     caches = _caches(source)
-    folder = heads_dir(Path(caches["train"]["path"]))
+    folder = layout.heads_dir(caches["train"]["path"])
     heads = _head_rows(folder)
     if not heads:
         raise ValueError(f"no head in {folder} was evaluated on test; run pipeline fit-head and pipeline evaluate first")

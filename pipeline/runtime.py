@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
-__all__ = ["Runtime", "resolve_runtime"]
+__all__ = ["Runtime", "resolve_runtime", "torch_threads"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,17 @@ class Runtime:
 
     def describe(self) -> str:
         return f"{self.device.type}" + (" (bf16 autocast, channels_last)" if self.amp else " (fp32)")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, then restore the caller's number."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_runtime(device: str = "auto", amp: bool | None = None) -> Runtime:

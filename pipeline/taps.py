@@ -9,9 +9,14 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .config import CAPTURES
+
 __all__ = ["Tap", "FeatureHooks", "TapExtractor", "default_tap", "resolve_taps", "list_taps", "TapInfo"]
 
-CAPTURES = ("input", "output")
+
+
+class TapNotFiredError(ValueError, RuntimeError):
+    """A tapped module that the forward pass never called (a bad choice of layer, so a ValueError)."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,7 @@ class FeatureHooks:
         """Return the tensors captured by the last forward, by tap name, and forget them."""
         missing = [t.name for t in self.taps if t.name not in self._store]
         if missing:
-            raise RuntimeError(f"tap(s) {missing} did not fire during the forward pass; is the module used by forward()?")
+            raise TapNotFiredError(f"tap(s) {missing} did not fire during the forward pass; is the module used by forward()?")
         out, self._store = self._store, {}
         return out
 

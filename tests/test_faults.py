@@ -30,7 +30,8 @@ from pipeline.artifacts import TamperedArtifactError, load_head
 from pipeline.cache import IncompleteCacheError, PartialRun
 from pipeline.cli import cli
 from pipeline.files import DiskFullError
-from pipeline.finetune import finetune, load_finetuned
+from pipeline.artifacts import load_finetuned
+from pipeline.finetune import finetune
 
 from .conftest import single_threaded, tiny
 from .test_finetune import small as small_finetune

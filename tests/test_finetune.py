@@ -26,9 +26,11 @@ from pipeline.artifacts import TamperedArtifactError, load_head
 from pipeline.cli import cli
 from pipeline.data import load_rgb
 from pipeline.evaluate import evaluate
+from pipeline.artifacts import load_finetuned
+from pipeline.backbones import replace_classifier
 from pipeline.finetune import (
     RECIPES, FinetuneConfig, apply_freeze, backbone_stages, build_model, build_optimizer, build_scheduler, finetune,
-    load_finetuned, lr_factor, param_groups, replace_classifier, set_train_mode, stratified_subset,
+    lr_factor, param_groups, set_train_mode, stratified_subset,
 )
 from pipeline.fit import HeadConfig, fit_head
 from pipeline.predict import predict

@@ -1,0 +1,230 @@
+"""Where everything lives on disk: caches, heads, evaluations, fine-tune runs and reports, and the file formats.
+
+Plain functions of plain values. Every other module asks here for a path instead of building one, so the
+whole disk layout reads from this one page::
+
+    features/<dataset>/<model>-<weights>/<taps>/<split>.h5              a feature cache (train, val, test)
+    features/<dataset>/<model>-<weights>/<taps>/<split>.h5.partial/     an unfinished extraction's shards
+    .../<taps>/heads/<clf>.json (+ .pt or .joblib)                      a head fitted on that cache
+    .../<taps>/heads/subset-<N>/<clf>.json                              a head fitted on N images per class
+    .../heads/<clf>-history.csv                                         the linear head's per-epoch history
+    .../heads/<clf>-test.json, -test-predictions.npz, -confusion.png    its evaluation on the test split
+    runs/<dataset>/<model>-<weights>/<name>/model.json (+ model.pt)      a fine-tuned model
+    runs/.../<name>/last.pt, history.csv                                its resumable state and per-epoch history
+    runs/.../<name>/model-test.json, ...                                its evaluation, named as a head's
+    reports/<dataset>/<model>-<weights>/index.html, index.md            the report (report.json marks it complete)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+__all__ = [
+    "FEATURES_FORMAT", "FEATURES_FORMAT_VERSION", "HEAD_FORMAT", "FINETUNED_FORMAT", "FINETUNED_FORMAT_VERSION",
+    "HeadFiles", "EvaluationFiles", "RunFiles", "ReportFiles",
+    "slug", "cache_path", "partial_dir", "sibling_cache", "heads_dir", "head_base", "head_files", "head_metadata",
+    "subset_head_dirs", "evaluation_files", "run_dir", "run_files", "run_metadata", "report_dir", "report_files",
+]
+
+# The ``format`` marker each artifact carries, so a reader can refuse a foreign file before using it.
+FEATURES_FORMAT = "pipeline-features"
+FEATURES_FORMAT_VERSION = 1
+HEAD_FORMAT = "pipeline-head"
+FINETUNED_FORMAT = "pipeline-finetuned"
+FINETUNED_FORMAT_VERSION = 1
+
+_PathLike = str | os.PathLike
+
+
+def slug(text: str) -> str:
+    """A path component for any name: runs of characters other than letters, digits and ``._+-`` become ``-``."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")
+
+
+# ---------------------------------------------------------------- stage one: feature caches
+
+
+def cache_path(cache_dir: _PathLike, dataset: str, model: str, weights: str, tap_slugs: Sequence[str], split: str) -> Path:
+    """Where a cache lives: ``CACHE_DIR/<dataset>/<model>-<weights>/<taps>/<split>.h5``.
+
+    Commands that share these settings find each other's caches without path arguments.
+    """
+    return Path(cache_dir) / slug(dataset) / slug(f"{model}-{weights}") / slug("+".join(tap_slugs)) / f"{split}.h5"
+
+
+def partial_dir(cache: _PathLike) -> Path:
+    """The folder of an unfinished extraction of ``cache``: ``<split>.h5.partial/``."""
+    cache = Path(cache)
+    return cache.with_name(cache.name + ".partial")
+
+
+def sibling_cache(cache: _PathLike, split: str) -> Path:
+    """The cache of another split made with the same settings (same folder)."""
+    return Path(cache).with_name(f"{split}.h5")
+
+
+# ---------------------------------------------------------------- stage two: heads and their evaluations
+
+
+@dataclass(frozen=True)
+class HeadFiles:
+    """The files of one head, from its base path (no suffix)."""
+
+    base: Path
+
+    @property
+    def meta(self) -> Path:
+        """The metadata JSON, which names the artifact and records its digest."""
+        return self.base.with_suffix(".json")
+
+    @property
+    def torch(self) -> Path:
+        """The artifact of a torch head: tensors, loadable with ``weights_only=True``."""
+        return self.base.with_suffix(".pt")
+
+    @property
+    def sklearn(self) -> Path:
+        """The artifact of a scikit-learn head."""
+        return self.base.with_suffix(".joblib")
+
+    @property
+    def history(self) -> Path:
+        """The linear head's per-epoch history."""
+        return self.base.with_name(self.base.name + "-history.csv")
+
+
+def heads_dir(train_cache: _PathLike) -> Path:
+    """Heads live beside the caches they were fitted on: ``<cache folder>/heads/``."""
+    return Path(train_cache).parent / "heads"
+
+
+def head_base(train_cache: _PathLike, clf: str, subset: int | None = None) -> Path:
+    """A head's default base path (no suffix): ``heads/<clf>``, or ``heads/subset-<N>/<clf>`` for N images per class."""
+    folder = heads_dir(train_cache)
+    return (folder / f"subset-{subset}" if subset else folder) / clf
+
+
+def head_files(path: _PathLike) -> HeadFiles:
+    """The files of the head at ``path``: its base, its ``.json`` or its artifact."""
+    return HeadFiles(Path(path).with_suffix(""))
+
+
+def head_metadata(folder: _PathLike) -> list[Path]:
+    """Candidate head metadata files in a heads folder (evaluations' JSON left out), sorted."""
+    return sorted(p for p in Path(folder).glob("*.json") if not p.name.endswith("-test.json"))
+
+
+def subset_head_dirs(folder: _PathLike) -> list[tuple[int, Path]]:
+    """The ``subset-<N>`` folders of a heads folder, as (N, folder), by N."""
+    found = []
+    for p in Path(folder).glob("subset-*"):
+        n = p.name.removeprefix("subset-")
+        if p.is_dir() and n.isdigit():
+            found.append((int(n), p))
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class EvaluationFiles:
+    """The files of a test evaluation, beside the head or fine-tuned model it evaluates."""
+
+    metrics: Path
+    predictions: Path
+    confusion: Path
+
+
+def evaluation_files(artifact: _PathLike) -> EvaluationFiles:
+    """Where the evaluation of a head (or fine-tuned model) is written: ``<base>-test.json``,
+    ``<base>-test-predictions.npz`` and ``<base>-confusion.png``, its metrics JSON last."""
+    base = Path(artifact).with_suffix("")
+    return EvaluationFiles(base.with_name(base.name + "-test.json"), base.with_name(base.name + "-test-predictions.npz"),
+                           base.with_name(base.name + "-confusion.png"))
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of one fine-tune run."""
+
+    dir: Path
+
+    @property
+    def meta(self) -> Path:
+        """``model.json``: the finished model's metadata, written last."""
+        return self.dir / "model.json"
+
+    @property
+    def model(self) -> Path:
+        """``model.pt``: the kept epoch's weights."""
+        return self.dir / "model.pt"
+
+    @property
+    def last(self) -> Path:
+        """``last.pt``: the state after the last finished epoch, for resuming."""
+        return self.dir / "last.pt"
+
+    @property
+    def history(self) -> Path:
+        """``history.csv``: one row per epoch."""
+        return self.dir / "history.csv"
+
+
+def run_dir(output_dir: _PathLike, dataset: str, model: str, weights: str, name: str) -> Path:
+    """Where a fine-tune writes: ``OUTPUT_DIR/<dataset>/<model>-<weights>/<name>/``."""
+    return Path(output_dir) / slug(dataset) / slug(f"{model}-{weights}") / name
+
+
+def run_files(folder: _PathLike) -> RunFiles:
+    """The files of the run in ``folder``."""
+    return RunFiles(Path(folder))
+
+
+def run_metadata(output_dir: _PathLike, dataset: str, model: str, weights: str) -> list[Path]:
+    """The ``model.json`` of every fine-tune run of one dataset and backbone, sorted."""
+    return sorted(run_dir(output_dir, dataset, model, weights, "*").parent.glob("*/model.json"))
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """The files of a report."""
+
+    dir: Path
+
+    @property
+    def html(self) -> Path:
+        return self.dir / "index.html"
+
+    @property
+    def markdown(self) -> Path:
+        return self.dir / "index.md"
+
+    @property
+    def data(self) -> Path:
+        """``report.json``: what the report was made from; written last, it marks the report complete."""
+        return self.dir / "report.json"
+
+    @property
+    def screenshot(self) -> Path:
+        return self.dir / "screenshot.png"
+
+    def figure(self, name: str) -> Path:
+        return self.dir / f"{name}.png"
+
+
+def report_dir(out_dir: _PathLike, dataset: str, model: str, weights: str) -> Path:
+    """Where the report of one dataset and backbone is written: ``OUT_DIR/<dataset>/<model>-<weights>/``."""
+    return Path(out_dir) / slug(dataset) / slug(f"{model}-{weights}")
+
+
+def report_files(folder: _PathLike) -> ReportFiles:
+    """The files of the report in ``folder``."""
+    return ReportFiles(Path(folder))
