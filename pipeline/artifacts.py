@@ -16,6 +16,7 @@ from typing import Any
 import joblib
 import numpy as np
 import torch
+from torch import nn
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 

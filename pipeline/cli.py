@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
-from typing import Any, Callable
+from typing import Any
 
 import click
 
+from .cli_options import (
+    pop_cache_args, friendly, cli_rank, cache_source, backbone_options, cache_options, config_option, dataset_options, runtime_options,
+)
 from .config import (
     AUGMENTS, COMPRESSIONS, DTYPES, ENGINES, HEAD_INITS, HEAD_NAMES, ON_ERROR, OPTIMIZERS, POOLS, PREPROCESSING, PROJECTIONS,
-    SCHEDULES, SPLITS, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig, load_config, settings_from,
+    SCHEDULES, SPLITS, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig,
 )
 from .recipes import RECIPES
+from .settings_file import CONFIG_FILE, load_config, settings_from
 
 # Heavy libraries (torch, scikit-learn, h5py) are imported inside each command, so `pipeline --help` answers at once.
 __all__ = ["cli"]
@@ -22,120 +23,6 @@ _D = ExtractConfig()  # the library's defaults are the CLI's: help texts read th
 _H = HeadConfig()
 _F = FinetuneConfig()
 _R = ReportConfig()
-
-
-def _rank() -> int:
-    from .distributed import env_rank
-
-    return env_rank() if "RANK" in os.environ else 0
-
-
-def _friendly(interrupted: str = "interrupted") -> Callable[[Callable], Callable]:
-    """Turn the library's errors into one clear line and exit code 1, and Ctrl-C into ``interrupted``, exit 130."""
-
-    def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            rank = _rank()
-            try:
-                return fn(*args, **kwargs)
-            except (ValueError, TypeError, OSError) as e:
-                dist = sys.modules.get(f"{__package__}.distributed")
-                if dist is not None and isinstance(e, dist.RankError):
-                    if rank:  # rank 0 reports what every rank raised together; one message, not one per process
-                        sys.exit(1)
-                    raise click.ClickException(str(e)) from None
-                raise click.ClickException(f"rank {rank}: {e}" if rank else str(e)) from None
-            except KeyboardInterrupt:
-                if not rank:
-                    click.echo(f"\n{interrupted}", err=True)
-                sys.exit(130)
-
-        return wrapper
-
-    return decorate
-
-
-def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        out = tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected three comma-separated numbers, got {value!r}") from None
-    if len(out) != 3:
-        raise click.BadParameter(f"expected three comma-separated numbers (R,G,B), got {value!r}")
-    return out
-
-
-def _options(*options: Callable) -> Callable[[Callable], Callable]:
-    """A decorator that adds several click options in the order given."""
-
-    def decorate(fn: Callable) -> Callable:
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-
-    return decorate
-
-
-def dataset_options(defaults: Any) -> Callable[[Callable], Callable]:
-    """The dataset options of every command that reads images (extract, finetune)."""
-    return _options(
-        click.option("--data", help=f"Dataset folder: DATA/<split>/<class>/<image>, or a CSV layout with --labels-csv.  [default: {defaults.data}]"),
-        click.option("--labels-csv", help="CSV of labels under DATA (Kaggle dog-breed layout), e.g. labels.csv."),
-        click.option("--id-column", help=f"CSV column with the image id.  [default: {defaults.id_column}]"),
-        click.option("--label-column", help=f"CSV column with the class.  [default: {defaults.label_column}]"),
-        click.option("--image-dir", help=f"Folder under DATA with the CSV's images.  [default: {defaults.image_dir}]"),
-        click.option("--extension", help=f"Appended to CSV ids to make file names.  [default: {defaults.extension}]"),
-        click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction of train carved out as val when there is no val/.  [default: {defaults.val_fraction}]"),
-        click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction carved out as test for CSV datasets.  [default: {defaults.test_fraction}]"),
-        click.option("--split-seed", type=int, help=f"Seed of the stratified carving.  [default: {defaults.split_seed}]"),
-    )
-
-
-def backbone_options(model_default: str, weights_default: str) -> Callable[[Callable], Callable]:
-    """The backbone and preprocessing options shared by extract and finetune."""
-    return _options(
-        click.option("--model", help=f"torchvision classification model, e.g. resnet50 (see `pipeline models`).  [default: {model_default}]"),
-        click.option("--weights", help=f"DEFAULT, a torchvision weights name (IMAGENET1K_V1...), a state_dict file, or 'none' for random weights.  [default: {weights_default}]"),
-        click.option("--resize", type=click.IntRange(1), help="Override the weights' resize of the short side."),
-        click.option("--crop", type=click.IntRange(1), help="Override the weights' centre crop (the image size)."),
-        click.option("--mean", callback=_floats, help="Override the normalisation mean, R,G,B."),
-        click.option("--std", callback=_floats, help="Override the normalisation std, R,G,B."),
-    )
-
-
-def runtime_options(command: str) -> Callable[[Callable], Callable]:
-    """Where the backbone runs: device, the fast-path switch and DataLoader workers."""
-    return _options(
-        click.option("--workers", type=click.IntRange(0), help="DataLoader worker processes.  [default: from the CPU count]"),
-        click.option("--device", help="auto, cpu, cuda, cuda:N or mps.  [default: auto: cuda > mps > cpu]"),
-        click.option("--amp/--no-amp", default=None, help=f"The fast path: bf16 autocast, channels_last{', pinned memory, non-blocking copies' if command == 'extract' else ''}.  [default: on for CUDA]"),
-    )
-
-
-config_option = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings file.  [default: ./pipeline.toml if present]")
-
-# The options that locate existing caches, for the commands that read them.
-cache_options = _options(
-    click.option("--data", help="Dataset folder whose caches to use.  [default: from pipeline.toml, else data/fashion-mnist]"),
-    click.option("--model", help="Backbone of the caches."),
-    click.option("--weights", help="Weights of the caches."),
-    click.option("--layer", "layers", multiple=True, help="Tap(s) of the caches, as given to extract."),
-    click.option("--cache-dir", help="Root of the cache convention."),
-    config_option,
-)
-
-
-def _source(config_file: str | None, options: dict[str, Any]) -> ExtractConfig:
-    """The extract settings that locate caches: pipeline.toml's [extract], then the cache-locating options."""
-    return settings_from(ExtractConfig, load_config(config_file), "extract", options, source=config_file or "pipeline.toml")
-
-
-def _cache_args(options: dict[str, Any]) -> dict[str, Any]:
-    """Take the cache-locating options out of a command's options."""
-    return {k: options.pop(k) for k in ("data", "model", "weights", "layers", "cache_dir") if k in options}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -161,7 +48,7 @@ def cli() -> None:
 @config_option
 @click.option("--force", is_flag=True, help="Overwrite a cache made with other settings (an up-to-date cache is kept).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-@_friendly("interrupted; finished batches are kept: re-run the same command to resume")
+@friendly("interrupted; finished batches are kept: re-run the same command to resume")
 def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, progress: bool, **options: Any) -> None:
     """Run a frozen backbone once over a split and cache the tapped features in HDF5.
 
@@ -176,9 +63,9 @@ def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, p
     if (options.get("output") or config.get("extract", {}).get("output")) and len(chosen) > 1:
         raise click.BadParameter("--output takes one --split", param_hint="--output")
     for split in chosen:
-        settings = settings_from(ExtractConfig, config, "extract", {**options, "split": split}, source=config_file or "pipeline.toml")
+        settings = settings_from(ExtractConfig, config, "extract", {**options, "split": split}, source=config_file or CONFIG_FILE)
         result = extract(settings, force=force, progress=progress)
-        if _rank():  # under torchrun, rank 0 speaks for all ranks
+        if cli_rank():  # under torchrun, rank 0 speaks for all ranks
             continue
         if result.status == "up-to-date":
             click.echo(f"{settings.split}: {result.path} is up to date ({result.n_images} images); nothing to do")
@@ -198,7 +85,7 @@ def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, p
 @click.argument("model")
 @click.option("--image-size", type=click.IntRange(8), default=224, show_default=True, help="Input size for the shapes.")
 @click.option("--all", "show_all", is_flag=True, help="List every module, not only the top two levels.")
-@_friendly()
+@friendly()
 def layers_cmd(model: str, image_size: int, show_all: bool) -> None:
     """List the tap points of MODEL with their input and output shapes for one image."""
     from .backbones import load_backbone
@@ -217,7 +104,7 @@ def layers_cmd(model: str, image_size: int, show_all: bool) -> None:
 
 @cli.command("info")
 @click.argument("file", type=click.Path())
-@_friendly()
+@friendly()
 def info_cmd(file: str) -> None:
     """Print what a feature cache holds and how it was made."""
     from .cache import describe
@@ -237,7 +124,7 @@ def models_cmd() -> None:
 @click.option("--weights/--no-weights", default=True, help="Fetch MobileNetV2 ImageNet weights into the torch hub cache.")
 @click.option("--fashion-mnist", "fmnist", type=click.Path(file_okay=False), default=None, help="Materialise Fashion-MNIST as an image folder here, e.g. data/fashion-mnist.")
 @click.option("--source", type=click.Path(file_okay=False, exists=True), default=None, help="Folder with the four Fashion-MNIST IDX .gz files.  [default: Debian's, else download]")
-@_friendly()
+@friendly()
 def assets_cmd(weights: bool, fmnist: str | None, source: str | None) -> None:
     """Obtain the embedded default: MobileNetV2 ImageNet weights and Fashion-MNIST, offline where possible."""
     from pathlib import Path
@@ -272,7 +159,7 @@ def assets_cmd(weights: bool, fmnist: str | None, source: str | None) -> None:
 @click.option("--refit", is_flag=True, help="Fit even when a head fitted with the same settings on the same caches is saved there.")
 @click.option("--evaluate", "then_evaluate", is_flag=True, help="Then evaluate each head on the test split (as pipeline evaluate does; reused when up to date).")
 @cache_options
-@_friendly("interrupted; a head is saved only when its fit is complete, so nothing of this fit was kept")
+@friendly("interrupted; a head is saved only when its fit is complete, so nothing of this fit was kept")
 def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, refit: bool, then_evaluate: bool, clfs: tuple[str, ...],
                  **options: Any) -> None:
     """Fit a head on cached train features, choosing its hyper-parameter on val.
@@ -289,10 +176,10 @@ def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, 
             options["grid"] = tuple(float(v) if any(c in v for c in ".eE") else int(v) for v in grid.split(","))
         except ValueError:
             raise click.BadParameter(f"expected comma-separated numbers, got {grid!r}", param_hint="--grid") from None
-    source = _source(config_file, _cache_args(options))
+    source = cache_source(config_file, pop_cache_args(options))
     config = load_config(config_file)
     for clf in clfs or (None,):
-        head = settings_from(HeadConfig, config, "head", {**options, "clf": clf}, source=config_file or "pipeline.toml")
+        head = settings_from(HeadConfig, config, "head", {**options, "clf": clf}, source=config_file or CONFIG_FILE)
         result = fit_head(head, source, out=output, refit=refit, log=lambda line: click.echo(line, err=True))
         if result.status == "up-to-date":
             click.echo(f"{result.clf}: up to date ({result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}); "
@@ -316,7 +203,7 @@ def _print_metrics(m: dict) -> None:
 @click.option("--subset", type=click.IntRange(1), help="With --clf: the head fitted on this many train images per class (fit-head --subset).")
 @click.option("--force", is_flag=True, help="Evaluate even when this head was already evaluated on this test split.")
 @cache_options
-@_friendly()
+@friendly()
 def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, subset: int | None, force: bool, config_file: str | None, **options: Any) -> None:
     """Evaluate a fitted HEAD (its .json) on the test split: metrics JSON and a confusion-matrix PNG.
 
@@ -328,7 +215,7 @@ def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, subs
     if (head is None) == (clf is None):
         raise click.UsageError("give either HEAD (a head's .json) or --clf NAME")
     if head is None:
-        head = str(locate_head(clf, subset, _source(config_file, options)))
+        head = str(locate_head(clf, subset, cache_source(config_file, options)))
     m = evaluate(head, test_cache, force=force)
     top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
     click.echo(f"{m['clf']}: test top-1 {m['top1']:.4f}{top5}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images")
@@ -340,12 +227,12 @@ def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, subs
 @cli.command("compare")
 @click.argument("folder", required=False, type=click.Path(file_okay=False))
 @cache_options
-@_friendly()
+@friendly()
 def compare_cmd(folder: str | None, config_file: str | None, **options: Any) -> None:
     """One table of every head fitted on a cache (FOLDER, or located from the extract settings), best on val first."""
     from .evaluate import compare
 
-    rows = compare(folder, None if folder else _source(config_file, options))
+    rows = compare(folder, None if folder else cache_source(config_file, options))
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     click.echo(f"{'head':<12} {'test top-1':>10} {'top-5':>7} {'bal. acc':>8} {'val acc':>8} {'fit s':>7}  chosen")
     for r in rows:
@@ -363,13 +250,13 @@ def compare_cmd(folder: str | None, config_file: str | None, **options: Any) -> 
 @click.option("--force", is_flag=True, help="Write it even when nothing it is made from has changed.")
 @click.option("--check/--no-check", default=False, help="Open the page in headless Chromium and fail if an image does not render (skipped with a note when Chromium is absent).")
 @cache_options
-@_friendly()
+@friendly()
 def report_cmd(force: bool, check: bool, config_file: str | None, **options: Any) -> None:
     """Write the report of every head and fine-tune on a dataset and backbone: index.html (self-contained) and index.md."""
     from .report import build_report, check_render, find_chromium
 
-    source = _source(config_file, _cache_args(options))
-    settings = settings_from(ReportConfig, load_config(config_file), "report", options, source=config_file or "pipeline.toml")
+    source = cache_source(config_file, pop_cache_args(options))
+    settings = settings_from(ReportConfig, load_config(config_file), "report", options, source=config_file or CONFIG_FILE)
     result = build_report(source, settings, force=force, log=lambda line: click.echo(line, err=True))
     if result.status == "up-to-date":
         click.echo(f"{result.html} is up to date; nothing to do (--force to write it again)")
@@ -395,7 +282,7 @@ def report_cmd(force: bool, check: bool, config_file: str | None, **options: Any
 @click.option("--weights", help="The backbone's weights file, when the head's cache came from one.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@_friendly()
+@friendly()
 def predict_cmd(inputs: tuple[str, ...], head: str, output: str, on_error: str, weights: str | None, batch_size: int, device: str) -> None:
     """Predict new images (files or folders) end to end: backbone, tap and head."""
     from .predict import predict, write_predictions
@@ -439,7 +326,7 @@ def predict_cmd(inputs: tuple[str, ...], head: str, output: str, on_error: str, 
 @click.option("--force", is_flag=True, help="Overwrite a run made with other settings (a finished run of the same settings is kept).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar within each epoch.")
 @click.option("--evaluate", "then_evaluate", is_flag=True, help="Then evaluate the kept model on the test split (as pipeline evaluate does; reused when up to date).")
-@_friendly("interrupted; finished epochs are kept in last.pt: re-run the same command to resume")
+@friendly("interrupted; finished epochs are kept in last.pt: re-run the same command to resume")
 def finetune_cmd(config_file: str | None, force: bool, progress: bool, then_evaluate: bool, **options: Any) -> None:
     """Fine-tune a backbone with a new classifier, keeping the epoch with the best val accuracy.
 
@@ -450,7 +337,7 @@ def finetune_cmd(config_file: str | None, force: bool, progress: bool, then_eval
     from .finetune import finetune
 
     config = load_config(config_file)
-    settings = settings_from(FinetuneConfig, config, "finetune", options, source=config_file or "pipeline.toml")
+    settings = settings_from(FinetuneConfig, config, "finetune", options, source=config_file or CONFIG_FILE)
     # The [extract] settings of this dataset and backbone locate the heads that --init-head names.
     source = settings_from(ExtractConfig, config, "extract", {"data": settings.data, "model": settings.model, "weights": settings.weights})
     result = finetune(settings, source=source, force=force, progress=progress, log=click.echo)

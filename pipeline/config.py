@@ -1,30 +1,24 @@
-"""Settings: one frozen dataclass per stage, composed from shared parts, and ``pipeline.toml`` layered under options.
+"""Settings: one frozen dataclass per stage, composed from shared parts (``settings_file`` layers pipeline.toml over them).
 
 This module owns every option: its name, type, default, allowed values and validation. It imports nothing
-heavy, so the command line can build its help from it at once. Defaults come first, then the settings file's
-section, then what the command line (or a Python caller) gives.
+heavy, so the command line can build its help from it at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from .recipes import FINETUNE_DEFAULTS, RECIPES
 
 __all__ = [
-    "CONFIG_FILE", "load_config", "settings_from", "DatasetSpec", "DatasetOptions", "BackboneOptions",
+    "DatasetSpec", "DatasetOptions", "BackboneOptions",
     "ExtractConfig", "HeadConfig", "FinetuneConfig", "ReportConfig",
     "SPLITS", "ON_ERROR", "DTYPES", "COMPRESSIONS", "ENGINES", "CAPTURES", "HEAD_NAMES", "POOLS", "PREPROCESSING",
-    "OPTIMIZERS", "SCHEDULES", "AUGMENTS", "HEAD_INITS", "PROJECTIONS",
+    "OPTIMIZERS", "SCHEDULES", "AUGMENTS", "HEAD_INITS", "PROJECTIONS", "BACKBONE_AND_DATASET",
 ]
-
-CONFIG_FILE = "pipeline.toml"
-T = TypeVar("T")
 
 # The allowed values of choice options, declared once.
 SPLITS = ("train", "val", "test")
@@ -389,75 +383,3 @@ class ReportConfig:
             raise ValueError(f"quality_bar is a top-1 accuracy in (0, 1], got {self.quality_bar}")
         if self.projection_points < 10 or self.grid_images < 1:
             raise ValueError("projection_points must be at least 10 and grid_images at least 1")
-
-
-# ---------------------------------------------------------------- the settings file
-
-# Sections of pipeline.toml and the settings each one fills. [finetune] inherits [extract]'s dataset and backbone,
-# so that a fine-tune and the heads it starts from (--init-head) see the same images through the same backbone.
-SECTIONS: dict[str, type] = {"extract": ExtractConfig, "head": HeadConfig, "finetune": FinetuneConfig, "report": ReportConfig}
-_INHERITS = {"finetune": ("extract", BACKBONE_AND_DATASET)}
-
-
-def load_config(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
-    """Read the project config: ``path``, or ``pipeline.toml`` in the working directory when it exists.
-
-    Returns:
-        The TOML tables by section name (``extract``, ...); empty when there is no file.
-
-    Raises:
-        ValueError: a missing or malformed file, or an unknown section.
-    """
-    if path is None:
-        path = Path.cwd() / CONFIG_FILE
-        if not path.is_file():
-            return {}
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: {e}") from None
-    bad = [k for k, v in data.items() if not isinstance(v, dict)]
-    if bad:
-        raise ValueError(f"{path}: settings must sit in sections such as [extract]; found top-level {bad}")
-    for section in data:
-        if section not in SECTIONS:
-            near = difflib.get_close_matches(section, SECTIONS, n=1)
-            hint = f" (did you mean [{near[0]}]?)" if near else ""
-            raise ValueError(f"{path}: unknown section [{section}]{hint}; valid: {', '.join(f'[{s}]' for s in SECTIONS)}")
-    return data
-
-
-def settings_from(cls: type[T], config: dict[str, dict[str, Any]], section: str, overrides: dict[str, Any], source: str = CONFIG_FILE) -> T:
-    """Build a settings dataclass: its defaults, then the config section, then non-None overrides.
-
-    ``[finetune]`` starts from ``[extract]``'s dataset and backbone fields.
-
-    Args:
-        cls: the settings dataclass.
-        config: what :func:`load_config` returned.
-        section: the table to read, e.g. ``extract``.
-        overrides: command-line values; None (or an empty tuple) means "not given".
-        source: the config file's name, for messages.
-
-    Raises:
-        ValueError: a config key that is not a field of ``cls``.
-    """
-    table: dict[str, Any] = {}
-    if section in _INHERITS:
-        parent, keys = _INHERITS[section]
-        table.update({k: v for k, v in config.get(parent, {}).items() if k in keys})
-    own = dict(config.get(section, {}))
-    valid = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(own) - valid)
-    if unknown:
-        near = difflib.get_close_matches(unknown[0], valid, n=1)
-        hint = f" (did you mean {near[0]}?)" if near else ""
-        raise ValueError(f"[{section}] in {source}: unknown setting(s) {unknown}{hint}; valid: {', '.join(sorted(valid))}")
-    table.update(own)
-    table.update({k: v for k, v in overrides.items() if v is not None and v != ()})
-    table = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
-    return cls(**table)

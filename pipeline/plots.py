@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 from .files import atomic_write
 
 __all__ = ["plot_confusion", "save_figure"]
 
 
-def save_figure(fig: "matplotlib.figure.Figure", path: str | os.PathLike, dpi: int = 110) -> Path:  # noqa: F821
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Write a figure as PNG, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

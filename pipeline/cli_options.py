@@ -1,0 +1,129 @@
+"""The command line's shared parts: option groups declared once, the error handler, and settings lookup."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from .config import ExtractConfig
+from .settings_file import CONFIG_FILE, load_config, settings_from
+
+__all__ = ["dataset_options", "backbone_options", "runtime_options", "cache_options", "config_option", "friendly", "cli_rank", "cache_source", "pop_cache_args"]
+
+
+def cli_rank() -> int:
+    from .distributed import env_rank
+
+    return env_rank() if "RANK" in os.environ else 0
+
+
+def friendly(interrupted: str = "interrupted") -> Callable[[Callable], Callable]:
+    """Turn the library's errors into one clear line and exit code 1, and Ctrl-C into ``interrupted``, exit 130."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            rank = cli_rank()
+            try:
+                return fn(*args, **kwargs)
+            except (ValueError, TypeError, OSError) as e:
+                dist = sys.modules.get(f"{__package__}.distributed")
+                if dist is not None and isinstance(e, dist.RankError):
+                    if rank:  # rank 0 reports what every rank raised together; one message, not one per process
+                        sys.exit(1)
+                    raise click.ClickException(str(e)) from None
+                raise click.ClickException(f"rank {rank}: {e}" if rank else str(e)) from None
+            except KeyboardInterrupt:
+                if not rank:
+                    click.echo(f"\n{interrupted}", err=True)
+                sys.exit(130)
+
+        return wrapper
+
+    return decorate
+
+
+def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected three comma-separated numbers, got {value!r}") from None
+    if len(out) != 3:
+        raise click.BadParameter(f"expected three comma-separated numbers (R,G,B), got {value!r}")
+    return out
+
+
+def _options(*options: Callable) -> Callable[[Callable], Callable]:
+    """A decorator that adds several click options in the order given."""
+
+    def decorate(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+def dataset_options(defaults: Any) -> Callable[[Callable], Callable]:
+    """The dataset options of every command that reads images (extract, finetune)."""
+    return _options(
+        click.option("--data", help=f"Dataset folder: DATA/<split>/<class>/<image>, or a CSV layout with --labels-csv.  [default: {defaults.data}]"),
+        click.option("--labels-csv", help="CSV of labels under DATA (Kaggle dog-breed layout), e.g. labels.csv."),
+        click.option("--id-column", help=f"CSV column with the image id.  [default: {defaults.id_column}]"),
+        click.option("--label-column", help=f"CSV column with the class.  [default: {defaults.label_column}]"),
+        click.option("--image-dir", help=f"Folder under DATA with the CSV's images.  [default: {defaults.image_dir}]"),
+        click.option("--extension", help=f"Appended to CSV ids to make file names.  [default: {defaults.extension}]"),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction of train carved out as val when there is no val/.  [default: {defaults.val_fraction}]"),
+        click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), help=f"Fraction carved out as test for CSV datasets.  [default: {defaults.test_fraction}]"),
+        click.option("--split-seed", type=int, help=f"Seed of the stratified carving.  [default: {defaults.split_seed}]"),
+    )
+
+
+def backbone_options(model_default: str, weights_default: str) -> Callable[[Callable], Callable]:
+    """The backbone and preprocessing options shared by extract and finetune."""
+    return _options(
+        click.option("--model", help=f"torchvision classification model, e.g. resnet50 (see `pipeline models`).  [default: {model_default}]"),
+        click.option("--weights", help=f"DEFAULT, a torchvision weights name (IMAGENET1K_V1...), a state_dict file, or 'none' for random weights.  [default: {weights_default}]"),
+        click.option("--resize", type=click.IntRange(1), help="Override the weights' resize of the short side."),
+        click.option("--crop", type=click.IntRange(1), help="Override the weights' centre crop (the image size)."),
+        click.option("--mean", callback=_floats, help="Override the normalisation mean, R,G,B."),
+        click.option("--std", callback=_floats, help="Override the normalisation std, R,G,B."),
+    )
+
+
+def runtime_options(command: str) -> Callable[[Callable], Callable]:
+    """Where the backbone runs: device, the fast-path switch and DataLoader workers."""
+    return _options(
+        click.option("--workers", type=click.IntRange(0), help="DataLoader worker processes.  [default: from the CPU count]"),
+        click.option("--device", help="auto, cpu, cuda, cuda:N or mps.  [default: auto: cuda > mps > cpu]"),
+        click.option("--amp/--no-amp", default=None, help=f"The fast path: bf16 autocast, channels_last{', pinned memory, non-blocking copies' if command == 'extract' else ''}.  [default: on for CUDA]"),
+    )
+
+
+config_option = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings file.  [default: ./pipeline.toml if present]")
+
+# The options that locate existing caches, for the commands that read them.
+cache_options = _options(
+    click.option("--data", help="Dataset folder whose caches to use.  [default: from pipeline.toml, else data/fashion-mnist]"),
+    click.option("--model", help="Backbone of the caches."),
+    click.option("--weights", help="Weights of the caches."),
+    click.option("--layer", "layers", multiple=True, help="Tap(s) of the caches, as given to extract."),
+    click.option("--cache-dir", help="Root of the cache convention."),
+    config_option,
+)
+
+
+def cache_source(config_file: str | None, options: dict[str, Any]) -> ExtractConfig:
+    """The extract settings that locate caches: pipeline.toml's [extract], then the cache-locating options."""
+    return settings_from(ExtractConfig, load_config(config_file), "extract", options, source=config_file or CONFIG_FILE)
+
+
+def pop_cache_args(options: dict[str, Any]) -> dict[str, Any]:
+    """Take the cache-locating options out of a command's options."""
+    return {k: options.pop(k) for k in ("data", "model", "weights", "layers", "cache_dir") if k in options}
