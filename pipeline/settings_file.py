@@ -70,7 +70,7 @@ def settings_from(cls: type[T], config: dict[str, dict[str, Any]], section: str,
         source: the config file's name, for messages.
 
     Raises:
-        ValueError: a config key that is not a field of ``cls``.
+        ValueError: a config key that is not a field of ``cls``, or a value not of the field's type.
     """
     table: dict[str, Any] = {}
     if section in _INHERITS:
@@ -83,7 +83,38 @@ def settings_from(cls: type[T], config: dict[str, dict[str, Any]], section: str,
         near = difflib.get_close_matches(unknown[0], valid, n=1)
         hint = f" (did you mean {near[0]}?)" if near else ""
         raise ValueError(f"[{section}] in {source}: unknown setting(s) {unknown}{hint}; valid: {', '.join(sorted(valid))}")
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in own.items():
+        _check_type(value, types[key], f"[{section}] {key} in {source}")
     table.update(own)
     table.update({k: v for k, v in overrides.items() if v is not None and v != ()})
     table = {k: tuple(v) if isinstance(v, list) else v for k, v in table.items()}
     return cls(**table)
+
+
+# TOML values by the annotation of the field they fill. A string is never taken for a bool or a number:
+# `amp = "no"` would otherwise be truthy and switch the fast path on.
+_SCALARS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_type(value: Any, annotation: str, where: str) -> None:
+    """Raise ValueError naming ``where`` when ``value`` does not fit ``annotation`` (e.g. ``int | None``)."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    for kind in kinds:
+        if kind.startswith("tuple["):
+            item = kind[len("tuple["):].split(",")[0].strip()
+            if isinstance(value, list) and all(_fits(v, item) for v in value):
+                return
+        elif _fits(value, kind):
+            return
+    expected = " or ".join("a list" if k.startswith("tuple[") else {"None": "nothing", "str": "a string", "int": "an integer",
+                           "float": "a number", "bool": "true or false"}.get(k, k) for k in kinds if k != "None")
+    raise ValueError(f"{where}: expected {expected}, got {value!r}")
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind not in _SCALARS:
+        return False
+    # bool is an int in Python; it fits only a bool field.
+    return isinstance(value, _SCALARS[kind]) and (kind == "bool" or not isinstance(value, bool))
+

@@ -1,0 +1,66 @@
+"""The disk layout and the reuse contract: one owner each, asked by every stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline import layout, provenance
+
+
+def test_the_layout_of_a_cache_its_heads_and_their_evaluations():
+    cache = layout.cache_path("features", "my photos", "resnet50", "IMAGENET1K_V2", ["avgpool:output"], "train")
+    assert cache == Path("features/my-photos/resnet50-IMAGENET1K_V2/avgpool-output/train.h5")
+    assert layout.partial_dir(cache) == cache.with_name("train.h5.partial")
+    assert layout.sibling_cache(cache, "test") == cache.with_name("test.h5")
+    base = layout.head_base(cache, "svm")
+    assert base == cache.parent / "heads" / "svm"
+    assert layout.head_base(cache, "svm", subset=100) == cache.parent / "heads" / "subset-100" / "svm"
+    files = layout.head_files(base.with_suffix(".json"))
+    assert (files.meta.name, files.torch.name, files.history.name) == ("svm.json", "svm.pt", "svm-history.csv")
+    ev = layout.evaluation_files(files.meta)
+    assert (ev.metrics.name, ev.predictions.name, ev.confusion.name) == ("svm-test.json", "svm-test-predictions.npz", "svm-confusion.png")
+
+
+def test_head_metadata_leaves_out_evaluations_and_subset_folders_are_found(tmp_path):
+    for name in ("svm.json", "svm-test.json", "linear.json"):
+        (tmp_path / name).write_text("{}")
+    for n in (100, 20):
+        (tmp_path / f"subset-{n}").mkdir()
+    (tmp_path / "subset-x").mkdir()
+    assert [p.name for p in layout.head_metadata(tmp_path)] == ["linear.json", "svm.json"]
+    assert [n for n, _ in layout.subset_head_dirs(tmp_path)] == [20, 100]
+
+
+def test_runs_and_reports(tmp_path):
+    run = layout.run_dir(tmp_path, "ds", "resnet18", "none", "lp-ft")
+    assert run == tmp_path / "ds" / "resnet18-none" / "lp-ft"
+    files = layout.run_files(run)
+    assert [p.name for p in (files.meta, files.model, files.last, files.history)] == ["model.json", "model.pt", "last.pt", "history.csv"]
+    other = layout.run_dir(tmp_path, "ds", "resnet50", "none", "x")
+    for folder in (run, other):
+        folder.mkdir(parents=True)
+        (folder / "model.json").write_text("{}")
+    assert layout.run_metadata(tmp_path, "ds", "resnet18", "none") == [files.meta]
+    report = layout.report_files(layout.report_dir(tmp_path, "ds", "resnet18", "none"))
+    assert report.html == tmp_path / "ds" / "resnet18-none" / "index.html" and report.data.name == "report.json"
+
+
+def test_a_record_is_current_only_for_the_same_inputs_and_with_its_files(tmp_path):
+    inputs = {"config": {"grid": (1, 2), "path": Path("a")}, "rows": 3}
+    record = {"x": 1, **provenance.stamp(inputs)}
+    assert set(record) >= {"inputs", "versions", "created"} and record["versions"]["pipeline"] == provenance.PIPELINE_VERSION
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(record))
+    needed = tmp_path / "payload"
+    assert provenance.current_record(path, inputs) == record  # tuples and paths compare as they read back from JSON
+    assert provenance.current_record(path, {**inputs, "rows": 4}) is None
+    assert provenance.current_record(path, inputs, needed) is None
+    needed.write_bytes(b"")
+    assert provenance.current_record(path, inputs, needed) == record
+    path.write_text("{not json")
+    assert provenance.current_record(path, inputs) is None
+
+
+def test_settings_differences_are_readable():
+    assert provenance.diff({"preprocess": {"crop": 224}, "model": "a"}, {"preprocess": {"crop": 160}, "model": "a"}) == ["preprocess.crop: 224 -> 160"]

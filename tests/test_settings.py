@@ -1,0 +1,77 @@
+"""Settings: the dataclasses validate their values, and pipeline.toml is checked key by key and type by type."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pipeline.config import BACKBONE_AND_DATASET, ExtractConfig, FinetuneConfig, HeadConfig
+from pipeline.settings_file import load_config, settings_from
+
+
+def _toml(tmp_path, text: str):
+    path = tmp_path / "pipeline.toml"
+    path.write_text(text)
+    return load_config(path), str(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[extract]\namp = "no"\n', r'\[extract\] amp in .*: expected true or false, got \'no\''),
+    ('[extract]\nbatch_size = "64"\n', r"batch_size in .*: expected an integer, got '64'"),
+    ('[extract]\nbatch_size = true\n', r"batch_size in .*: expected an integer, got True"),
+    ('[extract]\nlayers = "layer4"\n', r"layers in .*: expected a list, got 'layer4'"),
+    ('[extract]\nmean = [0.5, "a", 0.5]\n', r"mean in .*: expected a list, got \[0.5, 'a', 0.5\]"),
+    ('[extract]\nbatchsize = 64\n', r"unknown setting\(s\) \['batchsize'\] \(did you mean batch_size\?\)"),
+])
+def test_settings_of_the_wrong_type_or_name_are_named(tmp_path, text, message):
+    config, source = _toml(tmp_path, text)
+    with pytest.raises(ValueError, match=message):
+        settings_from(ExtractConfig, config, "extract", {}, source=source)
+
+
+def test_a_misspelt_section_is_an_error_with_the_nearest_name(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown section \[extrakt\] \(did you mean \[extract\]\?\)"):
+        _toml(tmp_path, "[extrakt]\nmodel = 'resnet18'\n")
+
+
+def test_numbers_fit_float_fields_and_lists_become_tuples(tmp_path):
+    config, source = _toml(tmp_path, "[extract]\nmean = [0, 0.5, 1]\nval_fraction = 0.2\namp = false\nlayers = ['layer3', 'layer4']\n")
+    settings = settings_from(ExtractConfig, config, "extract", {"split": "val"}, source=source)
+    assert settings.mean == (0, 0.5, 1) and settings.val_fraction == 0.2 and settings.amp is False
+    assert settings.layers == ("layer3", "layer4") and settings.split == "val"
+
+
+def test_command_line_values_override_the_file_and_none_means_not_given(tmp_path):
+    config, source = _toml(tmp_path, "[extract]\nbatch_size = 16\nmodel = 'resnet18'\n")
+    settings = settings_from(ExtractConfig, config, "extract", {"batch_size": 8, "model": None, "layers": ()}, source=source)
+    assert (settings.batch_size, settings.model, settings.layers) == (8, "resnet18", ())
+
+
+def test_finetune_inherits_the_dataset_and_backbone_of_extract(tmp_path):
+    config, source = _toml(tmp_path, "[extract]\ndata = 'photos'\nmodel = 'resnet18'\nbatch_size = 7\nsplit_seed = 3\n"
+                                     "[finetune]\nepochs = 2\n")
+    settings = settings_from(FinetuneConfig, config, "finetune", {}, source=source)
+    assert (settings.data, settings.model, settings.split_seed, settings.epochs) == ("photos", "resnet18", 3, 2)
+    assert settings.batch_size != 7  # extraction's batch size is not a fine-tune setting
+    assert settings.dataset.root == "photos"
+
+
+def test_the_shared_fields_are_declared_once():
+    extract = {f.name for f in dataclasses.fields(ExtractConfig)}
+    finetune = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    assert set(BACKBONE_AND_DATASET) <= extract & finetune
+    assert {"data", "labels_csv", "split_seed", "model", "weights", "crop", "mean"} <= set(BACKBONE_AND_DATASET)
+
+
+@pytest.mark.parametrize("cls, kwargs, message", [
+    (ExtractConfig, {"crop": 0}, "crop must be at least 1, got 0"),
+    (ExtractConfig, {"std": (1.0, 0.0, 1.0)}, "std must be positive"),
+    (ExtractConfig, {"mean": (0.5, 0.5)}, r"mean takes three numbers"),
+    (ExtractConfig, {"val_fraction": 1.5}, "val_fraction must lie strictly between 0 and 1"),
+    (FinetuneConfig, {"resize": 0}, "resize must be at least 1"),
+    (HeadConfig, {"pca": 0}, "pca must be at least 1"),
+])
+def test_impossible_values_are_refused_before_any_work(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cls(**kwargs)
