@@ -367,6 +367,32 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused_unless_forced(image_fol
         finetune(small(image_folder, epochs=3, name="other"), progress=False)
 
 
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_checkpoint_is_named_and_force_starts_over(image_folder: Path, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+    config = small(image_folder, epochs=2)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 27 + 10)  # 24 train and 3 val images an epoch: in epoch 2's training, after last.pt of epoch 1
+        with pytest.raises(KeyboardInterrupt):
+            finetune(config, progress=False)
+    last = RUN / "finetune/last.pt"
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    last.write_bytes(b"not a checkpoint" if damage == "garbage" else last.read_bytes()[:200])
+
+    with pytest.raises(ValueError, match=r"^runs/ds/resnet18-none/finetune/last.pt is damaged \(.*\); pass --force to start the run over") as e:
+        finetune(config, progress=False)
+    assert "\n" not in str(e.value)
+    started_over = finetune(config, force=True, progress=False)
+    assert started_over.status == "trained" and [r["epoch"] for r in started_over.history] == [1, 2]
+    meta = load_finetuned(started_over.path).meta
+    assert meta["settings"]["epochs"] == 2 and meta["inputs"] == meta["settings"] and "torch" in meta["versions"]
+    assert finetune(config, progress=False).status == "up-to-date"
+    if damage == "garbage":  # the finished run's metadata, likewise
+        started_over.path.write_text("{")
+        with pytest.raises(ValueError, match=r"^runs/ds/resnet18-none/finetune/model.json is unreadable; pass --force to start the run over"):
+            finetune(config, progress=False)
+        assert finetune(config, force=True, progress=False).status == "trained"
+
+
 # ---------------------------------------------------------------- LP-FT
 
 

@@ -676,7 +676,7 @@ def test_subset_heads_fit_a_stratified_draw() -> None:
 
 def test_subset_head_and_finetune_subset_are_the_same_images(real: SimpleNamespace) -> None:
     from pipeline.data import DatasetSpec
-    from pipeline.finetune import _part
+    from pipeline.finetune.inputs import _part
 
     result = fit_head(HeadConfig(clf="logreg", grid=(1.0,), refine=0, subset=2, seed=5), real.source, out=real.root / "subset-head")
     part, _ = _part("train", DatasetSpec(root=real.source.data), "train", 2, 5, "fail", None)
