@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +23,8 @@ from pipeline.cli import cli
 from pipeline.evaluate import evaluate
 from pipeline.finetune import FinetuneConfig, finetune
 from pipeline.fit import HeadConfig, fit_head
-from pipeline.report import ReportConfig, build_report, check_render, find_chromium
+from pipeline import layout
+from pipeline.report import ReportConfig, RenderError, build_report, check_render, find_chromium
 
 from .conftest import make_image_folder, single_threaded, tiny
 
@@ -56,8 +58,26 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return SimpleNamespace(root=root, source=source, heads=heads, ft=ft, config=config, result=result)
 
 
+@pytest.fixture
+def own(run: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """A copy of the shared run in this test's folder, for a test that changes what it holds (the shared run stays as made)."""
+    root = tmp_path / "run"
+    shutil.copytree(run.root, root, symlinks=True)
+    monkeypatch.chdir(root)
+    move = lambda p: root / Path(p).relative_to(run.root)  # noqa: E731
+    source = replace(run.source, cache_dir=str(move(run.source.cache_dir)))
+    with single_threaded():  # its own report: the shared one was made from files at other paths
+        result = build_report(source, run.config)
+    return SimpleNamespace(root=root, source=source, heads={clf: move(p) for clf, p in run.heads.items()},
+                           ft=SimpleNamespace(path=move(run.ft.path)), config=run.config, result=result)
+
+
 def _test_json(path: Path) -> dict:
-    return json.loads(Path(path).with_name(Path(path).stem + "-test.json").read_text())
+    return json.loads(layout.evaluation_files(path).metrics.read_text())
+
+
+def _edit(path: Path, **fields: object) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
 
 
 def _md_rows(md: str, section: str) -> dict[str, list[str]]:
@@ -90,13 +110,20 @@ def test_the_report_shows_every_head_and_the_finetune_with_their_figures(run: Si
     best_sub = max(subset, key=lambda c: json.loads((run.heads[c].parent / "subset-3" / f"{c}.json").read_text())["val_accuracy"])
     assert rows[f"best cached head, same images ({best_sub} (3/class))"][0] == f"{100 * subset[best_sub]['top1']:.2f} %"
 
-    # The best model is named, and the confusion figure is its matrix.
-    everything = {clf: _test_json(h)["top1"] for clf, h in run.heads.items()} | {"ft": ft_metrics["top1"]}
+    # The best model is the one chosen on val, reported with its test accuracy; so is the quality bar's head.
+    val = {clf: json.loads(h.read_text())["val_accuracy"] for clf, h in run.heads.items()}
+    test = {clf: _test_json(h)["top1"] for clf, h in run.heads.items()}
+    val["fine-tune lp-ft (3/class)"] = json.loads(run.ft.path.read_text())["val_accuracy"]
+    test["fine-tune lp-ft (3/class)"] = ft_metrics["top1"]
     data = json.loads((out / "report.json").read_text())
-    assert data["best"]["top1"] == max(everything.values())
-    assert f"Best model on the test set: **{data['best']['label']}**" in md
-    best_head = max(v for k, v in everything.items() if k != "ft")
-    assert f"reaches {100 * best_head:.2f} % against a bar of 50.00 %: {'met' if best_head >= 0.5 else '**not met**'}" in md
+    assert data["best"]["val_accuracy"] == max(val.values()) and data["best"]["top1"] == test[data["best"]["label"]]
+    assert f"Best model, chosen on val accuracy ({100 * max(val.values()):.2f} %): **{data['best']['label']}**" in md
+    assert result.best == data["best"]
+    head = data["best_head"]["label"]
+    assert val[head] == max(v for k, v in val.items() if k in run.heads) and data["best_head"]["top1"] == test[head]
+    assert (f"the cached head chosen on val ({head}) reaches {100 * test[head]:.2f} % against a bar of 50.00 %: "
+            f"{'met' if test[head] >= 0.5 else '**not met**'}") in md
+    assert "t-SNE of 15 cached test features (5 per class)" in md  # what it shows: 30 asked, 5 test images per class
 
     # Stage one: rows and throughput from the caches themselves.
     rows = _md_rows(md, "Stage one")
@@ -112,20 +139,53 @@ def test_the_report_shows_every_head_and_the_finetune_with_their_figures(run: Si
     assert "torch" in rows and rows["model"][0] == "`mobilenet_v2`"
 
 
-def test_the_report_is_reused_until_something_it_shows_changes(run: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(run.root)
+def test_the_best_model_is_chosen_on_val_not_on_test(own: SimpleNamespace) -> None:
+    # logreg is the best on val and the worst on test; knn and the fine-tune are better on test, worse on val.
+    fake = {"logreg": (0.9, 0.2), "linear": (0.5, 0.6), "knn": (0.3, 0.95)}
+    for clf, (val, test) in fake.items():
+        _edit(own.heads[clf], val_accuracy=val)
+        _edit(layout.evaluation_files(own.heads[clf]).metrics, top1=test)
+    _edit(own.ft.path, val_accuracy=0.4)
+    _edit(layout.evaluation_files(own.ft.path).metrics, top1=0.99)
+    # On the fine-tune's subset, linear is the best on val, knn the best on test.
+    for clf, val in {"logreg": 0.5, "linear": 0.8, "knn": 0.1}.items():
+        _edit(own.heads[clf].parent / "subset-3" / f"{clf}.json", val_accuracy=val)
+    _edit(layout.evaluation_files(own.heads["knn"].parent / "subset-3" / "knn.json").metrics, top1=0.97)
     with single_threaded():
-        html = run.result.html
+        result = build_report(own.source, own.config)
+    assert result.status == "written"
+    assert result.best["label"] == "logreg" and result.best["val_accuracy"] == 0.9 and result.best["top1"] == 0.2
+    md = result.markdown.read_text()
+    assert "Best model, chosen on val accuracy (90.00 %): **logreg**, test top-1 **20.00 %**" in md
+    assert "the cached head chosen on val (logreg) reaches 20.00 % against a bar of 50.00 %: **not met**" in md
+    data = json.loads(layout.report_files(result.html.parent).data.read_text())
+    assert data["best_head"]["label"] == "logreg"
+    assert "best cached head, same images (linear (3/class))" in _md_rows(md, "Fine-tuning")
+    assert list(_md_rows(md, "Stage two"))[1:] == ["logreg", "linear", "knn"]  # listed by val
+
+
+def test_a_failed_render_is_an_os_error_for_the_command_line(run: SimpleNamespace, tmp_path: Path) -> None:
+    with pytest.raises(RenderError, match="chromium could not render .*index.html") as caught:
+        check_render(run.root / run.result.html, chromium="false")
+    assert isinstance(caught.value, OSError)
+    with pytest.raises(FileNotFoundError, match="no chromium on PATH"), pytest.MonkeyPatch.context() as m:
+        m.setenv("PATH", str(tmp_path))
+        check_render(run.root / run.result.html)
+
+
+def test_the_report_is_reused_until_something_it_shows_changes(own: SimpleNamespace) -> None:
+    with single_threaded():
+        html = own.result.html
         stamp = html.stat().st_mtime_ns
-        again = build_report(run.source, run.config)
+        again = build_report(own.source, own.config)
         assert again.status == "up-to-date" and html.stat().st_mtime_ns == stamp
-        fit_head(HeadConfig(clf="knn", grid=(2,), refine=0), run.source)  # a changed head, not yet evaluated
-        assert build_report(run.source, run.config).status == "written"
-        evaluate(run.heads["knn"])
-        assert build_report(run.source, run.config).status == "written"
+        fit_head(HeadConfig(clf="knn", grid=(2,), refine=0), own.source)  # a changed head, not yet evaluated
+        assert build_report(own.source, own.config).status == "written"
+        evaluate(own.heads["knn"])
+        assert build_report(own.source, own.config).status == "written"
         assert _md_rows(html.with_name("index.md").read_text(), "Stage two")["knn"][5] == "n_neighbors=2"
-        assert build_report(run.source, replace(run.config, grid_images=4)).status == "written"
-        assert build_report(run.source, run.config, force=True).status == "written"
+        assert build_report(own.source, replace(own.config, grid_images=4)).status == "written"
+        assert build_report(own.source, own.config, force=True).status == "written"
 
 
 def test_a_report_needs_evaluated_heads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run: SimpleNamespace) -> None:
@@ -159,9 +219,8 @@ def test_the_page_renders_in_headless_chromium_and_a_broken_image_is_caught(run:
     assert not seen.ok and len(seen.broken) == 1 and seen.broken[0].startswith("Confusion matrix")
 
 
-def test_the_report_command(run: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(run.root)
-    args = ["report", "--data", run.source.data, "--weights", "none", "--cache-dir", run.source.cache_dir, "--projection-points", "30",
+def test_the_report_command(own: SimpleNamespace) -> None:
+    args = ["report", "--data", own.source.data, "--weights", "none", "--cache-dir", own.source.cache_dir, "--projection-points", "30",
             "--grid-images", "6", "--quality-bar", "0.5"]
     with single_threaded():
         result = CliRunner().invoke(cli, [*args, "--force"])
@@ -176,11 +235,10 @@ def test_the_report_command(run: SimpleNamespace, monkeypatch: pytest.MonkeyPatc
         assert "render check skipped: no chromium on PATH" in result.output
 
 
-def test_subset_heads_and_lp_ft_from_the_command_line(run: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(run.root)
-    Path("pipeline.toml").write_text(f'[extract]\ndata = "{run.source.data}"\nweights = "none"\ncache_dir = "{run.source.cache_dir}"\n'
+def test_subset_heads_and_lp_ft_from_the_command_line(own: SimpleNamespace) -> None:
+    Path("pipeline.toml").write_text(f'[extract]\ndata = "{own.source.data}"\nweights = "none"\ncache_dir = "{own.source.cache_dir}"\n'
                                      'crop = 32\nresize = 36\n')
-    heads = run.heads["logreg"].parent
+    heads = own.heads["logreg"].parent
     invoke = lambda *args: CliRunner().invoke(cli, [str(a) for a in args])  # noqa: E731
     with single_threaded():
         r = invoke("fit-head", "--clf", "logreg", "--grid", "0.5", "--refine", "0", "--subset", "2")

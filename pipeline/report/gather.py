@@ -1,0 +1,155 @@
+"""What the report is made from, read from disk: the caches, heads, subset heads, fine-tune runs and their test evaluations."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .. import layout, provenance
+from ..cache import read_cache
+from ..config import SPLITS, ExtractConfig
+from ..data import load_rgb, stratified_subset
+from ..evaluate import compare, load_predictions
+from ..extract import locate_cache
+
+__all__ = ["read_caches", "head_rows", "subset_head_rows", "finetune_rows", "chosen_on_val", "linear_history", "confusion_matrix",
+           "projection_sample", "misclassified"]
+
+
+def read_caches(source: ExtractConfig) -> dict[str, dict]:
+    """What each split's cache holds and how it was made, by split.
+
+    Raises:
+        ValueError: no train or no test cache.
+    """
+    out = {}
+    for split in SPLITS:
+        path = locate_cache(replace(source, split=split))
+        if not path.is_file():
+            continue
+        with read_cache(path) as cache:
+            attrs = cache.attrs
+            tap = cache.taps[0]
+            out[split] = {
+                "path": str(path), "rows": len(cache), "shape": list(cache.dataset(tap).shape[1:]), "tap": tap,
+                "dtype": str(cache.dataset(tap).dtype), "bytes": path.stat().st_size, "images_per_s": attrs.get("images_per_s"),
+                "engine": attrs.get("engine"), "runtime": attrs.get("runtime"), "created": attrs.get("created"),
+                "skipped": len(cache.skipped), "settings": attrs.get("settings", {}), "versions": attrs.get("versions", {}),
+                "classes": cache.classes, "data_root": attrs.get("data_root"), "image_size": attrs.get("image_size"),
+            }
+    if "train" not in out or "test" not in out:
+        raise ValueError(f"no train and test caches for {source.data} with {source.model} ({source.weights}); run pipeline extract "
+                         "--split train --split val --split test first")
+    return out
+
+
+def _head_label(clf: str, subset: dict | None) -> str:
+    return clf + (f" ({subset['per_class']}/class)" if subset else "")
+
+
+def head_rows(folder: Path, kind: str = "head") -> list[dict]:
+    """compare()'s rows of the heads in ``folder`` that were evaluated on test (ranked by val), with ``kind`` and ``label``."""
+    if not folder.is_dir() or not layout.head_metadata(folder):
+        return []
+    try:
+        rows = compare(folder)
+    except ValueError:
+        return []
+    return [{**r, "name": r["clf"], "kind": kind, "label": _head_label(r["clf"], r.get("subset"))} for r in rows if r["top1"] is not None]
+
+
+def subset_head_rows(folder: Path) -> dict[str, list[dict]]:
+    """The evaluated heads of each ``subset-<N>`` folder of a heads folder, by N (as text: it is a JSON key)."""
+    out = {}
+    for n, sub in layout.subset_head_dirs(folder):
+        rows = head_rows(sub, kind="subset head")
+        if rows:
+            out[str(n)] = rows
+    return out
+
+
+def finetune_rows(runs_dir: Path, caches: dict) -> list[dict]:
+    """The fine-tune runs of the caches' dataset and backbone that were evaluated on test."""
+    train = caches["train"]
+    s = train["settings"]
+    root = str(Path(train["data_root"]).resolve()) if train.get("data_root") else None
+    out = []
+    for meta_path in layout.run_metadata(runs_dir, s.get("dataset", ""), s.get("model", ""), s.get("weights", "")):
+        meta = provenance.read_record(meta_path)
+        if meta is None or meta.get("format") != layout.FINETUNED_FORMAT or meta.get("model") != s.get("model"):
+            continue
+        if meta.get("weights") != s.get("weights") or (root and meta.get("dataset", {}).get("root") != root):
+            continue
+        test = provenance.read_record(layout.evaluation_files(meta_path).metrics)
+        if test is None:
+            continue
+        config = meta.get("config", {})
+        name = meta_path.parent.name
+        label = f"fine-tune {name}" + (f" ({config['subset']}/class)" if config.get("subset") else "")
+        out.append({
+            "kind": "finetune", "name": f"finetune: {name}", "label": label,
+            "path": str(meta_path), "top1": test["top1"], "top5": test.get("top5"), "balanced_accuracy": test["balanced_accuracy"],
+            "val_accuracy": meta.get("val_accuracy"), "fit_seconds": meta.get("seconds"), "best_epoch": meta.get("best_epoch"),
+            "epochs": config.get("epochs"), "subset": config.get("subset"), "init_head": meta.get("init_head"), "freeze": config.get("freeze"),
+            "history": meta.get("history", []), "config": config, "n_test": test.get("n"), "runtime": meta.get("runtime"),
+        })
+    return out
+
+
+def _val(row: dict) -> float:
+    v = row.get("val_accuracy")
+    return -1.0 if v is None else float(v)
+
+
+def chosen_on_val(rows: list[dict]) -> dict | None:
+    """The row with the best val accuracy (the first of equals), or None for no rows: every choice is made on val, never on test."""
+    return max(rows, key=_val) if rows else None
+
+
+def linear_history(head: dict) -> list[dict]:
+    """The per-epoch history a linear head wrote beside itself (rows of text, as CSV reads them), or [] for none."""
+    path = layout.head_files(head["path"]).history
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def confusion_matrix(row: dict) -> np.ndarray:
+    """The test confusion matrix of a head or fine-tune, from its evaluation."""
+    metrics = provenance.read_record(layout.evaluation_files(row["path"]).metrics)
+    if metrics is None or "confusion_matrix" not in metrics:
+        raise ValueError(f"no readable test evaluation of {row['path']}; run pipeline evaluate on it")
+    return np.asarray(metrics["confusion_matrix"])
+
+
+def projection_sample(cache_path: str | Path, tap: str, points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """About ``points`` rows of a cache, the same number per class (fewer where a class has fewer), and their labels."""
+    with read_cache(cache_path) as cache:
+        y = cache.labels
+        per_class = max(1, points // max(1, len(np.unique(y))))
+        rows = stratified_subset(y, per_class, seed)
+        X = cache.dataset(tap)[rows].astype(np.float32)
+    return X, y[rows]
+
+
+def misclassified(row: dict, classes: list[str], n: int, seed: int) -> tuple[list[np.ndarray | None], list[str]]:
+    """Up to ``n`` test images a head or fine-tune got wrong, drawn with ``seed``, with ``true\\n-> predicted`` titles.
+
+    Raises:
+        ValueError: its evaluation saved no predictions.
+    """
+    preds = load_predictions(row["path"])
+    wrong = np.flatnonzero(preds["y"] != preds["pred"])
+    pick = np.sort(np.random.default_rng(seed).permutation(wrong)[:n])
+    images: list[np.ndarray | None] = []
+    for i in pick:
+        try:
+            images.append(np.asarray(load_rgb(Path(preds["root"]) / preds["paths"][i])))
+        except (OSError, ValueError):
+            images.append(None)
+    titles = [f"{classes[int(preds['y'][i])]}\n-> {classes[int(preds['pred'][i])]}" for i in pick]
+    return images, titles
