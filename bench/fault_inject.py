@@ -265,7 +265,7 @@ def head_trials(work: Path, n: int, rng: np.random.Generator) -> Tally:
         if i % 4 == 3:  # an older head of other settings is already there and is being replaced
             assert _pipeline([*args[:4], "0.1" if clf == "linear" else "10", *args[5:], "--output", str(out)], work).returncode == 0
         tally.trials += 1
-        artifact = ".pt" if clf == "linear" else ".joblib"
+        artifact = ".pt" if clf == "linear" else ".skops"
         kind = i % 4
         if kind == 0:  # a random moment of the whole run
             killed = _kill_at([*args, "--output", str(out)], work, float(rng.uniform(1.0, 6.0)))

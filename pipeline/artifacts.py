@@ -1,19 +1,22 @@
 """Model files: saving fitted heads with their metadata, and loading heads and fine-tuned models safely.
 
-Torch heads are plain tensors and strings, loaded with ``torch.load(weights_only=True)``. scikit-learn heads are
-joblib pickles; a pickle runs code when loaded, so its sha256 is recorded in a JSON sidecar when it is written
-and checked before it is unpickled: a tampered or foreign file is refused, not executed.
+No pickle is ever loaded. Torch heads are plain tensors and strings, loaded with ``torch.load(weights_only=True)``.
+scikit-learn heads are skops files, loaded with an explicit list of the types a head is made of
+(:data:`TRUSTED_TYPES`): a file naming any other type is refused before anything in it is built, and what is
+built must be a Pipeline of head steps. Either way the artifact's sha256 is recorded in a JSON sidecar when it
+is written and checked before it is read, so a tampered or swapped file is refused too.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 import torch
 from torch import nn
@@ -25,12 +28,68 @@ from .files import atomic_write
 from .heads import SpatialPool, TorchLinearHead
 from .layout import FINETUNED_FORMAT, HEAD_FORMAT, head_files
 
-__all__ = ["save_head", "load_head", "HeadArtifact", "TamperedArtifactError", "FinetunedModel", "is_finetuned", "load_finetuned",
-           "read_meta", "verified_artifact", "feature_identity"]
+__all__ = ["save_head", "load_head", "HeadArtifact", "TamperedArtifactError", "UntrustedArtifactError", "TRUSTED_TYPES",
+           "FinetunedModel", "is_finetuned", "load_finetuned", "read_meta", "verified_artifact", "feature_identity"]
 
 
 class TamperedArtifactError(ValueError):
     """An artifact whose bytes differ from the digest recorded when it was written."""
+
+
+class UntrustedArtifactError(ValueError):
+    """A head file that is not a skops file of the types heads are made of, or an old pickled (joblib) head."""
+
+
+# The steps a scikit-learn head's Pipeline may have (heads.build_head, and fit's streaming heads), by the names
+# skops records: ``module.qualname`` of the class.
+_HEAD_STEPS = (
+    "pipeline.heads.SpatialPool",
+    "sklearn.preprocessing._data.StandardScaler",
+    "sklearn.preprocessing._data.Normalizer",
+    "pipeline.heads._CappedPCA",
+    "pipeline.heads.TorchLinearHead",  # with PCA, which its tensor form does not express
+    "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.svm._classes.LinearSVC",
+    "sklearn.svm._classes.SVC",
+    "sklearn.ensemble._forest.RandomForestClassifier",
+    "sklearn.ensemble._forest.ExtraTreesClassifier",
+    "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingClassifier",
+    "sklearn.neighbors._classification.KNeighborsClassifier",
+    "sklearn.linear_model._stochastic_gradient.SGDClassifier",  # stream.fit_streaming's logreg and svm
+)
+
+# What the fitted steps hold, found by saving a fitted head of every family (each preprocessing, 2 and 3
+# classes, integer and string labels, the streaming SGD heads) and listing every type in the files, with
+# skops.io.get_untrusted_types for those skops does not trust by default. Builtins, numpy arrays, scalars and
+# Generators are skops' own defaults. tests/test_heads.py round-trips every family through this list.
+_HEAD_INTERNALS = (
+    "sklearn.decomposition._pca.PCA",  # inside _CappedPCA
+    # random forest and extra trees. skops does not trust Tree by default: predict follows its node indices
+    # unchecked, so a crafted file can crash it (an out-of-bounds read, not code run at load). The same holds for
+    # TreePredictor and KDTree below; the sha256 check only proves a file is the one written beside its JSON.
+    "sklearn.tree._classes.DecisionTreeClassifier",
+    "sklearn.tree._classes.ExtraTreeClassifier",
+    "sklearn.tree._tree.Tree",
+    # histogram gradient boosting: its trees (untrusted by default, as Tree), binning, label encoding and loss
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
+    "sklearn.preprocessing._label.LabelEncoder",
+    "sklearn._loss.loss.HalfBinomialLoss",
+    "sklearn._loss.loss.HalfMultinomialLoss",
+    "sklearn._loss._loss.CyHalfBinomialLoss",  # also the SGD log loss
+    "sklearn._loss._loss.CyHalfMultinomialLoss",
+    "sklearn._loss.link.LogitLink",
+    "sklearn._loss.link.MultinomialLogit",
+    "sklearn._loss.link.Interval",
+    # k nearest neighbours: the KD tree of the fitted points (untrusted by default) and its metric
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",
+    # the SGD hinge loss (svm when streaming)
+    "sklearn.linear_model._sgd_fast.Hinge",
+)
+
+TRUSTED_TYPES: tuple[str, ...] = ("sklearn.pipeline.Pipeline", *_HEAD_STEPS, *_HEAD_INTERNALS)
+"""Every type, beyond skops' defaults, that a scikit-learn head's ``.skops`` file may hold; any other is refused."""
 
 
 class HeadArtifact:
@@ -110,6 +169,10 @@ def _pipeline_from_torch(state: dict[str, Any]) -> Pipeline:
             head.history_ = json.loads(state["history"])
             head.best_epoch_ = state["best_epoch"]
             steps.append(("clf", head))
+        else:
+            raise ValueError(f"unknown step {s!r}")
+    if not steps or steps[-1][0] != "clf":
+        raise ValueError("no linear layer")
     return Pipeline(steps)
 
 
@@ -171,7 +234,7 @@ def verified_artifact(meta_path: Path, meta: dict) -> Path:
 def save_head(pipe: Pipeline, meta: dict, path: str | os.PathLike) -> Path:
     """Write a fitted head and its metadata, atomically.
 
-    Torch heads go to ``<path>.pt`` (tensors, loadable with ``weights_only=True``); others to ``<path>.joblib``.
+    Torch heads go to ``<path>.pt`` (tensors, loadable with ``weights_only=True``); others to ``<path>.skops``.
     Either way ``<path>.json`` holds the metadata and the artifact's sha256.
 
     Returns:
@@ -184,8 +247,10 @@ def save_head(pipe: Pipeline, meta: dict, path: str | os.PathLike) -> Path:
         artifact = files.torch
         atomic_write(artifact, lambda f: torch.save(state, f))
     else:
-        artifact = files.sklearn
-        atomic_write(artifact, lambda f: joblib.dump(pipe, f))
+        import skops.io
+
+        artifact = files.skops
+        atomic_write(artifact, lambda f: skops.io.dump(pipe, f))
     record = {**meta, "artifact": artifact.name, "artifact_sha256": file_sha256(artifact), "format": HEAD_FORMAT, "format_version": 1}
     meta_path = files.meta
     atomic_write(meta_path, lambda f: f.write(json.dumps(record, indent=1, sort_keys=True, default=str).encode()))
@@ -193,19 +258,81 @@ def save_head(pipe: Pipeline, meta: dict, path: str | os.PathLike) -> Path:
 
 
 def load_head(path: str | os.PathLike) -> HeadArtifact:
-    """Load a head from its ``.json`` (or its ``.pt``/``.joblib``), checking the recorded sha256 first.
+    """Load a head from its ``.json`` (or its ``.pt``/``.skops``), checking the recorded sha256 first.
+
+    Nothing in the file runs: tensors are read with ``weights_only=True``, and a skops file is built only when
+    every type it names is in :data:`TRUSTED_TYPES` or skops' defaults (builtins, numpy, scikit-learn estimators),
+    and kept only when it is a Pipeline of head steps.
 
     Raises:
-        ValueError: a missing or malformed metadata file.
+        ValueError: a missing or malformed metadata file, or an artifact that cannot be read.
         TamperedArtifactError: the artifact's bytes differ from the recorded digest.
+        UntrustedArtifactError: an old joblib head, or a file holding types no head is made of.
     """
     meta_path, meta = read_meta(path, HEAD_FORMAT, "head", "pipeline head", "fit a head with pipeline fit-head first")
+    suffix = Path(str(meta["artifact"])).suffix
+    if suffix == ".joblib":
+        clf = meta.get("clf", "NAME")
+        raise UntrustedArtifactError(
+            f"{meta_path} names a joblib (pickle) head, which is no longer loaded because unpickling can run code; "
+            f"fit it again: pipeline fit-head --clf {clf} --refit"
+        )
     artifact = verified_artifact(meta_path, meta)
-    if artifact.suffix == ".pt":
-        pipe = _pipeline_from_torch(torch.load(artifact, map_location="cpu", weights_only=True))
+    if suffix == ".pt":
+        pipe = _load_torch_head(artifact)
+    elif suffix == ".skops":
+        pipe = _load_skops_head(artifact)
     else:
-        pipe = joblib.load(artifact)
+        raise ValueError(f"{meta_path} names an artifact {artifact.name!r} of no known kind; expected .pt or .skops")
     return HeadArtifact(pipe, meta, meta_path)
+
+
+def _load_torch_head(artifact: Path) -> Pipeline:
+    try:
+        state = torch.load(artifact, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"{artifact} is not a readable torch head (UnpicklingError: {_first_line(e)}); refusing to load it") from None
+        # torch's own message goes on about loading the file with weights_only=False: the one thing not to do here.
+        culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        why = f" (it names {culprit.group(1)})" if culprit else ""
+        raise UntrustedArtifactError(f"{artifact} holds more than tensors and plain values{why}; refusing to load it") from None
+    except Exception as e:  # a truncated or foreign file fails in torch's zip or pickle reader
+        raise ValueError(f"{artifact} is not a readable torch head ({type(e).__name__}: {_first_line(e)}); refusing to load it") from None
+    try:
+        return _pipeline_from_torch(state)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{artifact} is not a torch head's tensors ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _load_skops_head(artifact: Path) -> Pipeline:
+    """A skops head, after checking that the file names only :data:`TRUSTED_TYPES` (and skops' defaults)."""
+    import skops.io
+
+    try:
+        # Reads the file's schema only: nothing is imported or built yet.
+        found = skops.io.get_untrusted_types(file=artifact)
+    except Exception as e:  # a truncated or foreign file fails in the zip, JSON or schema reader
+        raise ValueError(f"{artifact} is not a readable skops file ({type(e).__name__}: {_first_line(e)}); refusing to load it") from None
+    untrusted = sorted(set(found) - set(TRUSTED_TYPES))
+    if untrusted:
+        raise UntrustedArtifactError(f"{artifact} holds types that no head is made of: {', '.join(untrusted)}; refusing to load it")
+    try:
+        pipe = skops.io.load(artifact, trusted=list(TRUSTED_TYPES))
+    except Exception as e:
+        raise ValueError(f"{artifact} is not a readable skops head ({type(e).__name__}: {_first_line(e)})") from None
+    # skops also trusts every scikit-learn estimator by default; a head is a Pipeline of our steps and nothing else.
+    steps = pipe.steps if isinstance(pipe, Pipeline) else []
+    names = [f"{type(s).__module__}.{type(s).__qualname__}" for _, s in steps]
+    others = [n for n in names if n not in _HEAD_STEPS]
+    if not steps or others:
+        found_what = ", ".join(others) if steps else f"a {type(pipe).__module__}.{type(pipe).__qualname__}"
+        raise UntrustedArtifactError(f"{artifact} is not a head's Pipeline (found {found_what}); refusing to use it")
+    return pipe
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 # ---------------------------------------------------------------- fine-tuned models

@@ -5,7 +5,7 @@ whole disk layout reads from this one page::
 
     features/<dataset>/<model>-<weights>/<taps>/<split>.h5              a feature cache (train, val, test)
     features/<dataset>/<model>-<weights>/<taps>/<split>.h5.partial/     an unfinished extraction's shards
-    .../<taps>/heads/<clf>.json (+ .pt or .joblib)                      a head fitted on that cache
+    .../<taps>/heads/<clf>.json (+ .pt or .skops)                       a head fitted on that cache
     .../<taps>/heads/subset-<N>/<clf>.json                              a head fitted on N images per class
     .../heads/<clf>-history.csv                                         the linear head's per-epoch history
     .../heads/<clf>-test.json, -test-predictions.npz, -confusion.png    its evaluation on the test split
@@ -72,7 +72,10 @@ def sibling_cache(cache: _PathLike, split: str) -> Path:
 
 @dataclass(frozen=True)
 class HeadFiles:
-    """The files of one head, from its base path (no suffix)."""
+    """The files of one head, from its base path (no suffix): its metadata, and one artifact, ``.pt`` or ``.skops``.
+
+    Heads are never pickled: a head saved as ``.joblib`` by older versions is refused, to be fitted again.
+    """
 
     base: Path
 
@@ -87,9 +90,9 @@ class HeadFiles:
         return self.base.with_suffix(".pt")
 
     @property
-    def sklearn(self) -> Path:
-        """The artifact of a scikit-learn head."""
-        return self.base.with_suffix(".joblib")
+    def skops(self) -> Path:
+        """The artifact of a scikit-learn head: a skops file, loaded with an explicit list of trusted types."""
+        return self.base.with_suffix(".skops")
 
     @property
     def history(self) -> Path:

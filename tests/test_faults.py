@@ -147,7 +147,7 @@ def _cut_at_save(monkeypatch: pytest.MonkeyPatch, suffix: str, point: str, nth: 
     assert seen[0] >= nth, f"no save onto *{suffix} happened"
 
 
-@pytest.mark.parametrize("clf, artifact", [("linear", ".pt"), ("logreg", ".joblib")])
+@pytest.mark.parametrize("clf, artifact", [("linear", ".pt"), ("logreg", ".skops")])
 @pytest.mark.parametrize("point, suffix", [("mid-write", "artifact"), ("before-rename", "artifact"), ("after-rename", "artifact"), ("mid-write", ".json")])
 def test_a_head_save_cut_short_leaves_nothing_that_loads(monkeypatch: pytest.MonkeyPatch, clf: str, artifact: str, point: str, suffix: str) -> None:
     c = make_caches(k=3, splits=("train", "val"), root=Path("features"))

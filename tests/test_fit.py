@@ -287,8 +287,8 @@ def test_head_metadata_records_how_it_was_made() -> None:
     meta = json.loads(result.path.read_text())
     with read_cache(CACHE_DIR / "train.h5") as train:
         attrs = train.attrs
-    assert meta["format"] == "pipeline-head" and meta["artifact"] == "logreg.joblib"
-    assert meta["artifact_sha256"] == hashlib.sha256((CACHE_DIR / "heads" / "logreg.joblib").read_bytes()).hexdigest()
+    assert meta["format"] == "pipeline-head" and meta["artifact"] == "logreg.skops"
+    assert meta["artifact_sha256"] == hashlib.sha256((CACHE_DIR / "heads" / "logreg.skops").read_bytes()).hexdigest()
     assert meta["classes"] == ["c0", "c1", "c2"] and meta["tap"] == TAP
     assert meta["clf"] == "logreg" and meta["param"] == "C" and meta["value"] == result.value
     assert meta["preprocessing"] == HEADS["logreg"].preprocessing
@@ -526,15 +526,15 @@ def test_evaluate_without_top5_for_five_classes_or_fewer() -> None:
 
 
 def test_evaluate_refuses_a_tampered_head(monkeypatch: pytest.MonkeyPatch) -> None:
-    import joblib
+    import skops.io
 
     c = make_caches(k=3)
     head = _fit(c).path
-    artifact = head.with_suffix(".joblib")
+    artifact = head.with_suffix(".skops")
     data = bytearray(artifact.read_bytes())
     data[-3] ^= 0x01
     artifact.write_bytes(bytes(data))
-    monkeypatch.setattr(joblib, "load", lambda *a, **k: pytest.fail("a tampered head was unpickled"))
+    monkeypatch.setattr(skops.io, "load", lambda *a, **k: pytest.fail("a tampered head was deserialised"))
     message = _error(_run("evaluate", head))
     assert message.startswith(f"{artifact} does not match the sha256 recorded when it was written")
     assert message.endswith("refusing to load it")
@@ -646,7 +646,7 @@ def test_fit_head_reuses_a_head_only_while_its_inputs_are_unchanged() -> None:
     X, y = blobs([20] * 3, seed=0)
     write_features(c.train, X, y, c.classes, attrs={"created": "2025-06-01T00:00:00+00:00"})
     assert _fit(c, grid=(0.5,)).status == "fitted"
-    artifact = first.path.with_suffix(".joblib")
+    artifact = first.path.with_suffix(".skops")
     artifact.write_bytes(artifact.read_bytes()[:-8])
     assert _fit(c, grid=(0.5,)).status == "fitted"
     assert load_head(first.path).meta["value"] == 0.5

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
+import pickle
+import re
 from pathlib import Path
 from typing import Iterator
 
-import joblib
 import numpy as np
 import pytest
+import skops.io
 import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -16,7 +20,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from .conftest import single_threaded
-from pipeline.artifacts import HeadArtifact, TamperedArtifactError, load_head, save_head
+from pipeline.artifacts import TRUSTED_TYPES, HeadArtifact, TamperedArtifactError, UntrustedArtifactError, load_head, save_head
 from pipeline.heads import HEADS, PREPROCESSING, SpatialPool, TorchLinearHead, build_head
 
 # Small values of each head's swept hyper-parameter: fast and deterministic, independent of the default grids.
@@ -289,7 +293,7 @@ def test_saved_head_reloads_and_predicts_identically(name: str, tmp_path: Path) 
     pipe, meta_path = _fit_and_save(name, tmp_path / "heads" / name)
     assert meta_path == tmp_path / "heads" / f"{name}.json"
     meta = json.loads(meta_path.read_text())
-    suffix = ".pt" if name == "linear" else ".joblib"
+    suffix = ".pt" if name == "linear" else ".skops"
     assert meta["artifact"] == name + suffix and meta["format"] == "pipeline-head" and meta["classes"] == ["ant", "bee", "cat"]
     assert not list(meta_path.parent.glob(".*.tmp"))
     art = load_head(meta_path)
@@ -312,8 +316,8 @@ def test_saved_head_reloads_and_predicts_identically(name: str, tmp_path: Path) 
 def test_torch_head_round_trip_for_each_preprocessing(preprocessing: str, tmp_path: Path) -> None:
     pipe, meta_path = _fit_and_save("linear", tmp_path / "linear", preprocessing=preprocessing)
     artifact = meta_path.with_name(json.loads(meta_path.read_text())["artifact"])
-    # Tensors-only heads go to .pt; a PCA step is not expressed in tensors and goes to joblib.
-    assert artifact.suffix == (".joblib" if "pca" in preprocessing else ".pt")
+    # Tensors-only heads go to .pt; a PCA step is not expressed in tensors and goes to skops.
+    assert artifact.suffix == (".skops" if "pca" in preprocessing else ".pt")
     if artifact.suffix == ".pt":
         state = torch.load(artifact, weights_only=True)
         assert state["steps"][-1] == "linear" and state["classes"] == [0, 1, 2]
@@ -343,7 +347,7 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name, suffix", [("logreg", ".joblib"), ("linear", ".pt")])
+@pytest.mark.parametrize("name, suffix", [("logreg", ".skops"), ("linear", ".pt")])
 def test_tampered_artifact_is_refused_without_unpickling(name: str, suffix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, meta_path = _fit_and_save(name, tmp_path / name)
     artifact = meta_path.with_suffix(suffix)
@@ -352,7 +356,8 @@ def test_tampered_artifact_is_refused_without_unpickling(name: str, suffix: str,
     def never(*args: object, **kwargs: object) -> None:
         pytest.fail("a tampered artifact was deserialised")
 
-    monkeypatch.setattr(joblib, "load", never)
+    monkeypatch.setattr(skops.io, "load", never)
+    monkeypatch.setattr(skops.io, "get_untrusted_types", never)
     monkeypatch.setattr(torch, "load", never)
     pattern = (rf"{artifact.name} does not match the sha256 recorded when it was written "
                r"\([0-9a-f]{16}\.\.\. expected, [0-9a-f]{16}\.\.\. found\); refusing to load it")
@@ -366,32 +371,32 @@ def test_swapped_artifact_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     """Another valid head's file put in place of this one's is refused just the same."""
     _, a = _fit_and_save("logreg", tmp_path / "a")
     _, b = _fit_and_save("knn", tmp_path / "b")
-    a.with_suffix(".joblib").write_bytes(b.with_suffix(".joblib").read_bytes())
-    monkeypatch.setattr(joblib, "load", lambda *args, **kw: pytest.fail("unpickled"))
+    a.with_suffix(".skops").write_bytes(b.with_suffix(".skops").read_bytes())
+    monkeypatch.setattr(skops.io, "load", lambda *args, **kw: pytest.fail("deserialised"))
     with pytest.raises(TamperedArtifactError, match="refusing to load it"):
         load_head(a)
 
 
 def test_foreign_missing_and_malformed_metadata(tmp_path: Path) -> None:
     foreign = tmp_path / "other.json"
-    foreign.write_text(json.dumps({"name": "something else", "artifact": "x.joblib"}))
+    foreign.write_text(json.dumps({"name": "something else", "artifact": "x.skops"}))
     with pytest.raises(ValueError, match=r"other.json is not a pipeline head"):
         load_head(foreign)
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"broken.json is not valid JSON"):
         load_head(tmp_path / "broken.json")
     with pytest.raises(ValueError, match=r"no head metadata at .*missing.json; fit a head with pipeline fit-head first"):
-        load_head(tmp_path / "missing.joblib")
+        load_head(tmp_path / "missing.skops")
 
 
 def test_metadata_naming_an_artifact_elsewhere_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, meta_path = _fit_and_save("logreg", tmp_path / "sub" / "h")
-    outside = tmp_path / "h.joblib"
-    outside.write_bytes(meta_path.with_suffix(".joblib").read_bytes())
+    outside = tmp_path / "h.skops"
+    outside.write_bytes(meta_path.with_suffix(".skops").read_bytes())
     meta = json.loads(meta_path.read_text())
-    meta["artifact"] = "../h.joblib"
+    meta["artifact"] = "../h.skops"
     meta_path.write_text(json.dumps(meta))
-    monkeypatch.setattr(joblib, "load", lambda *args, **kw: pytest.fail("unpickled"))
+    monkeypatch.setattr(skops.io, "load", lambda *args, **kw: pytest.fail("deserialised"))
     with pytest.raises(ValueError):
         load_head(meta_path)
 
@@ -399,9 +404,9 @@ def test_metadata_naming_an_artifact_elsewhere_is_refused(tmp_path: Path, monkey
 def test_artifact_elsewhere_message_names_the_metadata_file(tmp_path: Path) -> None:
     _, meta_path = _fit_and_save("logreg", tmp_path / "sub" / "h")
     meta = json.loads(meta_path.read_text())
-    meta["artifact"] = "../h.joblib"
+    meta["artifact"] = "../h.skops"
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"h.json names an artifact '\.\./h\.joblib' that is not beside it"):
+    with pytest.raises(ValueError, match=r"h.json names an artifact '\.\./h\.skops' that is not beside it"):
         load_head(meta_path)
 
 
@@ -414,3 +419,198 @@ def test_head_refuses_features_of_another_backbone(tmp_path: Path) -> None:
         art.check_features({"settings": {**settings, "model": "resnet18"}})
     with pytest.raises(ValueError, match=r"taps: head \['classifier:input'\], features \['features:output'\]"):
         art.check_features({"settings": {**settings, "taps": ["features:output"]}})
+
+
+# ---------------------------------------------------------------- skops files: only the types heads are made of
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+@pytest.mark.parametrize("k, labels", [(2, "int"), (3, "str")], ids=["2-int", "3-str"])
+def test_every_head_family_round_trips_through_skops(name: str, k: int, labels: str, tmp_path: Path) -> None:
+    X, y = blobs(12, k=k)
+    if labels == "str":
+        y = np.array(["ant", "bee", "cat"])[y]
+    # With PCA the linear head is not expressible in tensors, so it too goes through skops.
+    preprocessing = "standardize+pca" if name == "linear" else None
+    pipe = build_head(name, small_value(name), preprocessing=preprocessing, pca=8).fit(X, y)
+    meta_path = save_head(pipe, {"clf": name, "classes": np.unique(y).tolist()}, tmp_path / name)
+    artifact = meta_path.with_suffix(".skops")
+    assert json.loads(meta_path.read_text())["artifact"] == artifact.name
+    # What skops would not load by default is on the list, named one by one.
+    assert set(skops.io.get_untrusted_types(file=artifact)) <= set(TRUSTED_TYPES)
+    X_new, _ = blobs(7, k=k, seed=5)
+    _same_outputs(pipe, load_head(meta_path).pipeline, X_new)
+
+
+@pytest.mark.parametrize("name", ["logreg", "svm"])
+def test_streamed_sgd_heads_round_trip_through_skops(name: str, tmp_path: Path) -> None:
+    from pipeline.stream import fit_streaming, streaming_scaler
+
+    X, y = blobs(12, k=3)
+    pool = SpatialPool().fit(X)
+    pre = Pipeline([("pool", pool), ("standardize", streaming_scaler(X, 16, pool))])
+    clf = fit_streaming(name, 1.0, X, y, np.unique(y), (pre.transform(X), y), lambda b: pre.transform(b).astype(np.float32),
+                        block_rows=16, epochs=2)
+    pipe = Pipeline([*pre.steps, ("clf", clf)])
+    meta_path = save_head(pipe, {"clf": name, "classes": ["ant", "bee", "cat"]}, tmp_path / name)
+    assert meta_path.with_suffix(".skops").is_file()
+    _same_outputs(pipe, load_head(meta_path).pipeline, blobs(7, k=3, seed=5)[0])
+
+
+def test_every_trusted_type_names_a_class_that_exists() -> None:
+    """A class scikit-learn moved would leave a stale name on the list (and its heads unloadable): caught here."""
+    assert len(set(TRUSTED_TYPES)) == len(TRUSTED_TYPES)
+    for name in TRUSTED_TYPES:
+        module, _, cls = name.rpartition(".")
+        assert isinstance(getattr(importlib.import_module(module), cls, None), type), name
+
+
+class _Payload:
+    """Creates the file ``marker`` when unpickled (``__reduce__``), or when skops builds it (``__setstate__``)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.marker, "w"))
+
+    def __setstate__(self, state: dict) -> None:
+        Path(state["marker"]).touch()
+
+
+# How a hostile file is planted as a head's artifact: its suffix, and bytes whose loading would create ``marker``.
+PLANTED = {
+    "pickle-as-skops": ".skops",  # a pickle under the new suffix
+    "pickle-as-joblib": ".joblib",  # a pickle under the old suffix
+    "pickle-as-pt": ".pt",  # a pickle under the torch suffix
+    "skops-with-payload": ".skops",  # a real skops head with one more object inside
+}
+# What each is refused with, ``{h}`` standing for the head's name.
+REFUSED = {
+    "pickle-as-skops": r"{h}\.skops is not a readable skops file \(BadZipFile: File is not a zip file\); refusing to load it",
+    "pickle-as-joblib": r"{h}\.json names a joblib \(pickle\) head, which is no longer loaded because unpickling can run code; "
+                        r"fit it again: pipeline fit-head --clf logreg --refit",
+    "pickle-as-pt": r"{h}\.pt holds more than tensors and plain values \(it names [\w.]*open\); refusing to load it",
+    "skops-with-payload": r"{h}\.skops holds types that no head is made of: tests\.test_heads\._Payload; refusing to load it",
+}
+
+
+def _hostile(kind: str, marker: Path) -> bytes:
+    if kind == "skops-with-payload":
+        X, y = blobs(12, k=3)
+        head = build_head("logreg", 1.0, pca=8).fit(X, y)
+        head.named_steps["clf"].payload_ = _Payload(str(marker))
+        return skops.io.dumps(head)
+    return pickle.dumps(_Payload(str(marker)), protocol=2)  # torch's reader knows protocol 2 without a warning
+
+
+def _plant(meta_path: Path, suffix: str, data: bytes) -> Path:
+    """Put ``data`` in place of the head's artifact, with the sidecar naming it and its digest updated to match."""
+    artifact = meta_path.with_suffix(suffix)
+    for old in meta_path.parent.glob(meta_path.stem + ".*"):
+        if old != meta_path:
+            old.unlink()
+    artifact.write_bytes(data)
+    meta = json.loads(meta_path.read_text())
+    meta["artifact"], meta["artifact_sha256"] = artifact.name, hashlib.sha256(data).hexdigest()
+    meta_path.write_text(json.dumps(meta))
+    return artifact
+
+
+def _would_run(kind: str, tmp_path: Path) -> None:
+    """The payload is live: loaded the unsafe way, it creates its marker."""
+    control = tmp_path / f"control-{kind}"
+    data = _hostile(kind, control)
+    assert not control.exists()
+    if kind == "skops-with-payload":
+        skops.io.loads(data, trusted=[*TRUSTED_TYPES, f"{__name__}._Payload"])
+    else:
+        pickle.loads(data)
+    assert control.exists()
+
+
+@pytest.mark.parametrize("kind", list(PLANTED))
+def test_a_file_whose_loading_would_run_code_is_refused(kind: str, tmp_path: Path) -> None:
+    _would_run(kind, tmp_path)
+    _, meta_path = _fit_and_save("logreg", tmp_path / "h")
+    marker = tmp_path / "pwned"
+    _plant(meta_path, PLANTED[kind], _hostile(kind, marker))
+    with pytest.raises(ValueError, match=REFUSED[kind].format(h="/h")):
+        load_head(meta_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", list(PLANTED))
+def test_the_cli_refuses_a_file_whose_loading_would_run_code(kind: str, tmp_path: Path) -> None:
+    from .test_fit import _error, _fit, _run, make_caches
+
+    head = _fit(make_caches(k=3)).path
+    marker = tmp_path / "pwned"
+    _plant(head, PLANTED[kind], _hostile(kind, marker))
+    refused = REFUSED[kind].format(h="/logreg")
+    assert re.search(refused, _error(_run("evaluate", head)))
+    assert re.search(refused, _error(_run("predict", "--head", head, "image.png")))
+    assert not marker.exists()
+
+
+def test_an_old_joblib_head_is_refused_with_how_to_refit_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head written by an older version: a genuine joblib pickle with an intact digest, never unpickled."""
+    import joblib
+
+    pipe, meta_path = _fit_and_save("svm", tmp_path / "h")
+    buffer = tmp_path / "old.joblib"
+    joblib.dump(pipe, buffer)
+    _plant(meta_path, ".joblib", buffer.read_bytes())
+    monkeypatch.setattr(joblib, "load", lambda *a, **k: pytest.fail("unpickled"))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("unpickled"))
+    with pytest.raises(UntrustedArtifactError, match=r"h\.json names a joblib \(pickle\) head.*: pipeline fit-head --clf svm --refit$"):
+        load_head(meta_path)
+    # Named by its artifact as well; and a metadata file naming a joblib file that is gone gets the same advice.
+    with pytest.raises(UntrustedArtifactError, match="--refit"):
+        load_head(meta_path.with_suffix(".joblib"))
+    meta_path.with_suffix(".joblib").unlink()
+    with pytest.raises(UntrustedArtifactError, match="--refit"):
+        load_head(meta_path)
+
+
+def test_a_truncated_skops_file_is_refused(tmp_path: Path) -> None:
+    _, meta_path = _fit_and_save("hgb", tmp_path / "h")
+    artifact = meta_path.with_suffix(".skops")
+    cut = artifact.read_bytes()[: artifact.stat().st_size // 2]
+    artifact.write_bytes(cut)
+    with pytest.raises(TamperedArtifactError, match="refusing to load it"):
+        load_head(meta_path)
+    # With its digest rewritten to match, the skops reader itself refuses it.
+    _plant(meta_path, ".skops", cut)
+    with pytest.raises(ValueError, match=r"h\.skops is not a readable skops file \(BadZipFile: .*\); refusing to load it"):
+        load_head(meta_path)
+
+
+def test_a_truncated_or_malformed_torch_head_is_refused(tmp_path: Path) -> None:
+    import io
+
+    _, meta_path = _fit_and_save("linear", tmp_path / "h")
+    _plant(meta_path, ".pt", meta_path.with_suffix(".pt").read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"h\.pt is not a readable torch head \(RuntimeError: .*\); refusing to load it"):
+        load_head(meta_path)
+    buffer = io.BytesIO()
+    torch.save({"steps": ["bogus"]}, buffer)
+    _plant(meta_path, ".pt", buffer.getvalue())
+    with pytest.raises(ValueError, match=r"h\.pt is not a torch head's tensors \(ValueError: unknown step 'bogus'\)"):
+        load_head(meta_path)
+
+
+def test_a_skops_file_of_other_scikit_learn_objects_is_refused(tmp_path: Path) -> None:
+    """skops trusts every scikit-learn estimator by default; a head is a Pipeline of its own steps only."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import FunctionTransformer
+
+    X, y = blobs(12, k=3)
+    _, meta_path = _fit_and_save("logreg", tmp_path / "h")
+    other = Pipeline([("pool", SpatialPool()), ("f", FunctionTransformer(np.tanh)), ("clf", LogisticRegression())]).fit(X, y)
+    _plant(meta_path, ".skops", skops.io.dumps(other))
+    with pytest.raises(UntrustedArtifactError, match=r"h\.skops is not a head's Pipeline \(found sklearn\.preprocessing\._function_transformer\.FunctionTransformer\)"):
+        load_head(meta_path)
+    _plant(meta_path, ".skops", skops.io.dumps(LogisticRegression().fit(X, y)))
+    with pytest.raises(UntrustedArtifactError, match=r"is not a head's Pipeline \(found a sklearn\.linear_model\._logistic\.LogisticRegression\)"):
+        load_head(meta_path)
