@@ -201,12 +201,15 @@ def _search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: A
 
 def _reusable(base: Path, inputs: dict) -> FitResult | None:
     """The head saved at ``base`` when it was fitted from exactly ``inputs`` and its artifact is intact, else None."""
-    meta_path = layout.head_files(base).meta
-    meta = provenance.current_record(meta_path, inputs)
+    files = layout.head_files(base)
+    meta = provenance.current_record(files.meta, inputs)
     try:
-        if meta is None or file_sha256(meta_path.with_name(meta["artifact"])) != meta["artifact_sha256"]:
+        # A head in a format no longer loaded (a joblib pickle) is fitted again rather than reused.
+        if meta is None or meta["artifact"] not in (files.torch.name, files.skops.name):
             return None
-        return FitResult(meta_path, meta["clf"], meta["param"], meta["value"], meta["val_accuracy"], meta["fit_seconds"], meta["sweep"], "up-to-date")
+        if file_sha256(files.meta.with_name(meta["artifact"])) != meta["artifact_sha256"]:
+            return None
+        return FitResult(files.meta, meta["clf"], meta["param"], meta["value"], meta["val_accuracy"], meta["fit_seconds"], meta["sweep"], "up-to-date")
     except (OSError, KeyError, TypeError):
         return None
 

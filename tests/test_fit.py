@@ -303,6 +303,21 @@ def test_head_metadata_records_how_it_was_made() -> None:
     assert meta["created"].endswith("+00:00")
 
 
+def test_a_head_saved_in_the_old_pickle_format_is_fitted_again_not_reused() -> None:
+    make_caches(k=3)
+    config = HeadConfig(clf="logreg", grid=(0.1, 1.0), refine=0)
+    first = fit_head(config, SOURCE)
+    assert fit_head(config, SOURCE).status == "up-to-date"
+    # What an older version left: the same inputs, but a joblib artifact (with an intact digest).
+    meta = json.loads(first.path.read_text())
+    old = first.path.with_suffix(".joblib")
+    old.write_bytes(b"an old pickle")
+    meta.update(artifact=old.name, artifact_sha256=hashlib.sha256(old.read_bytes()).hexdigest())
+    first.path.write_text(json.dumps(meta))
+    again = fit_head(config, SOURCE)
+    assert again.status == "fitted" and json.loads(again.path.read_text())["artifact"] == "logreg.skops"
+
+
 def test_head_metadata_records_the_scikit_learn_version() -> None:
     make_caches(k=3)
     meta = json.loads(fit_head(HeadConfig(clf="logreg", grid=(1.0,), refine=0), SOURCE).path.read_text())
