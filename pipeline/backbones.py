@@ -20,7 +20,7 @@ from torchvision.transforms import InterpolationMode
 from .config import HEAD_INITS
 
 __all__ = [
-    "replace_classifier",
+    "replace_classifier", "available_weights", "offline_weights",
     "Backbone", "Preprocess", "WeightsUnavailableError", "file_sha256", "load_backbone", "resolve_weights", "weights_label", "list_backbones", "final_linear",
 ]
 
@@ -142,13 +142,34 @@ def _hub_file(weights: torchvision.models.WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
 
 
+def available_weights(name: str) -> list[str]:
+    """The torchvision weights of model ``name`` whose files are already in the torch hub cache (usable offline)."""
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except Exception:
+        return []
+    return [w.name for w in enum if _hub_file(w).is_file()]
+
+
+def offline_weights() -> dict[str, list[str]]:
+    """Every classification model with weights in the torch hub cache, and those weights' names."""
+    found = {}
+    for name in list_backbones():
+        names = available_weights(name)
+        if names:
+            found[name] = names
+    return found
+
+
 def _ensure_named_weights(name: str, weights: torchvision.models.WeightsEnum) -> None:
     """Make sure the weights file is in the torch hub cache, downloading it where that is possible."""
     cached = _hub_file(weights)
     if cached.is_file():
         return
+    here = available_weights(name)
+    usable = f"Weights of {name} available here: {', '.join(f'--weights {w}' for w in here)}. " if here else ""
     how = (
-        f"Provide them by copying the file to {cached}, by running once where {urlparse(weights.url).netloc} is reachable, "
+        f"{usable}Provide them by copying the file to {cached}, by running once where {urlparse(weights.url).netloc} is reachable, "
         f"or by passing --weights /path/to/state_dict.pth. Random weights must be asked for: --weights none."
     )
     if os.environ.get("PIPELINE_OFFLINE"):

@@ -15,6 +15,7 @@ from .config import COMPRESSIONS, DTYPES
 from .files import atomic_target, disk_full
 from .layout import FEATURES_FORMAT as FORMAT
 from .layout import FEATURES_FORMAT_VERSION as FORMAT_VERSION
+from .layout import dataset_caches
 from .shards import RESUME_HINT, PartialRun
 
 __all__ = [
@@ -196,7 +197,9 @@ class FeatureCache:
                     f"{self.path} is incomplete: its extraction stopped after {done} images; "
                     "re-run pipeline extract with the same settings to finish it"
                 )
-            raise ValueError(f"no feature cache at {self.path}; run pipeline extract first")
+            others = [str(p) for p in dataset_caches(self.path)]
+            hint = f"; caches of this dataset: {', '.join(others[:6])}{' ...' if len(others) > 6 else ''}" if others else ""
+            raise ValueError(f"no feature cache at {self.path}; run pipeline extract first{hint}")
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as e:

@@ -14,7 +14,7 @@ from .config import (
     SCHEDULES, SPLITS, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig,
 )
 from .recipes import RECIPES
-from .settings_file import CONFIG_FILE, load_config, settings_from
+from .settings_file import CONFIG_FILE, load_config, settings_from, write_config
 
 # Heavy libraries (torch, scikit-learn, h5py) are imported inside each command, so `pipeline --help` answers at once.
 __all__ = ["cli"]
@@ -29,6 +29,27 @@ _R = ReportConfig()
 @click.version_option(package_name="pipeline")
 def cli() -> None:
     """Transfer learning on image folders: extract backbone features once, then fit heads on them, or fine-tune."""
+
+
+@cli.command("init")
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@dataset_options(_D, with_data=False)
+@backbone_options(_D.model, _D.weights)
+@click.option("--cache-dir", help=f"Root of the cache convention.  [default: {_D.cache_dir}]")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=CONFIG_FILE, show_default=True, help="The settings file to write.")
+@click.option("--force", is_flag=True, help="Replace an existing settings file.")
+@friendly()
+def init_cmd(data: str, config_file: str, force: bool, **options: Any) -> None:
+    """Write a settings file for the dataset DATA, so that every other command finds its caches without options.
+
+    Give the dataset, model and weights once here; extract, fit-head, evaluate, compare, predict, report and
+    finetune then read them from the file (their own options still override it).
+    """
+    settings = ExtractConfig(data=data, **{k: v for k, v in options.items() if v is not None})  # refuse bad values now
+    path = write_config(config_file, {"extract": {"data": data, **options}}, force=force)
+    click.echo(f"wrote {path}: dataset {settings.data} ({settings.dataset.name}), model {settings.model}, weights {settings.weights}")
+    click.echo("next: pipeline extract --split train --split val --split test; pipeline fit-head --clf logreg --evaluate; "
+               "pipeline compare; pipeline report; pipeline predict IMAGES --head <the head's .json>")
 
 
 @cli.command("extract")
@@ -113,11 +134,14 @@ def info_cmd(file: str) -> None:
 
 
 @cli.command("models")
-def models_cmd() -> None:
-    """List torchvision's classification models."""
-    from .backbones import list_backbones
+@click.option("--offline", is_flag=True, help="Only the models whose weights are in the torch hub cache, with those weights.")
+def models_cmd(offline: bool) -> None:
+    """List torchvision's classification models, with the weights usable without a download."""
+    from .backbones import list_backbones, offline_weights
 
-    click.echo("\n".join(list_backbones()))
+    here = offline_weights()
+    for name in sorted(here) if offline else list_backbones():
+        click.echo(f"{name:<28} weights here: {', '.join(here[name])}" if name in here else name)
 
 
 @cli.command("assets")

@@ -70,10 +70,11 @@ def _options(*options: Callable) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def dataset_options(defaults: Any) -> Callable[[Callable], Callable]:
-    """The dataset options of every command that reads images (extract, finetune)."""
+def dataset_options(defaults: Any, with_data: bool = True) -> Callable[[Callable], Callable]:
+    """The dataset options of every command that reads images (extract, finetune; init takes DATA as its argument)."""
+    data = [click.option("--data", help=f"Dataset folder: DATA/<split>/<class>/<image>, or a CSV layout with --labels-csv.  [default: {defaults.data}]")]
     return _options(
-        click.option("--data", help=f"Dataset folder: DATA/<split>/<class>/<image>, or a CSV layout with --labels-csv.  [default: {defaults.data}]"),
+        *(data if with_data else []),
         click.option("--labels-csv", help="CSV of labels under DATA (Kaggle dog-breed layout), e.g. labels.csv."),
         click.option("--id-column", help=f"CSV column with the image id.  [default: {defaults.id_column}]"),
         click.option("--label-column", help=f"CSV column with the class.  [default: {defaults.label_column}]"),

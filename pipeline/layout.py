@@ -26,7 +26,7 @@ from typing import Sequence
 __all__ = [
     "FEATURES_FORMAT", "FEATURES_FORMAT_VERSION", "HEAD_FORMAT", "FINETUNED_FORMAT", "FINETUNED_FORMAT_VERSION",
     "HeadFiles", "EvaluationFiles", "RunFiles", "ReportFiles",
-    "slug", "cache_path", "partial_dir", "sibling_cache", "heads_dir", "head_base", "head_files", "head_metadata",
+    "slug", "cache_path", "partial_dir", "dataset_caches", "sibling_cache", "heads_dir", "head_base", "head_files", "head_metadata",
     "subset_head_dirs", "evaluation_files", "run_dir", "run_files", "run_metadata", "report_dir", "report_files",
 ]
 
@@ -60,6 +60,14 @@ def partial_dir(cache: _PathLike) -> Path:
     """The folder of an unfinished extraction of ``cache``: ``<split>.h5.partial/``."""
     cache = Path(cache)
     return cache.with_name(cache.name + ".partial")
+
+
+def dataset_caches(cache: _PathLike) -> list[Path]:
+    """The caches that exist for the dataset of a conventional cache path (every backbone, weights and tap), sorted."""
+    cache = Path(cache)
+    if len(cache.parents) < 3:
+        return []
+    return sorted(cache.parents[2].glob("*/*/*.h5"))
 
 
 def sibling_cache(cache: _PathLike, split: str) -> Path:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .config import BACKBONE_AND_DATASET, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig
+from .files import atomic_write
 
-__all__ = ["CONFIG_FILE", "SECTIONS", "load_config", "settings_from"]
+__all__ = ["CONFIG_FILE", "SECTIONS", "load_config", "settings_from", "write_config"]
 
 CONFIG_FILE = "pipeline.toml"
 T = TypeVar("T")
@@ -117,4 +119,34 @@ def _fits(value: Any, kind: str) -> bool:
         return False
     # bool is an int in Python; it fits only a bool field.
     return isinstance(value, _SCALARS[kind]) and (kind == "bool" or not isinstance(value, bool))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string is a JSON string for these characters
+
+
+def write_config(path: str | Path, sections: dict[str, dict[str, Any]], *, force: bool = False) -> Path:
+    """Write a settings file with the given sections, after checking them as :func:`settings_from` would.
+
+    Values equal to None are left out (they mean "the default").
+
+    Raises:
+        ValueError: an existing file without ``force``, or a setting that the section does not take.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise ValueError(f"{path} exists; pass --force to replace it")
+    lines = ["# Settings for the pipeline command; options on the command line override them.", ""]
+    for section, values in sections.items():
+        values = {k: v for k, v in values.items() if v is not None and v != ()}
+        settings_from(SECTIONS[section], {section: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}, section, {},
+                      source=str(path))
+        lines += [f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()] + [""]
+    return atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
 

@@ -75,3 +75,53 @@ def test_the_shared_fields_are_declared_once():
 def test_impossible_values_are_refused_before_any_work(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
         cls(**kwargs)
+
+
+# ---------------------------------------------------------------- pipeline init, and finding what exists
+
+
+def test_init_writes_a_settings_file_that_the_other_commands_read(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from tests.conftest import make_image_folder
+
+    make_image_folder(tmp_path / "photos", {"train": 4, "val": 2})
+    runner = CliRunner()
+    result = runner.invoke(cli, ["init", "photos", "--model", "mobilenet_v2", "--weights", "none", "--crop", "32", "--resize", "36"])
+    assert result.exit_code == 0, result.output
+    config = load_config("pipeline.toml")
+    assert config == {"extract": {"data": "photos", "model": "mobilenet_v2", "weights": "none", "resize": 36, "crop": 32}}
+    again = runner.invoke(cli, ["init", "photos"])
+    assert again.exit_code == 1 and "pipeline.toml exists; pass --force to replace it" in again.output
+    # The other commands take the dataset, model and weights from it.
+    result = runner.invoke(cli, ["extract", "--split", "train", "--split", "val", "--batch-size", "4", "--workers", "0",
+                                 "--engine", "eager", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "features/photos/mobilenet_v2-none/classifier-input/train.h5" in result.output
+    result = runner.invoke(cli, ["fit-head", "--clf", "logreg", "--refine", "0"])
+    assert result.exit_code == 0, result.output
+    # A cache that does not exist is named along with the ones that do.
+    result = runner.invoke(cli, ["fit-head", "--clf", "logreg", "--model", "resnet18"])
+    assert result.exit_code == 1
+    assert "no feature cache at features/photos/resnet18-none/avgpool-output/train.h5" in result.output
+    assert "caches of this dataset: features/photos/mobilenet_v2-none/classifier-input/train.h5" in result.output
+
+
+def test_missing_weights_name_the_weights_available_here(tmp_path, monkeypatch):
+    import torch
+
+    from pipeline.backbones import WeightsUnavailableError, available_weights, load_backbone
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert available_weights("resnet18") == []
+    with pytest.raises(WeightsUnavailableError, match="resnet18 IMAGENET1K_V1 weights are not in") as error:
+        load_backbone("resnet18", "DEFAULT")
+    assert "available here" not in str(error.value)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "mobilenet_v2-b0353104.pth").write_bytes(b"")  # only its presence is asked
+    assert torch.hub.get_dir() == str(tmp_path / "torch" / "hub")
+    assert available_weights("mobilenet_v2") == ["IMAGENET1K_V1"]
+    with pytest.raises(WeightsUnavailableError, match=r"Weights of mobilenet_v2 available here: --weights IMAGENET1K_V1\."):
+        load_backbone("mobilenet_v2", "IMAGENET1K_V2")
