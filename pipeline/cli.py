@@ -306,15 +306,39 @@ def report_cmd(force: bool, check: bool, config_file: str | None, **options: Any
 @click.option("--weights", help="The backbone's weights file, when the head's cache came from one.")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--top", type=click.IntRange(1), default=3, show_default=True, help="Classes shown per image in the terminal table.")
+@click.option("--show", type=click.IntRange(0), default=50, show_default=True, help="Rows shown in the terminal table (all are written to --output).")
 @friendly()
-def predict_cmd(inputs: tuple[str, ...], head: str, output: str, on_error: str, weights: str | None, batch_size: int, device: str) -> None:
+def predict_cmd(inputs: tuple[str, ...], head: str, output: str, on_error: str, weights: str | None, batch_size: int, device: str,
+                top: int, show: int) -> None:
     """Predict new images (files or folders) end to end: backbone, tap and head."""
     from .predict import predict, write_predictions
 
     rows, classes = predict(head, inputs, on_error=on_error, weights=weights, batch_size=batch_size, device=device)
     path = write_predictions(rows, classes, output)
+    _print_predictions(rows, top, show)
     failed = sum("error" in r for r in rows)
     click.echo(f"{len(rows) - failed} images predicted, {failed} skipped -> {path}")
+
+
+def _print_predictions(rows: list[dict], top: int, show: int) -> None:
+    """A readable table: file, label, its score, and the next best classes; skipped files with their reason."""
+    if not rows or not show:
+        return
+    width = min(60, max(len(r["path"]) for r in rows[:show]))
+    kind = "probability" if any("probabilities" in r for r in rows) else "score"
+    click.echo(f"{'file':<{width}}  {'label':<16} {kind:>11}  next")
+    for r in rows[:show]:
+        name = r["path"] if len(r["path"]) <= width else "..." + r["path"][-(width - 3):]
+        if "error" in r:
+            click.echo(f"{name:<{width}}  skipped: {r['error']}")
+            continue
+        values = r.get("probabilities") or r.get("scores") or {}
+        ranked = sorted(values.items(), key=lambda kv: -kv[1])[1:top]
+        rest = ", ".join(f"{c} {v:.3f}" for c, v in ranked)
+        click.echo(f"{name:<{width}}  {r['label']:<16} {r['score']:>11.3f}  {rest}")
+    if len(rows) > show:
+        click.echo(f"... {len(rows) - show} more rows in the output file")
 
 
 @cli.command("finetune", epilog="\b\nRecipes:\n" + "\n".join(f"  {r.name:<18} {r.source}" for r in RECIPES.values()))
