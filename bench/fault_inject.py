@@ -28,42 +28,22 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
-from pipeline.artifacts import load_head
+from pipeline.artifacts import load_finetuned, load_head
 from pipeline.cache import IncompleteCacheError, PartialRun, read_cache
-from pipeline.artifacts import load_finetuned
 
-CLASSES = ("ant", "bee", "cat")
+# bench/ is on sys.path when a script of it runs.
+from faults import cache_rows, kill_at_save_command, kill_when, pipeline_command  # noqa: E402
+from synthetic import make_image_folder  # noqa: E402
+
 EXTRACT = ["extract", "--model", "mobilenet_v2", "--weights", "none", "--crop", "64", "--resize", "72", "--batch-size", "4",
            "--workers", "0", "--engine", "eager", "--device", "cpu", "--no-progress"]
 FINETUNE = ["finetune", "--model", "resnet18", "--weights", "none", "--crop", "32", "--resize", "36", "--batch-size", "8",
             "--workers", "0", "--device", "cpu", "--epochs", "3", "--subset", "16", "--optimizer", "sgd", "--lr", "0.05",
             "--no-progress"]
-# Kills the child at the n-th atomic rename onto a path ending in SUFFIX (see tests/test_faults.py):
-# mid-write cuts the temporary file to half first; after-rename lets the rename happen.
-KILLER = """
-import os, signal, sys
-suffix, nth, point = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-real, seen = os.replace, [0]
-def replace(src, dst, *args, **kwargs):
-    if str(dst).endswith(suffix):
-        seen[0] += 1
-        if seen[0] == nth:
-            if point == "mid-write":
-                os.truncate(src, os.path.getsize(src) // 2)
-            if point == "after-rename":
-                real(src, dst, *args, **kwargs)
-            os.kill(os.getpid(), signal.SIGKILL)
-    return real(src, dst, *args, **kwargs)
-os.replace = replace
-from pipeline.cli import cli
-cli(sys.argv[4:], prog_name="pipeline")
-"""
 
 
 @dataclass
@@ -89,62 +69,18 @@ def _env() -> dict[str, str]:
 
 
 def _pipeline(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=_env(), capture_output=True, text=True)
+    return subprocess.run(pipeline_command(args), cwd=cwd, env=_env(), capture_output=True, text=True)
 
 
 def _kill_at(args: list[str], cwd: Path, seconds: float) -> bool:
     """Run the command and SIGKILL it after ``seconds``; True if it was still running then."""
-    child = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        child.wait(timeout=seconds)
-        return False
-    except subprocess.TimeoutExpired:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        return True
-
-
-def _kill_after_start(args: list[str], cwd: Path, started: Callable[[], bool], delay: float) -> bool:
-    """Run extract and SIGKILL it ``delay`` seconds after ``started()`` turns true; True if it was still running.
-
-    Timing from the child's own start of work, not from its launch, keeps the kill inside the batches whatever the
-    machine's load does to import and model-loading times.
-    """
-    child = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while child.poll() is None and not started():
-        time.sleep(0.002)
-    try:
-        child.wait(timeout=delay)
-        return False
-    except subprocess.TimeoutExpired:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        return True
+    return kill_when(pipeline_command(args), lambda: True, seconds, cwd=cwd, env=_env())
 
 
 def _kill_at_save(args: list[str], cwd: Path, suffix: str, nth: int, point: str) -> bool:
-    """Run the command with KILLER; True if the kill happened (the save point was reached)."""
-    run = subprocess.run([sys.executable, "-c", KILLER, suffix, str(nth), point, *args], cwd=cwd, env=_env(), capture_output=True, text=True)
+    """Run the command and SIGKILL it at a save point (see bench/faults.py); True if the kill happened."""
+    run = subprocess.run(kill_at_save_command(suffix, nth, point, args), cwd=cwd, env=_env(), capture_output=True, text=True)
     return run.returncode == -signal.SIGKILL
-
-
-def make_dataset(root: Path, per_class: dict[str, int], seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    for split, n in per_class.items():
-        for c, cls in enumerate(CLASSES):
-            d = root / split / cls
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = rng.integers(0, 256, (40, 48, 3)).astype(np.float64)
-                img[..., c] = img[..., c] * 0.3 + 170
-                Image.fromarray(img.astype(np.uint8)).save(d / f"{i:03d}.png")
-
-
-def _rows(path: Path) -> dict[str, np.ndarray]:
-    with read_cache(path) as c:
-        out = {t: c.features(t) for t in c.taps}
-        out["labels"], out["paths"] = c.labels, np.asarray(c.paths)
-    return out
 
 
 def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
@@ -163,7 +99,7 @@ def extract_trials(work: Path, n: int, rng: np.random.Generator) -> tuple[Tally,
     assert ref.returncode == 0, ref.stderr
     # How long one uninterrupted run of the train split takes, and when its batches start to be saved.
     probe = work / "probe"
-    child = subprocess.Popen([sys.executable, "-m", "pipeline", *EXTRACT, "--data", str(data), "--cache-dir", str(probe)], cwd=work, env=_env(),
+    child = subprocess.Popen(pipeline_command([*EXTRACT, "--data", str(data), "--cache-dir", str(probe)]), cwd=work, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     start = time.perf_counter()
     first = done = None
@@ -176,7 +112,7 @@ def extract_trials(work: Path, n: int, rng: np.random.Generator) -> tuple[Tally,
     total = time.perf_counter() - start
     first = first if first is not None else total / 2
     done = done if done is not None else total
-    reference = _rows(work / "ref" / cache)
+    reference = cache_rows(work / "ref" / cache)
     timing = {"reference_seconds": round(time.perf_counter() - t0, 2), "run_seconds": round(total, 2), "batches_start_at_s": round(first, 2),
               "cache_done_at_s": round(done, 2), "images": int(len(reference["labels"]))}
     saved: list[int] = []  # images saved when a kill landed mid-run
@@ -206,13 +142,14 @@ def extract_trials(work: Path, n: int, rng: np.random.Generator) -> tuple[Tally,
                     at = float(rng.uniform(0, 1.1 * (done - first)))
                     where = f"{at:.2f} s into the {'run' if target == 0 else 'resumed run'}"
                 started = (lambda: partial.exists() and len(partial.shards()) >= target) if target else partial.exists
-                killed = _kill_after_start(args, work, lambda: started() or final.exists(), at)
+                # Timed from the child's own start of work, not from its launch (see faults.kill_when).
+                killed = kill_when(pipeline_command(args), lambda: started() or final.exists(), at, cwd=work, env=_env())
             if not killed:
                 break
             tally.kills += 1
             if final.exists():
                 try:
-                    if not _same(_rows(final), reference):
+                    if not _same(cache_rows(final), reference):
                         tally.lost(f"trial {i}: a kill {where} left a final cache that differs from the reference")
                     else:
                         tally.accepted_valid += 1
@@ -232,7 +169,7 @@ def extract_trials(work: Path, n: int, rng: np.random.Generator) -> tuple[Tally,
         rerun = _pipeline(args, work)
         if rerun.returncode != 0:
             tally.lost(f"trial {i}: the re-run failed: {rerun.stderr.strip()[-300:]}")
-        elif _same(_rows(out / cache), reference):
+        elif _same(cache_rows(out / cache), reference):
             tally.reruns_identical += 1
         else:
             tally.lost(f"trial {i}: the re-run's cache differs from the reference")
@@ -351,7 +288,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fault-inject-") as tmp:
         work = Path(tmp)
-        make_dataset(work / "ds", {"train": 36, "test": 4})
+        make_image_folder(work / "ds", {"train": 36, "test": 4}, size=(40, 48))
         ex, timing = extract_trials(work, args.extract_trials, rng)
         heads = head_trials(work, args.head_trials, rng)
         ft, ft_seconds = finetune_trials(work, args.finetune_trials, rng)

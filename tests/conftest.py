@@ -1,4 +1,4 @@
-"""Shared fixtures: small generated image folders and settings for tiny, fast extractions."""
+"""Shared fixtures: small generated image folders, settings for tiny, fast extractions, one thread for tiny arrays."""
 
 from __future__ import annotations
 
@@ -6,27 +6,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from threadpoolctl import threadpool_limits
 
-CLASSES = ("ant", "bee", "cat")
+# One generator serves the tests and the benchmarks; bench/ never imports tests/.
+from bench.synthetic import CLASSES, make_image_folder
 
-
-def make_image_folder(root: Path, per_class: dict[str, int], size: tuple[int, int] = (36, 44), seed: int = 0) -> Path:
-    """Write random RGB PNGs as ``root/<split>/<class>/<i>.png``; a class's images share a tint so they are learnable."""
-    rng = np.random.default_rng(seed)
-    for split, n in per_class.items():
-        for c, cls in enumerate(CLASSES):
-            d = root / split / cls
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                img = rng.integers(0, 256, (*size, 3)).astype(np.float64)
-                img[..., c] = img[..., c] * 0.3 + 170
-                Image.fromarray(img.astype(np.uint8)).save(d / f"{i:03d}.png")
-    return root
+__all__ = ["CLASSES", "make_image_folder", "single_threaded", "tiny", "working_in"]
 
 
 @pytest.fixture
@@ -35,11 +22,24 @@ def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "ds", {"train": 10, "test": 3})
 
 
+def _isolate(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Work in ``folder`` (no project pipeline.toml) and never reach for the network."""
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("PIPELINE_OFFLINE", "1")
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run every test in its own folder (no project pipeline.toml) and never reach for the network."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PIPELINE_OFFLINE", "1")
+    """Run every test in its own folder, offline."""
+    _isolate(monkeypatch, tmp_path)
+
+
+@contextmanager
+def working_in(folder: Path) -> Iterator[None]:
+    """For module-scoped fixtures: in ``folder``, offline and single-threaded, all restored afterwards."""
+    with pytest.MonkeyPatch.context() as m, single_threaded():
+        _isolate(m, folder)
+        yield
 
 
 def tiny(**overrides: object) -> dict:
@@ -59,3 +59,13 @@ def single_threaded() -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """single_threaded() for a whole test; a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+
+    On a busy 2-core machine, torch's and OpenMP's threads stall for seconds over tiny models and arrays.
+    """
+    with single_threaded():
+        yield

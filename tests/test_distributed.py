@@ -19,6 +19,7 @@ from pipeline.cache import IncompleteCacheError, PartialRun, describe
 from pipeline.distributed import rank_range
 
 from .conftest import make_image_folder, single_threaded, tiny
+from .helpers import child_env
 
 SETTINGS = tiny(batch_size=2, on_error="skip")
 CACHE = "ds/mobilenet_v2-none/classifier-input/train.h5"
@@ -48,9 +49,7 @@ def _torchrun(args: list[str]) -> list[str]:
 
 
 def _env(marker: str = "") -> dict[str, str]:
-    root = str(Path(pipeline.__file__).resolve().parent.parent)  # the package under test, not another install
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "PIPELINE_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PIPELINE_TEST_RUN": marker}
+    return child_env(PIPELINE_OFFLINE="1", OMP_NUM_THREADS="1", PIPELINE_TEST_RUN=marker)
 
 
 def _single_process(data: Path, cache_dir: str) -> Path:
@@ -129,6 +128,7 @@ def _pid_of_rank(marker: str, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow  # torchrun's fast representative: test_torchrun_two_ranks_equal_a_single_process
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
 def test_killed_rank_leaves_its_block_resumable_and_the_rerun_computes_only_the_gap(tmp_path: Path) -> None:
     data = _dataset(tmp_path / "ds", per_class=30)  # 91 files: rank 0 has 0-45, rank 1 has 46-90
@@ -164,6 +164,7 @@ def test_killed_rank_leaves_its_block_resumable_and_the_rerun_computes_only_the_
     _assert_same_rows(partial.final, _single_process(data, "single"))
 
 
+@pytest.mark.slow  # torchrun's fast representative: test_torchrun_two_ranks_equal_a_single_process
 def test_an_error_on_one_rank_stops_all_with_one_message(tmp_path: Path) -> None:
     data = _dataset(tmp_path / "ds", per_class=4)  # the undecodable file lies in rank 1's block
     run = subprocess.run(_torchrun(_cli_args(data, "failed", on_error="fail")), capture_output=True, text=True, env=_env(), timeout=120)

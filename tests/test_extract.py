@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -21,7 +17,9 @@ from pipeline.data import load_rgb
 from pipeline.engines import ONNX_TOLERANCE
 from pipeline.taps import TapExtractor, resolve_taps
 
+from bench.faults import cache_rows, kill_when, pipeline_command
 from .conftest import CLASSES, make_image_folder, tiny
+from .helpers import child_env
 
 
 def _reference(config: ExtractConfig, paths: list[str]) -> list[np.ndarray]:
@@ -32,13 +30,6 @@ def _reference(config: ExtractConfig, paths: list[str]) -> list[np.ndarray]:
     x = torch.stack([transform(load_rgb(Path(config.data) / p)) for p in paths])
     with TapExtractor(bb.model, taps) as ex, torch.no_grad():
         return [o.numpy() for o in ex(x)]
-
-
-def _rows(path: Path) -> dict[str, np.ndarray]:
-    with read_cache(path) as c:
-        out = {t: c.features(t) for t in c.taps}
-        out["labels"], out["paths"] = c.labels, np.asarray(c.paths)
-    return out
 
 
 def test_cache_holds_what_the_model_computes(image_folder: Path) -> None:
@@ -68,7 +59,7 @@ def test_onnx_engine_matches_eager_within_tolerance(image_folder: Path) -> None:
     eager = extract(ExtractConfig(data=str(image_folder), split="test", **tiny(cache_dir="eager")), progress=False)
     fast = extract(ExtractConfig(data=str(image_folder), split="test", **tiny(engine="onnx", cache_dir="onnx")), progress=False)
     assert fast.engine == "onnx"
-    a, b = _rows(eager.path), _rows(fast.path)
+    a, b = cache_rows(eager.path), cache_rows(fast.path)
     feats_a, feats_b = a["classifier:input"], b["classifier:input"]
     assert np.max(np.abs(feats_a - feats_b)) <= ONNX_TOLERANCE * max(1.0, np.abs(feats_a).max())
     assert (a["paths"] == b["paths"]).all()
@@ -79,7 +70,7 @@ def test_amp_switch_runs_bf16_channels_last_on_cpu(image_folder: Path) -> None:
     amp = extract(ExtractConfig(data=str(image_folder), split="test", amp=True, **tiny(cache_dir="amp")), progress=False)
     with read_cache(amp.path) as c:
         assert "bf16" in c.attrs["runtime"] and c.attrs["settings"]["amp"] is True
-    a, b = _rows(ref.path)["classifier:input"], _rows(amp.path)["classifier:input"]
+    a, b = cache_rows(ref.path)["classifier:input"], cache_rows(amp.path)["classifier:input"]
     assert not np.array_equal(a, b)  # the switch really changed the arithmetic
     np.testing.assert_allclose(b, a, rtol=0.1, atol=0.1 * np.abs(a).max())
 
@@ -124,36 +115,32 @@ def test_resume_after_interruption_equals_uninterrupted(image_folder: Path, monk
     resumed = extract(config, progress=False)
     assert resumed.status == "resumed"
     assert calls["n"] == 27 - 10  # only the images after the last saved batch were decoded again
-    a, b = _rows(whole.path), _rows(resumed.path)
+    a, b = cache_rows(whole.path), cache_rows(resumed.path)
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     assert not partial.dir.exists()
 
 
+@pytest.mark.slow  # fast representative: test_faults.py::test_kill_9_at_a_random_batch_then_rerun_equals_uninterrupted[3]
 def test_kill_9_then_rerun_equals_uninterrupted(image_folder: Path, tmp_path: Path) -> None:
     """A real SIGKILL in a child process, at a time when some batches are saved and others not."""
     make_image_folder(image_folder, {"train": 30})  # more images, so the kill lands mid-run
-    cmd = [sys.executable, "-m", "pipeline", "extract", "--data", str(image_folder), "--model", "mobilenet_v2",
-           "--weights", "none", "--crop", "32", "--resize", "36", "--batch-size", "4", "--workers", "0",
-           "--engine", "eager", "--device", "cpu", "--no-progress"]
-    whole = subprocess.run([*cmd, "--cache-dir", "whole"], capture_output=True, text=True, env={**os.environ, "PIPELINE_OFFLINE": "1"})
+    cmd = pipeline_command(["extract", "--data", str(image_folder), "--model", "mobilenet_v2",
+                            "--weights", "none", "--crop", "32", "--resize", "36", "--batch-size", "4", "--workers", "0",
+                            "--engine", "eager", "--device", "cpu", "--no-progress"])
+    whole = subprocess.run([*cmd, "--cache-dir", "whole"], capture_output=True, text=True, env=child_env(PIPELINE_OFFLINE="1"))
     assert whole.returncode == 0, whole.stderr
     partial = PartialRun(Path("killed/ds/mobilenet_v2-none/classifier-input/train.h5"))
-    child = subprocess.Popen([*cmd, "--cache-dir", "killed"], env={**os.environ, "PIPELINE_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not partial.dir.is_dir() or len(partial.shards()) < 3):
-        time.sleep(0.01)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    kill_when([*cmd, "--cache-dir", "killed"], lambda: partial.dir.is_dir() and len(partial.shards()) >= 3, env=child_env(PIPELINE_OFFLINE="1"))
     done = partial.done_until()
     assert 0 < done < 81, "the kill should land mid-run"
     with pytest.raises(IncompleteCacheError):
         read_cache(partial.final)
-    rerun = subprocess.run([*cmd, "--cache-dir", "killed"], capture_output=True, text=True, env={**os.environ, "PIPELINE_OFFLINE": "1"})
+    rerun = subprocess.run([*cmd, "--cache-dir", "killed"], capture_output=True, text=True, env=child_env(PIPELINE_OFFLINE="1"))
     assert rerun.returncode == 0 and "resumed" in rerun.stdout, rerun.stderr
-    a = _rows(Path("whole/ds/mobilenet_v2-none/classifier-input/train.h5"))
-    b = _rows(partial.final)
+    a = cache_rows(Path("whole/ds/mobilenet_v2-none/classifier-input/train.h5"))
+    b = cache_rows(partial.final)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
 

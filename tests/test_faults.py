@@ -10,8 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,14 +24,15 @@ from hypothesis import strategies as st
 
 import pipeline.cache
 from pipeline import ExtractConfig, HeadConfig, evaluate, extract, fit_head, read_cache
-from pipeline.artifacts import TamperedArtifactError, load_head
+from pipeline.artifacts import TamperedArtifactError, load_finetuned, load_head
 from pipeline.cache import IncompleteCacheError, PartialRun
 from pipeline.cli import cli
 from pipeline.files import DiskFullError
-from pipeline.artifacts import load_finetuned
 from pipeline.finetune import finetune
 
+from bench.faults import CutAtSave, cache_rows, kill_at_save_command, kill_when, pipeline_command
 from .conftest import single_threaded, tiny
+from .helpers import child_env
 from .test_finetune import small as small_finetune
 from .test_fit import make_caches, write_features
 
@@ -41,47 +40,11 @@ CACHE = Path("ds/mobilenet_v2-none/classifier-input/train.h5")
 EXTRACT_ARGS = ["--model", "mobilenet_v2", "--weights", "none", "--crop", "32", "--resize", "36", "--batch-size", "4",
                 "--workers", "0", "--engine", "eager", "--device", "cpu", "--no-progress"]
 
-# Runs the pipeline command in a child that SIGKILLs itself at the n-th atomic rename onto a path ending in SUFFIX:
-#   before-rename: the temporary file is whole but not yet renamed;
-#   mid-write: the temporary file is first cut to half its bytes, as if the kill came while it was written;
-#   after-rename: the file is in place, the kill comes before anything after it.
-# Usage: python -c KILLER SUFFIX N POINT pipeline-args...
-KILLER = """
-import os, signal, sys
-suffix, nth, point = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-real, seen = os.replace, [0]
-def replace(src, dst, *args, **kwargs):
-    if str(dst).endswith(suffix):
-        seen[0] += 1
-        if seen[0] == nth:
-            if point == "mid-write":
-                os.truncate(src, os.path.getsize(src) // 2)
-            if point == "after-rename":
-                real(src, dst, *args, **kwargs)
-            os.kill(os.getpid(), signal.SIGKILL)
-    return real(src, dst, *args, **kwargs)
-os.replace = replace
-from pipeline.cli import cli
-cli(sys.argv[4:], prog_name="pipeline")
-"""
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models and arrays gain nothing from threads; on a busy 2-core machine they stall for seconds."""
-    with single_threaded():
-        yield
-
-
-def _rows(path: Path) -> dict[str, np.ndarray]:
-    with read_cache(path) as c:
-        out = {t: c.features(t) for t in c.taps}
-        out["labels"], out["paths"] = c.labels, np.asarray(c.paths)
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _assert_same_cache(a: Path, b: Path) -> None:
-    ra, rb = _rows(a), _rows(b)
+    ra, rb = cache_rows(a), cache_rows(b)
     assert ra.keys() == rb.keys()
     for key in ra:
         np.testing.assert_array_equal(ra[key], rb[key])
@@ -95,7 +58,8 @@ def _leftovers(root: Path) -> list[Path]:
 # ---------------------------------------------------------------- kill -9 during extract
 
 
-@pytest.mark.parametrize("seed", [3, 11])
+# One seed in the default run: the fast representative of the real SIGKILLs (the others are marked slow).
+@pytest.mark.parametrize("seed", [3, pytest.param(11, marks=pytest.mark.slow)])
 def test_kill_9_at_a_random_batch_then_rerun_equals_uninterrupted(image_folder: Path, seed: int) -> None:
     """A real SIGKILL after a random number of saved batches plus a random fraction of the next one."""
     rng = np.random.default_rng(seed)
@@ -103,15 +67,10 @@ def test_kill_9_at_a_random_batch_then_rerun_equals_uninterrupted(image_folder: 
     with single_threaded():
         whole = extract(ExtractConfig(**settings, cache_dir="whole"), progress=False)
     partial = PartialRun("killed" / CACHE)
-    child = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--data", str(image_folder), *EXTRACT_ARGS, "--cache-dir", "killed"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     batches = int(rng.integers(0, 7))  # 27 train images: 7 batches of 4
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and child.poll() is None and not (partial.exists() and len(partial.shards()) >= batches):
-        time.sleep(0.002)
-    time.sleep(rng.uniform(0, 0.03))
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    kill_when(pipeline_command(["extract", "--data", str(image_folder), *EXTRACT_ARGS, "--cache-dir", "killed"]),
+              lambda: partial.exists() and len(partial.shards()) >= batches, float(rng.uniform(0, 0.03)),
+              env=child_env(OMP_NUM_THREADS="1"))
     if not partial.final.exists():
         with pytest.raises(ValueError):  # IncompleteCacheError, or no cache at all if the kill came before settings.json
             read_cache(partial.final)
@@ -125,26 +84,18 @@ def test_kill_9_at_a_random_batch_then_rerun_equals_uninterrupted(image_folder: 
 # ---------------------------------------------------------------- kill during fit-head and finetune saves
 
 
+def _ctrl_c() -> None:
+    raise KeyboardInterrupt
+
+
 @contextmanager
 def _cut_at_save(monkeypatch: pytest.MonkeyPatch, suffix: str, point: str, nth: int = 1) -> Iterator[None]:
-    """Stop the process (KeyboardInterrupt, as from Ctrl-C) at the ``nth`` atomic rename onto ``*suffix``; see KILLER."""
-    real, seen = os.replace, [0]
-
-    def replace(src: str, dst: str, *args: object, **kwargs: object) -> None:
-        if str(dst).endswith(suffix):
-            seen[0] += 1
-            if seen[0] == nth:
-                if point == "mid-write":
-                    os.truncate(src, os.path.getsize(src) // 2)
-                if point == "after-rename":
-                    real(src, dst, *args, **kwargs)
-                raise KeyboardInterrupt
-        return real(src, dst, *args, **kwargs)
-
+    """Stop the process (KeyboardInterrupt, as from Ctrl-C) at the ``nth`` atomic rename onto ``*suffix``; see bench/faults.py."""
+    cut = CutAtSave(suffix, nth, point, stop=_ctrl_c)
     with monkeypatch.context() as m:
-        m.setattr(os, "replace", replace)
+        m.setattr(os, "replace", cut)
         yield
-    assert seen[0] >= nth, f"no save onto *{suffix} happened"
+    assert cut.seen >= nth, f"no save onto *{suffix} happened"
 
 
 @pytest.mark.parametrize("clf, artifact", [("linear", ".pt"), ("logreg", ".skops")])
@@ -174,11 +125,12 @@ def test_a_head_replaced_halfway_is_refused_not_mixed(monkeypatch: pytest.Monkey
         load_head("heads/h.json")
 
 
+@pytest.mark.slow  # the same cut in-process: test_a_head_save_cut_short_leaves_nothing_that_loads
 def test_kill_9_while_saving_a_head(tmp_path: Path) -> None:
     """A real SIGKILL with the head's weights half written, in a child running pipeline fit-head."""
     c = make_caches(k=3, splits=("train", "val"), root=Path("features"))
     args = ["fit-head", "--clf", "linear", "--grid", "0.001", "--epochs", "3", "--train-cache", str(c.train), "--val-cache", str(c.val), "--output", "heads/h"]
-    child = subprocess.run([sys.executable, "-c", KILLER, ".pt", "1", "mid-write", *args], capture_output=True, text=True)
+    child = subprocess.run(kill_at_save_command(".pt", 1, "mid-write", args), capture_output=True, text=True, env=child_env())
     assert child.returncode == -signal.SIGKILL, child.stderr
     assert Path("heads/.h.pt.tmp").stat().st_size > 0  # the half-written file is there, under its temporary name
     with pytest.raises(ValueError, match="no head metadata"):
@@ -207,11 +159,12 @@ def test_finetune_cut_mid_checkpoint_resumes_and_cut_before_metadata_never_loads
     assert load_finetuned(result.path).classes == ["ant", "bee", "cat"]
 
 
+@pytest.mark.slow  # the same cut in-process: test_finetune_cut_mid_checkpoint_resumes_and_cut_before_metadata_never_loads
 def test_kill_9_while_saving_a_finetune_checkpoint(image_folder: Path) -> None:
     args = ["finetune", "--data", str(image_folder), "--model", "resnet18", "--weights", "none", "--crop", "32", "--resize", "36",
             "--batch-size", "8", "--workers", "0", "--device", "cpu", "--epochs", "2", "--no-progress"]
-    child = subprocess.run([sys.executable, "-c", KILLER, "last.pt", "2", "mid-write", *args], capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    child = subprocess.run(kill_at_save_command("last.pt", 2, "mid-write", args), capture_output=True, text=True,
+                           env=child_env(OMP_NUM_THREADS="1"))
     assert child.returncode == -signal.SIGKILL, child.stderr
     run = Path("runs/ds/resnet18-none/finetune")
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
@@ -373,6 +326,8 @@ def _image_bytes(fmt: str, size: tuple[int, int] = (12, 9)) -> bytes:
     return buf.getvalue()
 
 
+# A few examples in the default run, many in the slow one.
+EXAMPLES = [pytest.param(25, id="25-examples"), pytest.param(300, id="300-examples", marks=pytest.mark.slow)]
 VALID = {ext: _image_bytes(fmt) for ext, fmt in ((".png", "PNG"), (".jpg", "JPEG"), (".gif", "GIF"), (".bmp", "BMP"), (".webp", "WEBP"), (".tif", "TIFF"))}
 
 
@@ -393,11 +348,12 @@ def _mangled() -> st.SearchStrategy[tuple[str, bytes]]:
     return st.one_of(random_bytes, damaged())
 
 
-def test_fuzzed_image_files_decode_or_fail_clearly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_fuzzed_image_files_decode_or_fail_clearly(tmp_path: Path, examples: int) -> None:
     """Every mangled file either decodes to an RGB image or raises UnreadableImageError, within 5 s."""
     from pipeline.data import ImageDataset, UnreadableImageError, load_rgb
 
-    @settings(max_examples=300, deadline=None, database=None, derandomize=True)
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True)
     @given(_mangled())
     def check(case: tuple[str, bytes]) -> None:
         ext, data = case
@@ -458,7 +414,8 @@ def _csv_text() -> st.SearchStrategy[str]:
     return st.one_of(structured(), st.text(max_size=300))
 
 
-def test_fuzzed_label_files_give_a_split_or_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_fuzzed_label_files_give_a_split_or_a_clear_error(tmp_path: Path, examples: int) -> None:
     """Random CSV text gives a Split or a ValueError that names the labels file; never another exception or a hang."""
     from pipeline.data import DatasetSpec, Split, load_split
 
@@ -467,7 +424,7 @@ def test_fuzzed_label_files_give_a_split_or_a_clear_error(tmp_path: Path) -> Non
     for name in ("a", "b", "a1", "b1", "1"):
         (root / "train" / f"{name}.jpg").write_bytes(VALID[".jpg"])
 
-    @settings(max_examples=300, deadline=None, database=None, derandomize=True)
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True)
     @given(_csv_text(), st.sampled_from(["train", "val", "test"]))
     def check(text: str, split: str) -> None:
         (root / "labels.csv").write_text(text, encoding="utf-8", errors="surrogatepass")

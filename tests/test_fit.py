@@ -13,19 +13,16 @@ import re
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
 
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, top_k_accuracy_score
 
 from pipeline import ExtractConfig, extract, read_cache
 from pipeline.artifacts import feature_identity, load_head
 from pipeline.cache import FeatureCache, PartialRun, write_cache
-from pipeline.cli import cli
 from pipeline.evaluate import compare, evaluate
 from pipeline.data import stratified_subset
 from pipeline.evaluate import load_predictions
@@ -33,26 +30,22 @@ from pipeline.fit import HeadConfig, fit_head, paths_digest
 from pipeline.heads import HEADS
 from pipeline.predict import predict, write_predictions
 
-from .conftest import CLASSES, make_image_folder, single_threaded, tiny
+from .conftest import CLASSES, make_image_folder, tiny, working_in
+from .helpers import error, invoke, ok, small_value, usage_error
 
 # Where extract would put caches of dataset "ds" with random-weight MobileNetV2 and the default tap, so that
 # fit-head, evaluate and compare find them without path options.
 CACHE_DIR = Path("features/ds/mobilenet_v2-none/classifier-input")
 SOURCE = ExtractConfig(data="ds", weights="none")
 TAP = "classifier:input"
-SMALL = {"linear": 1e-4, "logreg": 1.0, "svm": 0.1, "svm-rbf": 1.0, "tree": 10, "extra-trees": 10, "hgb": 20, "knn": 3}
 
 
 def small(name: str) -> tuple:
     """A one-value grid for a head: fast and independent of the default grids."""
-    return (SMALL.get(name, HEADS[name].grid[0]),)
+    return (small_value(name),)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny arrays gain nothing from threads; on a busy 2-core machine torch's and OpenMP's threads stall for seconds."""
-    with single_threaded():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- synthetic caches
@@ -126,36 +119,6 @@ def emptied(path: Path) -> Path:
             f.create_dataset(name, shape=(0, *shape) if name.startswith("features") else (0,), dtype=dtype)
         f.attrs["n_rows"] = 0
     return path
-
-
-# ---------------------------------------------------------------- CLI helpers
-
-
-def _run(*args: object) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def _ok(result: Result) -> str:
-    assert result.exit_code == 0, result.output
-    assert result.exception is None, repr(result.exception)
-    return result.output
-
-
-def _error(result: Result) -> str:
-    """The CLI failed the friendly way: exit 1, one line starting 'Error:', no traceback; returns the message."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("Error: ")
-    return lines[0][len("Error: "):]
-
-
-def _usage_error(result: Result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    return result.output.strip().splitlines()[-1]
 
 
 def _fit(c: SimpleNamespace, clf: str = "logreg", **kw: object):
@@ -346,7 +309,7 @@ def test_train_and_val_caches_that_differ_are_refused(field: str, change: dict |
         fit_head(HeadConfig(clf="logreg", grid=(1.0,)), SOURCE)
     assert not (CACHE_DIR / "heads").exists()
     if field == "model":
-        assert _error(_run("fit-head", "--data", "ds", "--weights", "none", "--grid", "1")).startswith(f"{c.train} and {val} do not match: model:")
+        assert error(invoke("fit-head", "--data", "ds", "--weights", "none", "--grid", "1")).startswith(f"{c.train} and {val} do not match: model:")
 
 
 @pytest.mark.parametrize(
@@ -365,7 +328,7 @@ def test_evaluate_refuses_features_the_head_was_not_fitted_on(change: dict, clas
     with pytest.raises(ValueError, match=message):
         evaluate(head, other)
     assert not (CACHE_DIR / "heads" / "logreg-test.json").exists()
-    assert re.search(message, _error(_run("evaluate", head, "--test-cache", other)))
+    assert re.search(message, error(invoke("evaluate", head, "--test-cache", other)))
 
 
 # ---------------------------------------------------------------- bad input, one clear line
@@ -419,31 +382,31 @@ def test_bad_input_is_one_clear_line(case: str) -> None:
     spoil(c)
     with pytest.raises(ValueError, match=message):
         fit_head(HeadConfig(clf="logreg", grid=(1.0,)), SOURCE)
-    line = _error(_run("fit-head", "--data", "ds", "--weights", "none", "--grid", "1"))
+    line = error(invoke("fit-head", "--data", "ds", "--weights", "none", "--grid", "1"))
     assert re.search(message, line), line
     assert not (CACHE_DIR / "heads").exists()
 
 
 def test_bad_options_are_usage_errors() -> None:
     make_caches(k=3, splits=("train", "val"))
-    assert "Invalid value for '--clf': 'nope' is not one of" in _usage_error(_run("fit-head", "--clf", "nope"))
-    assert "expected comma-separated numbers, got '1,x'" in _usage_error(_run("fit-head", "--grid", "1,x"))
-    assert "Invalid value for '--pool'" in _usage_error(_run("fit-head", "--pool", "sum"))
+    assert "Invalid value for '--clf': 'nope' is not one of" in usage_error(invoke("fit-head", "--clf", "nope"))
+    assert "expected comma-separated numbers, got '1,x'" in usage_error(invoke("fit-head", "--grid", "1,x"))
+    assert "Invalid value for '--pool'" in usage_error(invoke("fit-head", "--pool", "sum"))
     with pytest.raises(ValueError, match=r"unknown head 'nope'; expected one of linear, logreg"):
         HeadConfig(clf="nope")
     with pytest.raises(ValueError, match=r"pool must be one of avg, max, flatten, got 'sum'"):
         HeadConfig(pool="sum")
     with pytest.raises(ValueError, match=r"train.h5 has no tap 'nope'; it holds classifier:input"):
         fit_head(HeadConfig(tap="nope"), SOURCE)
-    assert _error(_run("evaluate", "nowhere.json")) == "no head metadata at nowhere.json; fit a head with pipeline fit-head first"
-    assert _error(_run("compare", "empty")) == "no heads in empty; fit one with pipeline fit-head"
+    assert error(invoke("evaluate", "nowhere.json")) == "no head metadata at nowhere.json; fit a head with pipeline fit-head first"
+    assert error(invoke("compare", "empty")) == "no heads in empty; fit one with pipeline fit-head"
 
 
 def test_zero_in_a_log_grid_is_handled() -> None:
     make_caches(k=3, splits=("train", "val"))
-    result = _run("fit-head", "--data", "ds", "--weights", "none", "--clf", "linear", "--grid", "0,0.01", "--refine", "1")
+    result = invoke("fit-head", "--data", "ds", "--weights", "none", "--clf", "linear", "--grid", "0,0.01", "--refine", "1")
     if result.exit_code != 0:
-        _error(result)
+        error(result)
 
 
 def test_knn_default_grid_on_a_small_train_split() -> None:
@@ -503,7 +466,7 @@ def test_evaluate_metrics_match_sklearn(clf: str) -> None:
     with Image.open(png) as img:
         assert img.format == "PNG" and min(img.size) > 100
 
-    out = _ok(_run("evaluate", head))
+    out = ok(invoke("evaluate", head))
     assert out.splitlines()[0] == (f"{clf}: test top-1 {m['top1']:.4f}, top-5 {m['top5']:.4f}, "
                                    f"balanced accuracy {m['balanced_accuracy']:.4f} on 73 images")
     assert f"metrics {m['json']}" in out and f"confusion matrix {png}" in out
@@ -518,7 +481,7 @@ def test_evaluate_reuses_its_result_until_the_head_or_the_test_cache_changes() -
     again = evaluate(head)
     assert again["status"] == "up-to-date" and out.stat().st_mtime_ns == stamp
     assert {k: v for k, v in again.items() if k != "status"} == {k: v for k, v in first.items() if k != "status"}
-    assert "up to date" in _ok(_run("evaluate", head))
+    assert "up to date" in ok(invoke("evaluate", head))
     assert evaluate(head, force=True)["status"] == "evaluated"
     _fit(c, grid=(0.5,))  # a new head at the same path
     assert evaluate(head)["status"] == "evaluated"
@@ -536,7 +499,7 @@ def test_evaluate_without_top5_for_five_classes_or_fewer() -> None:
     m = evaluate(head, c.test)
     assert "top5" not in m and m["top1"] >= 0.9 and m["n"] == 20
     assert "top5" not in json.loads(Path(m["json"]).read_text())
-    out = _ok(_run("evaluate", head, "--test-cache", c.test))
+    out = ok(invoke("evaluate", head, "--test-cache", c.test))
     assert "top-5" not in out and out.startswith(f"logreg: test top-1 {m['top1']:.4f}, balanced accuracy")
 
 
@@ -550,7 +513,7 @@ def test_evaluate_refuses_a_tampered_head(monkeypatch: pytest.MonkeyPatch) -> No
     data[-3] ^= 0x01
     artifact.write_bytes(bytes(data))
     monkeypatch.setattr(skops.io, "load", lambda *a, **k: pytest.fail("a tampered head was deserialised"))
-    message = _error(_run("evaluate", head))
+    message = error(invoke("evaluate", head))
     assert message.startswith(f"{artifact} does not match the sha256 recorded when it was written")
     assert message.endswith("refusing to load it")
 
@@ -584,7 +547,7 @@ def test_train_split_without_a_class() -> None:
 
 
 def test_compare_lists_every_head() -> None:
-    c = make_caches(k=3)
+    make_caches(k=3)
     fits = {clf: fit_head(HeadConfig(clf=clf, grid=grid, refine=0), SOURCE) for clf, grid in
             (("logreg", (0.1, 1.0)), ("knn", (1, 3)), ("linear", (1e-4,)))}
     m = evaluate(fits["knn"].path)
@@ -604,7 +567,7 @@ def test_compare_lists_every_head() -> None:
     key = [r["top1"] if r["top1"] is not None else r["val_accuracy"] for r in rows]
     assert key == sorted(key, reverse=True)
 
-    out = _ok(_run("compare", "--data", "ds", "--weights", "none")).splitlines()
+    out = ok(invoke("compare", "--data", "ds", "--weights", "none")).splitlines()
     assert out[0].split() == ["head", "test", "top-1", "top-5", "bal.", "acc", "val", "acc", "fit", "s", "chosen"]
     assert len(out) == 4
     for r, line in zip(rows, out[1:]):
@@ -613,7 +576,7 @@ def test_compare_lists_every_head() -> None:
         assert cells[4] == f"{r['val_accuracy']:.4f}" and cells[5] == f"{r['fit_seconds']:.1f}"
         assert cells[6] == f"{r['param']}={r['value']:g}" and cells[7] == f"({r['preprocessing']})"
         assert cells[1] == (f"{r['top1']:.4f}" if r["top1"] is not None else "-")
-    assert _ok(_run("compare", CACHE_DIR / "heads")) == "\n".join(out) + "\n"
+    assert ok(invoke("compare", CACHE_DIR / "heads")) == "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------- the fit-head command
@@ -621,7 +584,7 @@ def test_compare_lists_every_head() -> None:
 
 def test_fit_head_command() -> None:
     make_caches(k=3)
-    out = _ok(_run("fit-head", "--data", "ds", "--weights", "none", "--clf", "knn", "--grid", "1,3", "--refine", "0")).splitlines()
+    out = ok(invoke("fit-head", "--data", "ds", "--weights", "none", "--clf", "knn", "--grid", "1,3", "--refine", "0")).splitlines()
     head = CACHE_DIR / "heads" / "knn.json"
     meta = json.loads(head.read_text())
     assert [line.split()[:2] for line in out[:-1]] == [["knn", "n_neighbors=1"], ["knn", "n_neighbors=3"]]  # live, one per value
@@ -631,14 +594,14 @@ def test_fit_head_command() -> None:
 
     # Explicit cache files, another output, and [head] settings from pipeline.toml.
     Path("pipeline.toml").write_text('[head]\nclf = "logreg"\ngrid = [0.5]\nrefine = 0\n')
-    out = _ok(_run("fit-head", "--train-cache", CACHE_DIR / "train.h5", "--val-cache", CACHE_DIR / "val.h5", "-o", "mine/h"))
+    out = ok(invoke("fit-head", "--train-cache", CACHE_DIR / "train.h5", "--val-cache", CACHE_DIR / "val.h5", "-o", "mine/h"))
     assert out.splitlines()[-1].endswith("-> mine/h.json") and out.startswith("  logreg C=0.5 ")
     assert json.loads(Path("mine/h.json").read_text())["value"] == 0.5
 
     # The same command again reuses the head; --refit fits it anew.
-    again = _ok(_run("fit-head", "--train-cache", CACHE_DIR / "train.h5", "--val-cache", CACHE_DIR / "val.h5", "-o", "mine/h"))
+    again = ok(invoke("fit-head", "--train-cache", CACHE_DIR / "train.h5", "--val-cache", CACHE_DIR / "val.h5", "-o", "mine/h"))
     assert again == "logreg: up to date (C=0.5, val accuracy 1.0000); nothing to do, --refit to fit again -> mine/h.json\n"
-    refit = _ok(_run("fit-head", "--train-cache", CACHE_DIR / "train.h5", "--val-cache", CACHE_DIR / "val.h5", "-o", "mine/h", "--refit"))
+    refit = ok(invoke("fit-head", "--train-cache", CACHE_DIR / "train.h5", "--val-cache", CACHE_DIR / "val.h5", "-o", "mine/h", "--refit"))
     assert refit.startswith("  logreg C=0.5 ") and "up to date" not in refit
 
 
@@ -688,7 +651,6 @@ def test_subset_heads_fit_a_stratified_draw() -> None:
     assert _fit(c, subset=4, seed=4).status == "fitted"  # another draw is another head
 
 
-
 def test_subset_head_and_finetune_subset_are_the_same_images(real: SimpleNamespace) -> None:
     from pipeline.data import DatasetSpec
     from pipeline.finetune.inputs import _part
@@ -705,9 +667,7 @@ def test_subset_head_and_finetune_subset_are_the_same_images(real: SimpleNamespa
 def real(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A tiny real extraction (random-weight MobileNetV2 at 32 px) of train, val (carved) and test, and a head."""
     root = tmp_path_factory.mktemp("real")
-    with pytest.MonkeyPatch.context() as m, single_threaded():
-        m.setenv("PIPELINE_OFFLINE", "1")
-        m.chdir(root)
+    with working_in(root):
         data = make_image_folder(root / "ds", {"train": 10, "test": 3})
         source = ExtractConfig(data=str(data), cache_dir=str(root / "features"), **tiny())
         caches = {s: extract(replace(source, split=s), progress=False).path for s in ("train", "val", "test")}
@@ -722,20 +682,20 @@ def _new_images(root: Path) -> Path:
 
 def test_end_to_end_extract_fit_evaluate_predict(real: SimpleNamespace) -> None:
     cache_opts = ["--data", real.data, "--weights", "none", "--cache-dir", real.root / "features"]
-    out = _ok(_run("fit-head", *cache_opts, "--clf", "logreg", "--grid", "1", "--refine", "0", "-o", "e2e"))
+    out = ok(invoke("fit-head", *cache_opts, "--clf", "logreg", "--grid", "1", "--refine", "0", "-o", "e2e"))
     head = Path("e2e.json")
     assert out.splitlines()[-1].endswith("-> e2e.json")
     meta = json.loads(head.read_text())
     assert meta["train_cache"]["path"] == str(real.caches["train"]) and meta["classes"] == list(CLASSES)
 
-    _ok(_run("evaluate", head, "--test-cache", real.caches["test"]))
+    ok(invoke("evaluate", head, "--test-cache", real.caches["test"]))
     metrics = json.loads(Path("e2e-test.json").read_text())
     assert metrics["n"] == 9 and metrics["top1"] > 1 / 3  # chance; a random-weight backbone at 32 px is no better than fair
     assert Path("e2e-confusion.png").read_bytes()[:4] == b"\x89PNG"
 
     new = _new_images(Path("new"))
-    _ok(_run("predict", new, "--head", head, "-o", "preds.csv"))
-    _ok(_run("predict", new, "--head", head, "-o", "preds.json"))
+    ok(invoke("predict", new, "--head", head, "-o", "preds.csv"))
+    ok(invoke("predict", new, "--head", head, "-o", "preds.json"))
     with open("preds.csv", newline="") as f:
         table = list(csv.DictReader(f))
     rows = json.loads(Path("preds.json").read_text())
@@ -776,18 +736,18 @@ def test_predict_bad_image_fails_by_default_naming_the_file(real: SimpleNamespac
     folder = _bad_folder(Path("."))
     with pytest.raises(ValueError, match=r"broken.png: .*; fix or remove the file, or pass --on-error skip"):
         predict(real.head, [folder])
-    message = _error(_run("predict", folder, "--head", real.head))
+    message = error(invoke("predict", folder, "--head", real.head))
     assert message.startswith(f"{folder / 'broken.png'}: ") and message.endswith("; fix or remove the file, or pass --on-error skip")
     assert not Path("predictions.csv").exists()
     (folder / "notes.txt").write_text("not an image")
-    message = _error(_run("predict", folder, "--head", real.head))
+    message = error(invoke("predict", folder, "--head", real.head))
     assert message == f"{folder / 'notes.txt'}: not an image file (extension '.txt'); remove it or pass --on-error skip"
 
 
 def test_predict_skips_and_lists_bad_images_on_request(real: SimpleNamespace) -> None:
     folder = _bad_folder(Path("."))
     (folder / "notes.txt").write_text("not an image")
-    out = _ok(_run("predict", folder, "--head", real.head, "--on-error", "skip", "-o", "p.csv"))
+    out = ok(invoke("predict", folder, "--head", real.head, "--on-error", "skip", "-o", "p.csv"))
     assert out.strip() == "2 images predicted, 2 skipped -> p.csv"
     with open("p.csv", newline="") as f:
         table = {Path(r["path"]).name: r for r in csv.DictReader(f)}
@@ -802,7 +762,7 @@ def test_predict_skips_and_lists_bad_images_on_request(real: SimpleNamespace) ->
     assert json.loads(Path("p.json").read_text()) == rows
     with pytest.raises(ValueError, match="on_error must be fail or skip, got 'maybe'"):
         predict(real.head, [folder], on_error="maybe")
-    assert _error(_run("predict", "nowhere", "--head", real.head)) == "nowhere not found"
+    assert error(invoke("predict", "nowhere", "--head", real.head)) == "nowhere not found"
 
 
 def _derived_head(real: SimpleNamespace, clf: str, keep: list[str], classes: list[str], folder: str) -> Path:

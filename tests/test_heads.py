@@ -8,7 +8,6 @@ import json
 import pickle
 import re
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -19,16 +18,12 @@ from sklearn.exceptions import NotFittedError
 from sklearn.pipeline import Pipeline
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from .conftest import single_threaded
 from pipeline.artifacts import TRUSTED_TYPES, HeadArtifact, TamperedArtifactError, UntrustedArtifactError, load_head, save_head
 from pipeline.heads import HEADS, PREPROCESSING, SpatialPool, TorchLinearHead, build_head
 
-# Small values of each head's swept hyper-parameter: fast and deterministic, independent of the default grids.
-SMALL = {"linear": 1e-4, "logreg": 1.0, "svm": 0.1, "svm-rbf": 1.0, "tree": 10, "extra-trees": 10, "hgb": 20, "knn": 3}
+from .helpers import small_value
 
-
-def small_value(name: str) -> float:
-    return SMALL.get(name, HEADS[name].grid[0])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n: int, k: int = 4, d: int = 16, sep: float = 4.0, seed: int = 0, centre_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -37,13 +32,6 @@ def blobs(n: int, k: int = 4, d: int = 16, sep: float = 4.0, seed: int = 0, cent
     y = np.repeat(np.arange(k), n)
     X = centres[y] + np.random.default_rng(1000 + seed).normal(size=(len(y), d))
     return X.astype(np.float32), y
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny arrays gain nothing from threads; on a busy 2-core machine torch's and OpenMP's threads stall for seconds."""
-    with single_threaded():
-        yield
 
 
 # ---------------------------------------------------------------- the scikit-learn contract
