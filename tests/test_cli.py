@@ -265,10 +265,17 @@ def test_info_on_a_missing_file() -> None:
     assert error(invoke("info", "missing.h5")) == "no feature cache at missing.h5; run pipeline extract first"
 
 
-def test_models_lists_torchvision_classifiers() -> None:
-    names = ok(invoke("models")).split()
+def test_models_lists_torchvision_classifiers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    names = [line.split()[0] for line in ok(invoke("models")).splitlines()]
     assert {"resnet50", "mobilenet_v2", "resnet18"} <= set(names)
     assert names == sorted(names) and len(names) == len(set(names))
+    assert ok(invoke("models", "--offline")) == ""
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "resnet18-f37072fd.pth").write_bytes(b"")
+    assert ok(invoke("models", "--offline")).split() == ["resnet18", "weights", "here:", "IMAGENET1K_V1"]
+    assert "resnet18                     weights here: IMAGENET1K_V1" in ok(invoke("models"))
 
 
 # ---------------------------------------------------------------- pipeline.toml
