@@ -16,9 +16,12 @@ __all__ = ["dataset_options", "backbone_options", "runtime_options", "cache_opti
 
 
 def cli_rank() -> int:
+    """This process's rank under torchrun, else 0 (without importing torch in a plain run)."""
+    if "RANK" not in os.environ:
+        return 0
     from .distributed import env_rank
 
-    return env_rank() if "RANK" in os.environ else 0
+    return env_rank()
 
 
 def friendly(interrupted: str = "interrupted") -> Callable[[Callable], Callable]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import Result
 
@@ -80,6 +81,19 @@ def test_pipeline_help_in_a_fresh_process_lists_every_command() -> None:
     assert run.stdout.startswith("Usage: ") and "[OPTIONS] COMMAND [ARGS]..." in run.stdout.splitlines()[0]
     for name in cli.commands:
         assert re.search(rf"^  {name} ", run.stdout, re.M), name
+
+
+def test_info_on_a_cache_imports_no_torch(tmp_path: Path) -> None:
+    from pipeline.cache import write_features
+
+    cache = write_features(tmp_path / "train.h5", np.ones((3, 4), np.float32), np.array([0, 1, 0]), ["a", "b"],
+                           {"model": "m", "weights": "w", "taps": ["t"], "preprocess": {}})
+    script = ("import sys, pipeline.cli\n"
+              f"pipeline.cli.cli(['info', {str(cache)!r}], prog_name='pipeline', standalone_mode=False)\n"
+              "print('torch' in sys.modules, 'sklearn' in sys.modules)")
+    run = _fresh_python("-c", script)
+    assert run.returncode == 0, run.stderr
+    assert "3 images" in run.stdout and run.stdout.splitlines()[-1] == "False False"
 
 
 def test_the_head_registry_and_the_cli_choices_name_the_same_heads() -> None:
