@@ -748,7 +748,12 @@ def test_predict_skips_and_lists_bad_images_on_request(real: SimpleNamespace) ->
     folder = _bad_folder(Path("."))
     (folder / "notes.txt").write_text("not an image")
     out = ok(invoke("predict", folder, "--head", real.head, "--on-error", "skip", "-o", "p.csv"))
-    assert out.strip() == "2 images predicted, 2 skipped -> p.csv"
+    assert out.strip().splitlines()[-1] == "2 images predicted, 2 skipped -> p.csv"
+    # The terminal table: a row per file in input order, skipped files with their reason.
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["file", "label", "probability", "next"]
+    assert [line.split()[0].rsplit("/", 1)[-1] for line in lines[1:-1]] == ["broken.png", "good0.png", "good1.png", "notes.txt"]
+    assert "skipped: not an image file (extension '.txt')" in out
     with open("p.csv", newline="") as f:
         table = {Path(r["path"]).name: r for r in csv.DictReader(f)}
     assert set(table) == {"good0.png", "good1.png", "broken.png", "notes.txt"}

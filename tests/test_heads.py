@@ -530,14 +530,15 @@ def test_a_file_whose_loading_would_run_code_is_refused(kind: str, tmp_path: Pat
 
 @pytest.mark.parametrize("kind", list(PLANTED))
 def test_the_cli_refuses_a_file_whose_loading_would_run_code(kind: str, tmp_path: Path) -> None:
-    from .test_fit import _error, _fit, _run, make_caches
+    from .helpers import error, invoke
+    from .test_fit import _fit, make_caches
 
     head = _fit(make_caches(k=3)).path
     marker = tmp_path / "pwned"
     _plant(head, PLANTED[kind], _hostile(kind, marker))
     refused = REFUSED[kind].format(h="/logreg")
-    assert re.search(refused, _error(_run("evaluate", head)))
-    assert re.search(refused, _error(_run("predict", "--head", head, "image.png")))
+    assert re.search(refused, error(invoke("evaluate", head)))
+    assert re.search(refused, error(invoke("predict", "--head", head, "image.png")))
     assert not marker.exists()
 
 
