@@ -367,7 +367,7 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused_unless_forced(image_fol
         finetune(small(image_folder, epochs=3, name="other"), progress=False)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+@pytest.mark.parametrize("damage", [pytest.param("garbage", marks=pytest.mark.slow), "truncated"])
 def test_a_damaged_checkpoint_is_named_and_force_starts_over(image_folder: Path, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
     config = small(image_folder, epochs=2)
     with monkeypatch.context() as m:
