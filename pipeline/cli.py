@@ -10,7 +10,7 @@ from .cli_options import (
     pop_cache_args, friendly, cli_rank, cache_source, backbone_options, cache_options, config_option, dataset_options, runtime_options,
 )
 from .config import (
-    AUGMENTS, COMPRESSIONS, DTYPES, ENGINES, HEAD_INITS, HEAD_NAMES, ON_ERROR, OPTIMIZERS, POOLS, PREPROCESSING, PROJECTIONS,
+    AUGMENTS, COMPRESSIONS, DTYPES, ENGINES, HEAD_INITS, HEAD_NAMES, NORMS, ON_ERROR, OPTIMIZERS, POOLS, PREPROCESSING, PROJECTIONS,
     SCHEDULES, SPLITS, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig,
 )
 from .recipes import RECIPES
@@ -351,7 +351,7 @@ def _print_predictions(rows: list[dict], top: int, show: int) -> None:
 @click.option("--freeze", help=f"none, backbone (train the new classifier only), or K (the first K stages).  [default: {_F.freeze}]")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), help=f"SGD with momentum, or AdamW.  [default: {_F.optimizer}]")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), help=f"Base learning rate.  [default: {_F.lr}]")
-@click.option("--head-lr-mult", type=click.FloatRange(0), help=f"The new classifier's lr is lr x this.  [default: {_F.head_lr_mult}]")
+@click.option("--head-lr-mult", type=click.FloatRange(0), help=f"The new classifier's lr is lr x this.  [default: {_F.head_lr_mult}; 1 with --init-head]")
 @click.option("--backbone-lr-mult", type=click.FloatRange(0), help=f"The backbone's lr is lr x this.  [default: {_F.backbone_lr_mult}]")
 @click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help=f"SGD momentum.  [default: {_F.momentum}]")
 @click.option("--weight-decay", type=click.FloatRange(0), help=f"Weight decay.  [default: {_F.weight_decay}]")
@@ -363,6 +363,7 @@ def _print_predictions(rows: list[dict], top: int, show: int) -> None:
 @click.option("--batch-size", type=click.IntRange(1), help=f"Images per step.  [default: {_F.batch_size}]")
 @click.option("--augment", type=click.Choice(AUGMENTS), help=f"Training augmentation.  [default: {_F.augment}]")
 @click.option("--head-init", type=click.Choice(HEAD_INITS), help=f"Init of the new classifier.  [default: {_F.head_init}]")
+@click.option("--norm", type=click.Choice(NORMS), help=f"Normalisation layers: frozen (running statistics kept, as the probe saw them) or train (re-estimated on the new data).  [default: {_F.norm}]")
 @click.option("--init-head", help="Start from a head fitted by fit-head on this backbone's cached features (LP-FT): its .json, or its name in the heads folder, e.g. linear or subset-100/linear.")
 @click.option("--seed", type=int, help=f"Seed of the classifier init, shuffling and augmentation.  [default: {_F.seed}]")
 @runtime_options("finetune")

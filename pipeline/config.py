@@ -17,7 +17,7 @@ __all__ = [
     "DatasetSpec", "DatasetOptions", "BackboneOptions",
     "ExtractConfig", "HeadConfig", "FinetuneConfig", "ReportConfig",
     "SPLITS", "ON_ERROR", "DTYPES", "COMPRESSIONS", "ENGINES", "CAPTURES", "HEAD_NAMES", "POOLS", "PREPROCESSING",
-    "OPTIMIZERS", "SCHEDULES", "AUGMENTS", "HEAD_INITS", "PROJECTIONS", "BACKBONE_AND_DATASET",
+    "OPTIMIZERS", "SCHEDULES", "AUGMENTS", "HEAD_INITS", "NORMS", "PROJECTIONS", "BACKBONE_AND_DATASET",
 ]
 
 # The allowed values of choice options, declared once.
@@ -34,6 +34,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 AUGMENTS = ("none", "crop-flip", "crop-flip-rotate")
 HEAD_INITS = ("torch", "xavier", "normal")
+NORMS = ("frozen", "train")
 PROJECTIONS = ("tsne", "pca")
 
 
@@ -278,8 +279,11 @@ class FinetuneConfig(DatasetOptions, BackboneOptions):
         augment: ``none`` (eval preprocessing), ``crop-flip`` or ``crop-flip-rotate`` (rotation 30 degrees).
         head_init: the new classifier's init: ``torch`` (nn.Linear's own), ``xavier`` (uniform weight) or
             ``normal`` (N(0, 0.005) weight, bias 0.1).
+        norm: ``frozen``: normalisation layers keep their running statistics (eval mode; scale and shift still
+            train); ``train``: batch statistics, running statistics re-estimated on the new data.
         init_head: a ``linear`` (or logreg/svm without PCA) head fitted by fit-head on this backbone's cached
-            features, to start from instead of a random classifier (LP-FT).
+            features, to start from instead of a random classifier (LP-FT). Its learning-rate multiplier then
+            defaults to 1: the head starts trained, and the 10x of a head trained from scratch undoes it.
         seed: seed of the classifier init, shuffling, augmentation and dropout.
         workers: DataLoader workers; None picks from the CPU count (0 on small CPUs).
         device, amp: as for extract: the one fast-path switch (bf16 autocast, channels_last).
@@ -310,6 +314,7 @@ class FinetuneConfig(DatasetOptions, BackboneOptions):
     batch_size: int | None = None
     augment: str | None = None
     head_init: str | None = None
+    norm: str | None = None
     init_head: str | None = None
     seed: int = 0
     workers: int | None = None
@@ -324,6 +329,8 @@ class FinetuneConfig(DatasetOptions, BackboneOptions):
         if self.recipe is not None and self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
         preset = RECIPES[self.recipe].settings if self.recipe else {}
+        if self.head_lr_mult is None and self.init_head:
+            object.__setattr__(self, "head_lr_mult", 1.0)
         for key, default in FINETUNE_DEFAULTS.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, preset.get(key, default))
@@ -332,7 +339,7 @@ class FinetuneConfig(DatasetOptions, BackboneOptions):
         object.__setattr__(self, "freeze", str(self.freeze).strip().lower())
         object.__setattr__(self, "targets", tuple(self.targets))
         for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("augment", AUGMENTS),
-                             ("head_init", HEAD_INITS), ("on_error", ON_ERROR)):
+                             ("head_init", HEAD_INITS), ("norm", NORMS), ("on_error", ON_ERROR)):
             _choice(key, getattr(self, key), choices)
         if self.freeze not in ("none", "backbone") and not self.freeze.isdigit():
             raise ValueError(f"freeze must be none, backbone or a number of stages, got {self.freeze!r}")

@@ -80,5 +80,5 @@ RECIPES: dict[str, Recipe] = {
 FINETUNE_DEFAULTS: dict[str, Any] = dict(
     model="mobilenet_v2", weights="DEFAULT", freeze="none", optimizer="sgd", lr=1e-3, head_lr_mult=10.0,
     backbone_lr_mult=1.0, momentum=0.9, weight_decay=1e-4, schedule="cosine", warmup_epochs=0.0, step_epochs=7,
-    gamma=0.1, epochs=5, batch_size=32, augment="crop-flip", head_init="xavier", log_every=0,
+    gamma=0.1, epochs=5, batch_size=32, augment="crop-flip", head_init="xavier", norm="frozen", log_every=0,
 )

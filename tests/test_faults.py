@@ -155,7 +155,7 @@ def test_finetune_cut_mid_checkpoint_resumes_and_cut_before_metadata_never_loads
         with pytest.raises(ValueError, match="no fine-tuned model metadata"):
             load_finetuned(run / "model.json")
         result = finetune(config, progress=False)
-    assert result.status == "resumed" and [r["epoch"] for r in result.history] == [1, 2]
+    assert result.status == "resumed" and [r["epoch"] for r in result.history] == [0, 1, 2]
     assert load_finetuned(result.path).classes == ["ant", "bee", "cat"]
 
 

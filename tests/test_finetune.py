@@ -258,8 +258,11 @@ def test_loss_falls_and_the_model_file_serves_evaluate_and_predict(image_folder:
     losses = [float(r["train_loss"]) for r in rows]
     assert losses[-1] < 0.5 * losses[0], losses  # tinted classes: the loss falls
     assert float(rows[-1]["train_acc"]) > 0.8 and result.val_accuracy == max(float(r["val_acc"]) for r in rows)
-    assert result.best_epoch == 1 + [float(r["val_acc"]) for r in rows].index(result.val_accuracy)
-    assert len(lines) == 3 and lines[0].startswith("epoch 1/3  train loss ") and " other-test loss " in lines[0] and lines[0].endswith((" s", "*best"))
+    # The history starts with the model as initialised (epoch 0), so row i is epoch i.
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3] and rows[0]["lr_head"] == ""
+    assert result.best_epoch == [float(r["val_acc"]) for r in rows].index(result.val_accuracy)
+    assert len(lines) == 4 and lines[0].startswith("epoch 0/3 (as initialised)  train loss ")
+    assert lines[1].startswith("epoch 1/3  train loss ") and " other-test loss " in lines[1] and lines[1].endswith((" s", "*best"))
 
     state = torch.load(result.run_dir / "model.pt", weights_only=True)
     assert state["format"] == "pipeline-finetuned" and state["classes"] == list(CLASSES) and state["epoch"] == result.best_epoch
@@ -271,7 +274,7 @@ def test_loss_falls_and_the_model_file_serves_evaluate_and_predict(image_folder:
     assert load_backbone("resnet18", str(result.run_dir / "model.pt")).model.fc.out_features == 3
 
     metrics = evaluate(result.path)
-    assert metrics["clf"] == "finetune" and metrics["n"] == 9 and metrics["top1"] == pytest.approx(float(rows[result.best_epoch - 1]["test_acc"]))
+    assert metrics["clf"] == "finetune" and metrics["n"] == 9 and metrics["top1"] == pytest.approx(float(rows[result.best_epoch]["test_acc"]))
     assert Path(metrics["json"]) == result.run_dir / "model-test.json" and Path(metrics["confusion_png"]).read_bytes()[:4] == b"\x89PNG"
 
     preds, classes = predict(result.path, [image_folder / "test"])
@@ -328,9 +331,9 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(image_folder: Pat
     settings = dict(model="mobilenet_v2", optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4, schedule="cosine", epochs=3)
     whole = finetune(small(image_folder, name="whole", **settings), progress=False)
 
-    per_epoch = 24 + 3  # 27 train images in batches of 8 (the last partial batch is dropped), and 3 val images
+    per_epoch = 27 + 3  # every one of the 27 train images (the last partial batch is kept), and 3 val images
     with monkeypatch.context() as m:
-        _interrupt_after(m, per_epoch + 10)  # in epoch 2's training
+        _interrupt_after(m, 2 * per_epoch + 10)  # epoch 0 (the model as initialised) reads as many; then in epoch 2's training
         with pytest.raises(KeyboardInterrupt):
             finetune(small(image_folder, name="cut", **settings), progress=False)
     cut = RUN.with_name("mobilenet_v2-none") / "cut"
@@ -345,7 +348,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(image_folder: Pat
     last_a, last_b = (torch.load(r.run_dir / "last.pt", weights_only=True)["model"] for r in (whole, resumed))
     assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
     strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
-    assert strip(whole.history) == strip(resumed.history) and len(resumed.history) == 3
+    assert strip(whole.history) == strip(resumed.history) and len(resumed.history) == 4
     assert (resumed.best_epoch, resumed.val_accuracy) == (whole.best_epoch, whole.val_accuracy)
 
 
@@ -360,7 +363,7 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused_unless_forced(image_fol
     assert finetune(replace(config, lr=2e-3), force=True, progress=False).status == "up-to-date"  # what make all relies on
 
     with monkeypatch.context() as m:
-        _interrupt_after(m, 30)
+        _interrupt_after(m, 63)  # 30 images for epoch 0, 30 for epoch 1, then in epoch 2
         with pytest.raises(KeyboardInterrupt):
             finetune(small(image_folder, epochs=2, name="other"), progress=False)
     with pytest.raises(ValueError, match=r"an interrupted fine-tune in runs/ds/resnet18-none/other used other settings \(epochs: 2 -> 3\)"):
@@ -371,7 +374,7 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused_unless_forced(image_fol
 def test_a_damaged_checkpoint_is_named_and_force_starts_over(image_folder: Path, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
     config = small(image_folder, epochs=2)
     with monkeypatch.context() as m:
-        _interrupt_after(m, 27 + 10)  # 24 train and 3 val images an epoch: in epoch 2's training, after last.pt of epoch 1
+        _interrupt_after(m, 2 * 30 + 10)  # 27 train and 3 val images an epoch, epoch 0 too: in epoch 2's training, after last.pt of epoch 1
         with pytest.raises(KeyboardInterrupt):
             finetune(config, progress=False)
     last = RUN / "finetune/last.pt"
@@ -382,7 +385,7 @@ def test_a_damaged_checkpoint_is_named_and_force_starts_over(image_folder: Path,
         finetune(config, progress=False)
     assert "\n" not in str(e.value)
     started_over = finetune(config, force=True, progress=False)
-    assert started_over.status == "trained" and [r["epoch"] for r in started_over.history] == [1, 2]
+    assert started_over.status == "trained" and [r["epoch"] for r in started_over.history] == [0, 1, 2]
     meta = load_finetuned(started_over.path).meta
     assert meta["settings"]["epochs"] == 2 and meta["inputs"] == meta["settings"] and "torch" in meta["versions"]
     assert finetune(config, progress=False).status == "up-to-date"
@@ -480,8 +483,8 @@ def _error(result: Result) -> str:
 def test_finetune_evaluate_and_predict_commands(image_folder: Path) -> None:
     out = _ok(_run("finetune", "--data", image_folder, *TINY, "--epochs", "2", "--target", "test", "--log-every", "1"))
     lines = out.splitlines()
-    assert [line.split()[:2] for line in lines if line.startswith("epoch")] == [["epoch", "1/2"], ["epoch", "2/2"]]
-    assert sum(line.startswith("  epoch 1 batch ") for line in lines) == 3
+    assert [line.split()[:2] for line in lines if line.startswith("epoch")] == [["epoch", "0/2"], ["epoch", "1/2"], ["epoch", "2/2"]]
+    assert sum(line.startswith("  epoch 1 batch ") for line in lines) == 4  # 27 images in batches of 8, the last one kept
     assert lines[-1].startswith("finetune: best epoch ") and lines[-1].endswith("-> runs/ds/resnet18-none/finetune/model.json")
     again = _ok(_run("finetune", "--data", image_folder, *TINY, "--epochs", "2", "--target", "test"))
     assert again.startswith("runs/ds/resnet18-none/finetune/model.json is up to date (best epoch ") and again.strip().endswith("; nothing to do")
@@ -508,4 +511,4 @@ def test_recipe_and_pipeline_toml_reach_the_optimizer(image_folder: Path) -> Non
     assert meta["recipe_source"].startswith("seed 003: d2l.ai")
     config = meta["config"]
     assert (config["model"], config["optimizer"], config["momentum"], config["weight_decay"], config["head_init"], config["epochs"]) == ("resnet18", "sgd", 0.0, 1e-3, "xavier", 1)
-    assert meta["history"][0]["lr_head"] == pytest.approx(0.01) and meta["history"][0]["lr_backbone"] == pytest.approx(0.001)
+    assert meta["history"][1]["lr_head"] == pytest.approx(0.01) and meta["history"][1]["lr_backbone"] == pytest.approx(0.001)

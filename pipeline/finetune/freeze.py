@@ -84,17 +84,21 @@ def apply_freeze(model: nn.Module, freeze: str | int, classifier: str) -> list[s
     return [s for s, _ in stages[:k]]
 
 
-def set_train_mode(model: nn.Module, training: bool = True) -> nn.Module:
-    """``model.train(training)``, except that frozen normalisation layers stay in eval mode.
+def set_train_mode(model: nn.Module, training: bool = True, norm: str = "train") -> nn.Module:
+    """``model.train(training)``, with normalisation layers in the mode ``norm`` asks for.
 
-    A BatchNorm (or InstanceNorm with running stats) whose parameters are all frozen keeps using and keeping its
-    running statistics, so they do not drift towards the new data while its scale and shift cannot follow.
+    ``norm="frozen"``: every BatchNorm (and InstanceNorm with running stats) stays in eval mode, normalising with
+    the running statistics it came with and never updating them; its scale and shift still train when they are
+    trainable. The features a linear probe was fitted on are then exactly what the network computes at the first
+    step, whatever the batch. ``norm="train"``: batch statistics in training, running statistics re-estimated, as
+    ``model.train()`` does; except that a layer whose parameters are all frozen stays in eval mode, so its
+    statistics do not drift while its scale and shift cannot follow.
     """
     model.train(training)
     if training:
         for m in model.modules():
             if isinstance(m, _NORMS):
                 params = list(m.parameters(recurse=False))
-                if params and not any(p.requires_grad for p in params):
+                if norm == "frozen" or (params and not any(p.requires_grad for p in params)):
                     m.eval()
     return model

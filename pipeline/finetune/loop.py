@@ -234,7 +234,12 @@ def finetune(config: FinetuneConfig | None = None, *, source: ExtractConfig | No
 
     model = runtime.prepare(model)
     workers = auto_workers(runtime.device.type) if config.workers is None else config.workers
-    steps_per_epoch = len(train.paths) // config.batch_size if len(train.paths) > config.batch_size else 1
+    # The last, partial batch is kept; only a lone last image is left out where batch statistics need two.
+    drop_last = config.norm == "train" and len(train.paths) > config.batch_size and len(train.paths) % config.batch_size == 1
+    if drop_last:
+        say(f"1 of {len(train.paths)} train images (a different one each epoch) is left out: BatchNorm layers in train mode "
+            "cannot normalise a batch of one; --batch-size or --norm frozen avoids it")
+    steps_per_epoch = len(train.paths) // config.batch_size if drop_last else -(-len(train.paths) // config.batch_size)
     optimizer = build_optimizer(param_groups(model, layer, config.lr, config.head_lr_mult, config.backbone_lr_mult),
                                 config.optimizer, config.lr, config.momentum, config.weight_decay)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch)
@@ -264,11 +269,23 @@ def finetune(config: FinetuneConfig | None = None, *, source: ExtractConfig | No
             torch.manual_seed(config.seed)
             if runtime.device.type == "cuda":
                 torch.cuda.manual_seed_all(config.seed)
+            # Epoch 0: the model as initialised, so the history shows at once whether the start is the probe's.
+            t0 = time.perf_counter()
+            row = {"epoch": 0, "lr_head": "", "lr_backbone": ""}
+            train_eval = _loader(train, eval_tf, config.batch_size, workers, runtime)
+            row["train_loss"], row["train_acc"] = _evaluate(model, train, train_eval, runtime, config.on_error, progress)
+            for part, eval_loader in eval_loaders:
+                row[f"{part.label}_loss"], row[f"{part.label}_acc"] = _evaluate(model, part, eval_loader, runtime, config.on_error, progress)
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
+            best_epoch, best_acc, best_state = 0, row["val_acc"], _cpu_state(model)
+            phases = "  ".join(f"{p} loss {row[f'{p}_loss']:.4f} acc {row[f'{p}_acc']:.4f}" for p in ["train", "val", *[t.label for t in targets]])
+            say(f"epoch 0/{config.epochs} (as initialised)  {phases}  {row['seconds']:.1f} s")
         for epoch in range(start, config.epochs + 1):
             t0 = time.perf_counter()
             lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
             loader = _loader(train, train_tf, config.batch_size, workers, runtime,
-                             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch), drop_last=len(train.paths) > config.batch_size)
+                             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch), drop_last=drop_last)
             loss, acc = _train_epoch(model, loader, train, optimizer, scheduler, runtime, config, epoch, progress, say)
             row: dict[str, Any] = {"epoch": epoch, "lr_head": lrs.get("head", ""), "lr_backbone": lrs.get("backbone", ""),
                                    "train_loss": loss, "train_acc": acc}
@@ -288,7 +305,7 @@ def finetune(config: FinetuneConfig | None = None, *, source: ExtractConfig | No
             phases = "  ".join(f"{p} loss {row[f'{p}_loss']:.4f} acc {row[f'{p}_acc']:.4f}" for p in ["train", "val", *[t.label for t in targets]])
             lr_text = "/".join(f"{v:.2e}" for v in lrs.values())
             say(f"epoch {epoch}/{config.epochs}  {phases}  lr {lr_text}  {row['seconds']:.1f} s{'  *best' if better else ''}")
-    seconds = time.perf_counter() - t_all + sum(r["seconds"] for r in history[: start - 1])
+    seconds = time.perf_counter() - t_all + (sum(r["seconds"] for r in history[:start]) if status == "resumed" else 0.0)
 
     state = {"format": layout.FINETUNED_FORMAT, "format_version": layout.FINETUNED_FORMAT_VERSION, "model": config.model, "classifier": layer,
              "classes": list(classes), "preprocess": _json(backbone.preprocess.to_dict()), "epoch": best_epoch, "state_dict": best_state}
@@ -311,7 +328,7 @@ def finetune(config: FinetuneConfig | None = None, *, source: ExtractConfig | No
 def _train_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, part: _Part, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, runtime: Runtime, config: FinetuneConfig, epoch: int,
                  progress: bool, say: Callable[[str], None]) -> tuple[float, float]:
-    set_train_mode(model, True)
+    set_train_mode(model, True, config.norm)
     labels = torch.from_numpy(part.labels)
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
