@@ -29,7 +29,7 @@ from .heads import SpatialPool, TorchLinearHead
 from .layout import FINETUNED_FORMAT, HEAD_FORMAT, head_files
 
 __all__ = ["save_head", "load_head", "HeadArtifact", "TamperedArtifactError", "UntrustedArtifactError", "TRUSTED_TYPES",
-           "FinetunedModel", "is_finetuned", "load_finetuned", "read_meta", "verified_artifact", "feature_identity"]
+           "FinetunedModel", "is_finetuned", "load_finetuned", "read_meta", "require_fields", "verified_artifact", "feature_identity"]
 
 
 class TamperedArtifactError(ValueError):
@@ -144,6 +144,31 @@ def _torch_state(pipe: Pipeline) -> dict[str, Any] | None:
     return state
 
 
+# What each step of a torch head's state needs, with the type it must have.
+_TORCH_KEYS: dict[str, tuple[tuple[str, type], ...]] = {
+    "pool": (("pool_shape", list),),
+    "standardize": (("mean", torch.Tensor), ("scale", torch.Tensor)),
+    "l2": (("weight", torch.Tensor),),
+    "linear": (("weight", torch.Tensor), ("bias", torch.Tensor), ("classes", list), ("params", str), ("history", str), ("best_epoch", int)),
+}
+
+
+def _check_torch_state(state: Any) -> None:
+    """Raise ValueError naming the first missing or mistyped key of a torch head's state."""
+    if not isinstance(state, dict):
+        raise ValueError(f"it holds a {type(state).__name__}, not a dict of tensors")
+    steps = state.get("steps")
+    if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+        raise ValueError(f"its field 'steps' should be a list of step names, found {_brief(steps)}")
+    for step in steps:
+        kind = step.split(":", 1)[0]
+        for key, typ in _TORCH_KEYS.get(kind, ()):  # an unknown step is refused when the pipeline is built
+            if key not in state:
+                raise ValueError(f"it lacks the field {key!r} that its {kind!r} step needs")
+            if not isinstance(state[key], typ) or (typ is int and isinstance(state[key], bool)):
+                raise ValueError(f"its field {key!r} should be a {typ.__name__}, found a {type(state[key]).__name__}")
+
+
 def _pipeline_from_torch(state: dict[str, Any]) -> Pipeline:
     steps = []
     for s in state["steps"]:
@@ -176,6 +201,50 @@ def _pipeline_from_torch(state: dict[str, Any]) -> Pipeline:
     return Pipeline(steps)
 
 
+_NUMBER = (int, float)
+_PREPROCESS = {"resize": (int, "an integer"), "crop": (int, "an integer"), "mean": (list, "a list of 3 numbers"), "std": (list, "a list of 3 numbers")}
+# The fields that readers take from metadata files, by dotted name, with the type each must have.
+_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "clf": (str, "a head name"), "classes": (list, "a list of class names"), "tap": (str, "a tap name"),
+    "features": (dict, "an object"), "val_accuracy": (_NUMBER, "a number"), "fit_seconds": (_NUMBER, "a number"),
+    "param": (str, "a parameter name"), "value": (_NUMBER, "a number"), "preprocessing": (str, "a preprocessing name"),
+    "train_cache": (dict, "an object"), "train_cache.path": (str, "a file name"),
+    "val_cache": (dict, "an object"), "val_cache.path": (str, "a file name"),
+    "extract_settings": (dict, "an object"), "extract_settings.model": (str, "a model name"),
+    "extract_settings.weights": (str, "a weights name"), "extract_settings.taps": (list, "a list of tap names"),
+    "extract_settings.preprocess": (dict, "an object"),
+    **{f"extract_settings.preprocess.{k}": v for k, v in _PREPROCESS.items()},
+    "model": (str, "a model name"), "preprocess": (dict, "an object"), **{f"preprocess.{k}": v for k, v in _PREPROCESS.items()},
+    "dataset": (dict, "an object"), "dataset.root": (str, "a folder name"),
+}
+_HEAD_FIELDS = ("classes",)
+_FINETUNED_FIELDS = ("model", "classes", *(f"preprocess.{k}" for k in _PREPROCESS))
+
+
+def require_fields(meta_path: Path, meta: dict, names: tuple[str, ...] | list[str]) -> None:
+    """Refuse metadata that lacks one of ``names`` (dotted for nested fields) or holds it with the wrong type.
+
+    Raises:
+        ValueError: naming the file and the field.
+    """
+    for name in names:
+        kind, text = _FIELDS[name]
+        value: Any = meta
+        for part in name.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise ValueError(f"{meta_path} lacks the field {name!r}; it is not a whole metadata file (fit or train it again)")
+            value = value[part]
+        if not isinstance(value, kind) or (kind is _NUMBER and isinstance(value, bool)):
+            raise ValueError(f"{meta_path}: the field {name!r} should be {text}, found {_brief(value)}")
+        if name == "classes" and not value:
+            raise ValueError(f"{meta_path}: the field 'classes' should be a non-empty list of class names, found []")
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def read_meta(path: str | os.PathLike, fmt: str, what: str, kind: str, hint: str) -> tuple[Path, dict]:
     """The metadata JSON of an artifact (``path`` is it or its artifact), checked to be of format ``fmt``.
 
@@ -195,8 +264,12 @@ def read_meta(path: str | os.PathLike, fmt: str, what: str, kind: str, hint: str
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{meta_path} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt or "artifact" not in meta or "artifact_sha256" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise ValueError(f"{meta_path} is not a {kind}")
+    for field in ("artifact", "artifact_sha256"):
+        if not isinstance(meta.get(field), str):
+            raise ValueError(f"{meta_path} is not a whole {kind}: the field {field!r} is {'missing' if field not in meta else f'not a string ({_brief(meta[field])})'}")
+    require_fields(meta_path, meta, _HEAD_FIELDS if fmt == HEAD_FORMAT else _FINETUNED_FIELDS if fmt == FINETUNED_FORMAT else ())
     return meta_path, meta
 
 
@@ -288,21 +361,30 @@ def load_head(path: str | os.PathLike) -> HeadArtifact:
 
 
 def _load_torch_head(artifact: Path) -> Pipeline:
+    state = _torch_load(artifact, "torch head")
     try:
-        state = torch.load(artifact, map_location="cpu", weights_only=True)
+        _check_torch_state(state)
+    except ValueError as e:
+        raise ValueError(f"{artifact} is not a whole torch head: {e}") from None
+    try:
+        return _pipeline_from_torch(state)
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{artifact} is not a torch head's tensors ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _torch_load(artifact: Path, kind: str) -> Any:
+    """Tensors and plain values from a torch file, with ``weights_only=True``; anything else is refused, with why."""
+    try:
+        return torch.load(artifact, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
-            raise ValueError(f"{artifact} is not a readable torch head (UnpicklingError: {_first_line(e)}); refusing to load it") from None
+            raise ValueError(f"{artifact} is not a readable {kind} (UnpicklingError: {_first_line(e)}); refusing to load it") from None
         # torch's own message goes on about loading the file with weights_only=False: the one thing not to do here.
         culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         why = f" (it names {culprit.group(1)})" if culprit else ""
         raise UntrustedArtifactError(f"{artifact} holds more than tensors and plain values{why}; refusing to load it") from None
     except Exception as e:  # a truncated or foreign file fails in torch's zip or pickle reader
-        raise ValueError(f"{artifact} is not a readable torch head ({type(e).__name__}: {_first_line(e)}); refusing to load it") from None
-    try:
-        return _pipeline_from_torch(state)
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise ValueError(f"{artifact} is not a torch head's tensors ({type(e).__name__}: {_first_line(e)})") from None
+        raise ValueError(f"{artifact} is not a readable {kind} ({type(e).__name__}: {_first_line(e)}); refusing to load it") from None
 
 
 def _load_skops_head(artifact: Path) -> Pipeline:
@@ -371,13 +453,19 @@ def load_finetuned(path: str | os.PathLike) -> FinetunedModel:
     """
     meta_path, meta = read_meta(path, FINETUNED_FORMAT, "fine-tuned model", "fine-tuned model", "run pipeline finetune first")
     artifact = verified_artifact(meta_path, meta)
-    state = torch.load(artifact, map_location="cpu", weights_only=True)
+    state = _torch_load(artifact, "fine-tuned model")
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        found = "missing" if not isinstance(state, dict) or "state_dict" not in state else f"a {type(state['state_dict']).__name__}"
+        raise ValueError(f"{artifact} is not a whole fine-tuned model: its field 'state_dict' (the weights) is {found}")
     import torchvision
 
     with torch.random.fork_rng(devices=[]):
         model = torchvision.models.get_model(meta["model"], weights=None)
         replace_classifier(model, len(meta["classes"]))
-    missing, unexpected = model.load_state_dict(state["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state["state_dict"], strict=False)
+    except RuntimeError as e:  # tensors of the wrong shape, or not tensors
+        raise ValueError(f"{artifact} does not fit {meta['model']} with {len(meta['classes'])} classes ({_brief(' '.join(str(e).split()), 300)})") from None
     # Inception/GoogLeNet made with pretrained weights drop their auxiliary classifiers; so must the rebuilt one.
     absent = {k.split(".")[0] for k in missing}
     if unexpected or not absent <= {"aux1", "aux2", "AuxLogits"}:

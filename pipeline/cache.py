@@ -21,6 +21,7 @@ from .shards import RESUME_HINT, PartialRun
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "CheckedDataset",
     "FeatureCache",
     "IncompleteCacheError",
     "PartialRun",
@@ -118,7 +119,7 @@ def write_cache(
             for name, shape, dtype in zip(tap_names, shapes, dtypes):
                 row_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
                 chunk_rows = max(1, min(rows, _CHUNK_BYTES // max(1, row_bytes)))
-                dsets.append(f.create_dataset(f"features/{name}", shape=(rows, *shape), dtype=dtype, chunks=(chunk_rows, *shape), **filters))
+                dsets.append(f.create_dataset(f"features/{name}", shape=(rows, *shape), dtype=dtype, chunks=(chunk_rows, *shape), fletcher32=True, **filters))
             r = 0
             for shard in partial.read():
                 k = len(shard["index"])
@@ -126,7 +127,7 @@ def write_cache(
                     d[r : r + k] = shard[f"f{i}"]
                 r += k
             f.create_dataset("index", data=index)
-            f.create_dataset("labels", data=np.asarray(labels)[index].astype(np.int64))
+            f.create_dataset("labels", data=np.asarray(labels)[index].astype(np.int64), fletcher32=True)
             f.create_dataset("paths", data=np.asarray([paths[i] for i in index], dtype=object), dtype=text)
             f.create_dataset("classes", data=np.asarray(list(classes), dtype=object), dtype=text)
             skipped = list(rejected) + [(paths[i], why) for i, why in zip(skipped_idx, skipped_why)]
@@ -249,6 +250,29 @@ class FeatureCache:
             d = f[f"features/{t}"]
             if d.ndim < 2 or d.dtype.kind != "f":
                 raise ValueError(f"{where} features/{t} should be a floating-point array of N x D (or N x C x H x W), found {d.dtype} of shape {d.shape}")
+        attrs = self.attrs
+        for key, (kind, text) in _ATTR_TYPES.items():
+            raw = f.attrs.get(key)
+            if raw is not None and not isinstance(attrs.get(key), kind):
+                raise ValueError(f"{where} attribute {key!r} should be {text}, found {_show(raw)}")
+        self._check_sizes(("labels", "paths", "classes", "skipped/paths", "skipped/reasons", "index", *(f"features/{t}" for t in taps)))
+
+    def _check_sizes(self, names: Sequence[str]) -> None:
+        """Refuse arrays that declare more bytes than the file could hold: a small file must not make a reader
+        allocate gigabytes (a chunked HDF5 dataset may declare any shape and store nothing)."""
+        size = self.path.stat().st_size
+        for name in names:
+            d = self._file.get(name)
+            if not isinstance(d, h5py.Dataset):
+                continue
+            declared = _declared_bytes(d)
+            # Deflate cannot shrink data more than about 1032:1 and lzf about 100:1; 4096 leaves room for both.
+            room = size * (4096 if _compressed(d) else 1)
+            if declared > room:
+                raise ValueError(
+                    f"{self.path} is damaged: {name} declares {' x '.join(map(str, d.shape))} {d.dtype} values ({_size(declared)}), "
+                    f"more than the whole file ({_size(size)}) can hold"
+                )
 
     def __enter__(self) -> "FeatureCache":
         return self
@@ -277,37 +301,77 @@ class FeatureCache:
         return list(self.attrs["taps"])
 
     def features(self, tap: str | None = None) -> np.ndarray:
-        """The N x D (or N x C x H x W) features of one tap; the first tap by default."""
+        """The N x D (or N x C x H x W) features of one tap; the first tap by default.
+
+        Raises:
+            ValueError: no such tap, more bytes than the memory available, or rows that cannot be read (a
+                checksum that fails: the file changed on disk since it was written).
+        """
         tap = tap or self.taps[0]
         if tap not in self.taps:
             raise ValueError(f"{self.path} has no tap {tap!r}; it holds {', '.join(self.taps)}")
-        return self._file["features"][tap][()]
+        d = self.dataset(tap)
+        need, free = _declared_bytes(d.dataset), _available_memory()
+        if free is not None and need > free:
+            raise ValueError(f"{self.path}: features/{tap} takes {_size(need)}, more than the {_size(free)} of memory available; "
+                             "read it in blocks (fit-head --stream) or free memory")
+        return d[()]
 
-    def dataset(self, tap: str | None = None) -> h5py.Dataset:
-        """The h5py dataset of one tap, for chunked reading without loading it whole."""
-        return self._file["features"][tap or self.taps[0]]
+    def dataset(self, tap: str | None = None) -> "CheckedDataset":
+        """The features of one tap as an h5py dataset, for chunked reading without loading it whole (damaged rows raise ValueError)."""
+        tap = tap or self.taps[0]
+        if tap not in self.taps:
+            raise ValueError(f"{self.path} has no tap {tap!r}; it holds {', '.join(self.taps)}")
+        return CheckedDataset(self._file["features"][tap], self.path)
+
+    def _read(self, name: str) -> np.ndarray:
+        return CheckedDataset(self._file[name], self.path)[()]
 
     @property
     def labels(self) -> np.ndarray:
         """Class indices, checked to lie in ``range(len(classes))``."""
-        y = self._file["labels"][()].astype(np.int64)
+        y = self._read("labels").astype(np.int64)
         k = self._file["classes"].shape[0]
         if y.size and (y.min() < 0 or y.max() >= k):
             bad = int(np.argmax((y < 0) | (y >= k)))
             raise ValueError(f"{self.path} is damaged: label {y[bad]} at row {bad} is not a class index (there are {k} classes)")
         return y
 
+    def _strings(self, name: str) -> list[str]:
+        try:
+            return list(self._file[name].asstr()[()])
+        except OSError as e:
+            raise ValueError(f"{self.path} is damaged: {name} cannot be read ({_first_line(e)})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.path} is damaged: {name} holds bytes that are not UTF-8 text ({e.reason})") from None
+
     @property
     def paths(self) -> list[str]:
-        return list(self._file["paths"].asstr()[()])
+        """Each row's image path, relative to the dataset folder (``data_root``)."""
+        return self._strings("paths")
 
     @property
     def classes(self) -> list[str]:
-        return list(self._file["classes"].asstr()[()])
+        return self._strings("classes")
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
-        return list(zip(self._file["skipped/paths"].asstr()[()], self._file["skipped/reasons"].asstr()[()]))
+        return list(zip(self._strings("skipped/paths"), self._strings("skipped/reasons")))
+
+    def members(self) -> list[str] | None:
+        """Each row's image as one string that is equal for the same image in any cache: its path under the
+        dataset folder the cache was extracted from (``data_root``), or the path alone where none is recorded.
+
+        None for features written without image paths (:func:`write_features`' default ids ``row0``, ``row1``...),
+        whose rows cannot be told apart from another cache's.
+        """
+        root = self.attrs.get("data_root")
+        paths = self.paths
+        if all(p == f"row{i}" for i, p in enumerate(paths)):
+            return None
+        if not root:
+            return paths
+        return [p if p.startswith("/") else f"{root.rstrip('/')}/{p}" for p in paths]
 
     @property
     def identity(self) -> dict:
@@ -319,6 +383,122 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return int(self._file["labels"].shape[0])
+
+
+class CheckedDataset:
+    """An h5py dataset whose reads raise ValueError naming the file and the rows when they fail, for instance a
+    fletcher32 checksum that no longer matches (bit rot, or bytes overwritten in place). Otherwise it reads like
+    the dataset itself: slicing, ``shape``, ``dtype``, ``chunks``, ``compression``..."""
+
+    def __init__(self, dataset: h5py.Dataset, path: Path) -> None:
+        self.dataset = dataset
+        self.path = path
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        try:
+            return self.dataset[key]
+        except OSError as e:
+            raise self._damaged(key, e) from None
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        return np.asarray(self[()], dtype=dtype)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.dataset, name)
+
+    def _damaged(self, key: object, error: OSError) -> ValueError:
+        """The error for a failed read of ``key``: which chunk of rows fails, found by reading them chunk by chunk."""
+        d, name = self.dataset, self.dataset.name.lstrip("/")
+        n = d.shape[0] if d.ndim else 0
+        lo, hi = _row_span(key, n)
+        step = d.chunks[0] if d.chunks else max(1, n)
+        for a in range(lo - lo % step, hi, step):
+            b = min(a + step, n)
+            try:
+                d[a:b]
+            except OSError:
+                what = f"rows {a}-{b - 1} of {name}"
+                break
+        else:
+            what = name
+        why = "fail their checksum: the file changed on disk after it was written" if d.fletcher32 else f"cannot be read ({_first_line(error)})"
+        return ValueError(f"{self.path} is damaged: {what} {why}; extract the split again")
+
+
+def _row_span(key: object, n: int) -> tuple[int, int]:
+    """The rows ``[lo, hi)`` a selection touches along the first axis (all of them when unsure)."""
+    first = key[0] if isinstance(key, tuple) and key else key
+    if isinstance(first, slice):
+        lo, hi, step = first.indices(n)
+        return (lo, hi) if step > 0 else (0, n)
+    if isinstance(first, (int, np.integer)):
+        i = int(first) % max(1, n)
+        return i, i + 1
+    if isinstance(first, (list, np.ndarray)) and len(first) and np.asarray(first).dtype.kind in "iu":
+        rows = np.asarray(first)
+        return int(rows.min()), int(rows.max()) + 1
+    return 0, n
+
+
+# Attributes holding JSON (or text) that readers rely on, with the type they must decode to.
+_ATTR_TYPES = {
+    "settings": (dict, "a JSON object of settings"), "preprocess": (dict, "a JSON object"), "versions": (dict, "a JSON object"),
+    "carved": (dict, "a JSON object"), "data_root": (str, "a folder name"), "dataset_fingerprint": (str, "a text digest"),
+}
+
+
+def _declared_bytes(d: h5py.Dataset) -> int:
+    """The bytes a dataset's shape declares (variable-length strings count their 16-byte references)."""
+    item = 16 if d.dtype.kind == "O" else d.dtype.itemsize
+    return int(np.prod(d.shape, dtype=np.float64)) * item
+
+
+def _compressed(d: h5py.Dataset) -> bool:
+    """Whether a filter other than the checksum and the byte shuffle may shrink the stored data."""
+    plist = d.id.get_create_plist()
+    keep = (h5py.h5z.FILTER_FLETCHER32, h5py.h5z.FILTER_SHUFFLE)
+    return any(plist.get_filter(i)[0] not in keep for i in range(plist.get_nfilters()))
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to allocate now: Linux ``MemAvailable``, or less under a cgroup (v2) limit; None
+    where unknown."""
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if free is None:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            left = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def _is(value: object, types: type | tuple[type, ...], expected: object) -> bool:
@@ -340,35 +520,57 @@ def read_cache(path: str | os.PathLike) -> FeatureCache:
 
 
 def describe(path: str | os.PathLike) -> str:
-    """A readable summary of what a cache holds and how it was made."""
+    """A readable summary of what a cache holds and how it was made.
+
+    Attribute values are shown cut to a line; one of the wrong type is shown as it is, with a note naming it.
+    """
     with read_cache(path) as c:
         a = c.attrs
+        show = lambda key, default=None: _brief(a.get(key, default))  # noqa: E731
+
+        def number(key: str, default: float, fmt: str) -> str:
+            value = a.get(key, default)
+            if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+                return format(value, fmt)
+            return f"{_brief(repr(value) if isinstance(value, str) else value)} (attribute {key!r} of {c.path} is not a number)"
+
         lines = [
             f"{c.path}  ({c.path.stat().st_size / 2**20:.1f} MiB, complete)",
-            f"  dataset    {a.get('dataset')}  split {a.get('split')}  ({len(c)} images, {a.get('n_skipped', 0)} skipped)",
-            f"  model      {a.get('model')}  weights {a.get('weights')}",
+            f"  dataset    {show('dataset')}  split {show('split')}  ({len(c)} images, {number('n_skipped', 0, '')} skipped)",
+            f"  model      {show('model')}  weights {show('weights')}",
         ]
         for tap in c.taps:
             d = c.dataset(tap)
             comp = d.compression or "none"
-            lines.append(f"  tap        {tap}  {' x '.join(map(str, d.shape))}  {d.dtype}  chunks {d.chunks}  compression {comp}")
+            check = ", fletcher32 checksums" if d.fletcher32 else ""
+            lines.append(f"  tap        {_brief(tap)}  {' x '.join(map(str, d.shape))}  {d.dtype}  chunks {d.chunks}  compression {comp}{check}")
         classes = c.classes
-        lines.append(f"  classes    {len(classes)}: {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}")
+        lines.append(f"  classes    {len(classes)}: {', '.join(_brief(k, 40) for k in classes[:10])}{' ...' if len(classes) > 10 else ''}")
         pre = a.get("preprocess", {})
         if isinstance(pre, dict):
-            lines.append(
-                f"  preprocess resize {pre.get('resize')}, crop {pre.get('crop')}, mean {pre.get('mean')}, std {pre.get('std')}, {pre.get('interpolation')}"
-            )
-        lines.append(f"  split seed {a.get('split_seed')}  carved {a.get('carved')}")
+            lines.append("  preprocess " + ", ".join(f"{k} {_brief(pre.get(k), 40)}" for k in ("resize", "crop", "mean", "std"))
+                         + f", {_brief(pre.get('interpolation'), 40)}")
+        lines.append(f"  split seed {show('split_seed')}  carved {show('carved')}")
         ranks = a.get("world_size", 1)
-        lines.append(f"  engine     {a.get('engine')} on {a.get('runtime')}{f' x {ranks} ranks' if ranks > 1 else ''}  ({a.get('images_per_s', 0):.1f} img/s)")
-        lines.append(f"  dataset fingerprint {a.get('dataset_fingerprint')}")
+        several = "" if isinstance(ranks, int) and not isinstance(ranks, bool) and ranks <= 1 else f" x {number('world_size', 1, 'd')} ranks"
+        lines.append(f"  engine     {show('engine')} on {show('runtime')}{several}  ({number('images_per_s', 0, '.1f')} img/s)")
+        lines.append(f"  dataset fingerprint {show('dataset_fingerprint')}")
         versions = a.get("versions", {})
         if isinstance(versions, dict):
-            lines.append("  versions   " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-        lines.append(f"  created    {a.get('created')}")
-        for p, why in c.skipped[:10]:
-            lines.append(f"  skipped    {p}: {why}")
-        if len(c.skipped) > 10:
-            lines.append(f"  skipped    ... and {len(c.skipped) - 10} more")
+            lines.append(_brief("  versions   " + ", ".join(f"{k} {v}" for k, v in versions.items()), 240))
+        lines.append(f"  created    {show('created')}")
+        skipped = c.skipped
+        for p, why in skipped[:10]:
+            lines.append(f"  skipped    {_brief(p)}: {_brief(why)}")
+        if len(skipped) > 10:
+            lines.append(f"  skipped    ... and {len(skipped) - 10} more")
     return "\n".join(lines)
+
+
+def _brief(value: object, limit: int = 100) -> str:
+    """A value for one line of a summary: strings as they are, anything else as its repr, cut to ``limit`` characters."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    text = value if isinstance(value, str) else f"an array {value.tolist()!r}" if isinstance(value, np.ndarray) else repr(value)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

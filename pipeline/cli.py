@@ -182,10 +182,11 @@ def assets_cmd(weights: bool, fmnist: str | None, source: str | None) -> None:
 @click.option("--output", "-o", help="Where to save the head (no suffix).  [default: <cache folder>/heads/<clf>, or heads/subset-N/<clf> with --subset N]")
 @click.option("--refit", is_flag=True, help="Fit even when a head fitted with the same settings on the same caches is saved there.")
 @click.option("--evaluate", "then_evaluate", is_flag=True, help="Then evaluate each head on the test split (as pipeline evaluate does; reused when up to date).")
+@click.option("--allow-overlap", is_flag=True, help="Fit (and evaluate) even when train, val and test share images; warn instead of refusing.")
 @cache_options
 @friendly("interrupted; a head is saved only when its fit is complete, so nothing of this fit was kept")
 def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, refit: bool, then_evaluate: bool, clfs: tuple[str, ...],
-                 **options: Any) -> None:
+                 allow_overlap: bool, **options: Any) -> None:
     """Fit a head on cached train features, choosing its hyper-parameter on val.
 
     A head already fitted with the same settings on the same caches is reused: re-running is free.
@@ -204,14 +205,14 @@ def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, 
     config = load_config(config_file)
     for clf in clfs or (None,):
         head = settings_from(HeadConfig, config, "head", {**options, "clf": clf}, source=config_file or CONFIG_FILE)
-        result = fit_head(head, source, out=output, refit=refit, log=lambda line: click.echo(line, err=True))
+        result = fit_head(head, source, out=output, refit=refit, log=lambda line: click.echo(line, err=True), allow_overlap=allow_overlap)
         if result.status == "up-to-date":
             click.echo(f"{result.clf}: up to date ({result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}); "
                        f"nothing to do, --refit to fit again -> {result.path}")
         else:
             click.echo(f"{result.clf}: {result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}, fit {result.fit_seconds:.1f} s -> {result.path}")
         if then_evaluate:
-            _print_metrics(evaluate(result.path))
+            _print_metrics(evaluate(result.path, allow_overlap=allow_overlap))
 
 
 def _print_metrics(m: dict) -> None:
@@ -226,9 +227,11 @@ def _print_metrics(m: dict) -> None:
 @click.option("--test-cache", type=click.Path(dir_okay=False), help="Test cache file.  [default: test.h5 beside the head's train cache]")
 @click.option("--subset", type=click.IntRange(1), help="With --clf: the head fitted on this many train images per class (fit-head --subset).")
 @click.option("--force", is_flag=True, help="Evaluate even when this head was already evaluated on this test split.")
+@click.option("--allow-overlap", is_flag=True, help="Evaluate even on a test cache that shares images with the head's train or val cache; warn instead of refusing.")
 @cache_options
 @friendly()
-def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, subset: int | None, force: bool, config_file: str | None, **options: Any) -> None:
+def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, subset: int | None, force: bool, allow_overlap: bool,
+                 config_file: str | None, **options: Any) -> None:
     """Evaluate a fitted HEAD (its .json) on the test split: metrics JSON and a confusion-matrix PNG.
 
     HEAD may also be a fine-tuned model.json (pipeline finetune), evaluated on the test split's images.
@@ -240,7 +243,7 @@ def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, subs
         raise click.UsageError("give either HEAD (a head's .json) or --clf NAME")
     if head is None:
         head = str(locate_head(clf, subset, cache_source(config_file, options)))
-    m = evaluate(head, test_cache, force=force)
+    m = evaluate(head, test_cache, force=force, allow_overlap=allow_overlap)
     top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
     click.echo(f"{m['clf']}: test top-1 {m['top1']:.4f}{top5}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images")
     click.echo(f"  metrics {m['json']}\n  confusion matrix {m['confusion_png']}")

@@ -27,6 +27,7 @@ __all__ = [
     "load_rgb",
     "collate_batch",
     "stratified_subset",
+    "broken_link",
     "SPLITS",
 ]
 
@@ -97,7 +98,7 @@ def _check_file(root: Path, rel: str) -> tuple[int, str | None]:
     try:
         size = (root / rel).stat().st_size
     except FileNotFoundError:
-        return 0, "file not found"
+        return 0, broken_link(root / rel) or "file not found"
     except OSError as e:  # a name too long for the filesystem, a permission problem...
         return 0, f"cannot read file ({e.strerror or e})"
     if size == 0:
@@ -105,6 +106,23 @@ def _check_file(root: Path, rel: str) -> tuple[int, str | None]:
     if PurePosixPath(rel).suffix.lower() not in IMAGE_EXTENSIONS:
         return size, f"not an image file (extension {PurePosixPath(rel).suffix or 'none'!r})"
     return size, None
+
+
+def broken_link(path: Path) -> str | None:
+    """Why ``path`` is a symbolic link that leads to no file (a missing target, or a loop), else None."""
+    try:
+        if not path.is_symlink():
+            return None
+        target = os.readlink(path)
+    except OSError:
+        return None
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return f"broken symbolic link (its target {target} does not exist)"
+    except OSError as e:
+        return f"broken symbolic link to {target} ({e.strerror or e})"
+    return None
 
 
 def _class_folders(split_dir: Path) -> list[str]:
@@ -188,12 +206,22 @@ def _parse_csv(spec: DatasetSpec, csv_path: Path, text: str) -> tuple[list[str],
                 raise ValueError(f"{csv_path} has no column {col!r} (columns: {', '.join(columns) or 'none'}); set {opt}")
         rows = []
         seen: set[str] = set()
+        real_root = image_root.resolve()
+        end = reader.line_num
         for row in reader:
+            start, end = end + 1, reader.line_num
+            if end > start:
+                _check_multiline(csv_path, text, row, start, end)
             ident, label = (row[spec.id_column] or "").strip(), (row[spec.label_column] or "").strip()
             where = f"{csv_path} line {reader.line_num}"
             if not ident or not label:
                 raise ValueError(f"{where}: empty {spec.id_column!r} or {spec.label_column!r}")
             rel = _safe_relpath(spec.image_dir, ident + spec.extension, where, image_root)
+            # A symbolic link under the image folder may lead anywhere: the containment check is on where it leads.
+            real = (root / rel).resolve()
+            if not real.is_relative_to(real_root):
+                raise ValueError(f"{where}: image path {ident + spec.extension!r} leads outside the image root {image_root} "
+                                 f"(through a symbolic link, to {real})")
             if rel in seen:
                 raise ValueError(f"{where}: duplicate image id {ident!r}")
             seen.add(rel)
@@ -204,6 +232,26 @@ def _parse_csv(spec: DatasetSpec, csv_path: Path, text: str) -> tuple[list[str],
     index = {c: i for i, c in enumerate(classes)}
     paths, labels, sizes, rejected = _collect(root, ((rel, index[label]) for rel, label in sorted(rows)))
     return paths, labels, sizes, rejected, classes
+
+
+def _check_multiline(csv_path: Path, text: str, row: dict, start: int, end: int) -> None:
+    """Refuse a record spread over several lines: ids and labels hold no line breaks, so an unclosed quote swallowed them.
+
+    Args:
+        start, end: the record's first and last line (blank lines before it are skipped).
+    """
+    values = [v for v in row.values() if isinstance(v, str)] + [v for v in row.get(None) or [] if isinstance(v, str)]  # type: ignore[call-overload]
+    if not any("\n" in v or "\r" in v for v in values):
+        return
+    lines = text.splitlines()
+    opener = next((i for i in range(start, end + 1) if i <= len(lines) and lines[i - 1].strip()), start)
+    try:
+        list(csv.reader(io.StringIO("\n".join(lines[opener - 1 : end]) + "\n", newline=""), strict=True))
+        closed = f"is closed only on line {end}"
+    except csv.Error:
+        closed = "is never closed: the field runs to the end of the file"
+    raise ValueError(f"{csv_path} line {opener}: a quote opened on this line {closed}, so {end - opener + 1} lines became "
+                     "one record; balance or remove the quote")
 
 
 def _carve(labels: np.ndarray, fraction: float, seed: int, classes: Sequence[str], what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -296,6 +344,10 @@ def load_split(spec: DatasetSpec, split: str) -> Split:
 # ---------------------------------------------------------------- decoding
 
 
+class _NonFinitePixels(ValueError):
+    """A floating-point image with NaN or infinite pixels: no 8-bit picture is the right one for it."""
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode.startswith("I;16") or im.mode == "I":
         arr = np.asarray(im, dtype=np.float64)
@@ -304,6 +356,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return Image.fromarray(arr, mode="L").convert("RGB")
     if im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            # A NaN would also defeat the 0..1 test below and turn the whole picture nearly black.
+            y, x = np.unravel_index(int(np.argmax(bad)), arr.shape)
+            raise _NonFinitePixels(f"floating-point image with {int(bad.sum())} of {arr.size} pixels NaN or infinite "
+                                   f"(first at x={x}, y={y}: {arr[y, x]})")
         if arr.max(initial=0.0) <= 1.0:
             arr = arr * 255.0
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L").convert("RGB")
@@ -319,13 +377,16 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode an image file fully to 8-bit RGB, applying its EXIF orientation.
 
     Raises:
-        UnreadableImageError: the file is missing, truncated, corrupt or not an image.
+        UnreadableImageError: the file is missing, truncated, corrupt or not an image, or a floating-point image
+            with NaN or infinite pixels.
     """
     try:
         with Image.open(path) as im:
             im.load()
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
+    except _NonFinitePixels as e:
+        raise UnreadableImageError(str(path), str(e)) from None
     except Exception as e:  # PIL raises many types for bad files; all mean "cannot decode".
         raise UnreadableImageError(str(path), f"cannot decode image ({type(e).__name__}: {e})") from e
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,14 +14,14 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, top_k_accuracy_score
 
 from . import layout, provenance
-from .artifacts import artifact_path, is_finetuned, load_finetuned, load_head, read_meta
+from .artifacts import artifact_path, is_finetuned, load_finetuned, load_head, read_meta, require_fields
 from .backbones import file_sha256
-from .cache import read_cache
-from .config import DatasetSpec, ExtractConfig
+from .cache import FeatureCache, read_cache
+from .config import DatasetSpec, ExtractConfig, expect_instance
 from .data import load_split
 from .extract import locate_cache
 from .files import atomic_write
-from .fit import load_split_features
+from .fit import check_disjoint, load_split_features
 from .plots import plot_confusion
 from .predict import image_logits
 
@@ -38,7 +40,7 @@ def scores(pipe, X: np.ndarray) -> np.ndarray | None:
 
 
 def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = None, source: ExtractConfig | None = None, *,
-             force: bool = False) -> dict:
+             force: bool = False, allow_overlap: bool = False) -> dict:
     """Evaluate a fitted head on the test split; write ``<head>-test.json``, ``<head>-confusion.png`` and the
     per-image predictions ``<head>-test-predictions.npz`` (``y``, ``pred``, ``paths``, ``root``).
 
@@ -51,17 +53,28 @@ def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = Non
         test_cache: the test cache; None locates it from ``source``, or from the head's train cache folder.
         source: extract settings used to locate the test cache; for a fine-tuned model, its dataset replaces the
             one the model was trained on.
+        force: evaluate even when an up-to-date evaluation exists.
+        allow_overlap: evaluate a head even on a test cache that shares images with the caches it was fitted or
+            chosen on, with a warning (recorded in the metrics).
 
     Returns:
         The metrics: top-1, top-5 (more than 5 classes), balanced accuracy, per-class report, confusion matrix.
+
+    Raises:
+        ValueError: a test cache that shares images with the head's train or val cache (unless ``allow_overlap``),
+            features the head was not fitted on, or a malformed head.
     """
+    if source is not None:
+        expect_instance("evaluate's source", source, ExtractConfig)
     if is_finetuned(head):
         return _evaluate_finetuned(head, test_cache, source, force)
     meta_path, meta = read_meta(head, layout.HEAD_FORMAT, "head", "pipeline head", "fit a head with pipeline fit-head first")
+    require_fields(meta_path, meta, ("clf", "tap", "features", *(("train_cache.path",) if test_cache is None else ())))
     if test_cache is None:
         train_path = Path(meta["train_cache"]["path"])
         test_cache = locate_cache(replace(source, split="test")) if source else layout.sibling_cache(train_path, "test")
     with read_cache(test_cache) as cache:
+        overlap = _check_unseen(meta_path, meta, cache, allow_overlap)
         inputs = {"head": _identity(meta_path, meta), "test": cache.identity}
         reused = None if force else _reusable(Path(head), inputs)
         if reused is not None:
@@ -78,9 +91,39 @@ def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = Non
         "head": str(art.path), "clf": art.meta["clf"], "test_cache": str(test_path), "n": int(len(y)),
         "top1": float((pred == y).mean()), "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
         "val_accuracy": art.meta.get("val_accuracy"), "fit_seconds": art.meta.get("fit_seconds"),
-        "param": art.meta.get("param"), "value": art.meta.get("value"), **provenance.stamp(inputs),
+        "param": art.meta.get("param"), "value": art.meta.get("value"), **({"overlap": overlap} if overlap else {}),
+        **provenance.stamp(inputs),
     }
     return _report(metrics, y, pred, (lambda: scores(art.pipeline, X)), classes, art.path, art.meta["clf"], paths, root)
+
+
+def _check_unseen(meta_path: Path, meta: dict, test: FeatureCache, allow: bool) -> list[str]:
+    """Refuse a test cache that shares images with the caches a head was fitted (train) and chosen (val) on.
+
+    The head's caches are opened where it recorded them; where one is gone or unreadable, the dataset
+    fingerprint recorded when the head was fitted still recognises the very same split.
+    """
+    hint = ("a head scored on images it was fitted or chosen on reports a flattering, wrong accuracy; evaluate it on a test "
+            "split that shares none of them, or pass --allow-overlap to evaluate anyway")
+    found: list[str] = []
+    with ExitStack() as stack:
+        seen: dict[str, FeatureCache] = {}
+        for role in ("train", "val"):
+            record = meta.get(f"{role}_cache")
+            if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+                continue
+            try:
+                seen[role] = stack.enter_context(read_cache(record["path"]))
+            except ValueError:
+                fingerprint = record.get("dataset_fingerprint")
+                if fingerprint and fingerprint == test.attrs.get("dataset_fingerprint"):
+                    found.append(f"{test.path} holds the {role} split that {meta_path} was {'fitted' if role == 'train' else 'chosen'} on "
+                                 f"(the same dataset fingerprint, {fingerprint[:12]}...)")
+        if found and not allow:
+            raise ValueError(f"{'; '.join(found)}; {hint}")
+        for line in found:
+            warnings.warn(f"{line} (allowed)", stacklevel=3)
+        return found + check_disjoint({**seen, "test": test}, allow=allow, hint=hint, against="test")
 
 
 def _identity(meta_path: Path, meta: dict) -> dict:
@@ -137,8 +180,7 @@ def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike |
     if test_cache is not None:
         raise ValueError(f"{path} is a fine-tuned model: it is evaluated on the test images, not on a feature cache; drop --test-cache")
     meta_path, meta = read_meta(path, layout.FINETUNED_FORMAT, "fine-tuned model", "fine-tuned model", "run pipeline finetune first")
-    ds = meta["dataset"]
-    spec = source.dataset if source else DatasetSpec(**{k: ds[k] for k in ("root", "labels_csv", "id_column", "label_column", "image_dir", "extension", "val_fraction", "test_fraction", "split_seed")})
+    spec = source.dataset if source else _recorded_dataset(meta_path, meta)
     split = load_split(spec, "test")
     if len(split) == 0:
         raise ValueError(f"the test split of {spec.root} has no images")
@@ -162,16 +204,33 @@ def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike |
                    [split.paths[i] for i in positions], str(Path(spec.root).resolve()))
 
 
+def _recorded_dataset(meta_path: Path, meta: dict) -> DatasetSpec:
+    """The dataset a fine-tuned model's metadata records, checked field by field."""
+    require_fields(meta_path, meta, ("dataset", "dataset.root"))
+    ds = meta["dataset"]
+    names = [f.name for f in dataclasses.fields(DatasetSpec)]
+    missing = [k for k in names if k not in ds]
+    if missing:
+        raise ValueError(f"{meta_path} lacks the field 'dataset.{missing[0]}'; it is not a whole metadata file (train it again)")
+    try:
+        return DatasetSpec(**{k: ds[k] for k in names})
+    except ValueError as e:
+        raise ValueError(f"{meta_path}: the field 'dataset' does not describe a dataset ({e})") from None
+
+
 def compare(folder: str | os.PathLike | None = None, source: ExtractConfig | None = None) -> list[dict]:
     """One row per head fitted on a cache: val and test accuracy, fit time, chosen hyper-parameter.
 
     Rows are ranked by val accuracy, the criterion every choice is made on; test accuracy is reported beside it.
-    A metadata file that cannot be read is named in a warning and left out.
+    A metadata file that cannot be read is named in a warning and left out; one that is read but lacks a field the
+    table shows (or holds it with the wrong type) is an error naming the file and the field.
 
     Args:
         folder: a heads folder; None locates ``<train cache folder>/heads`` from ``source``.
         source: extract settings.
     """
+    if source is not None:
+        expect_instance("compare's source", source, ExtractConfig)
     folder = Path(folder) if folder else layout.heads_dir(locate_cache(replace(source or ExtractConfig(), split="train")))
     if not folder.is_dir():
         raise ValueError(f"no heads in {folder}; fit one with pipeline fit-head")
@@ -184,15 +243,14 @@ def compare(folder: str | os.PathLike | None = None, source: ExtractConfig | Non
         if meta.get("format") != layout.HEAD_FORMAT:
             continue
         test = provenance.read_record(layout.evaluation_files(meta_path).metrics) or {}
-        try:
-            rows.append({
-                "clf": meta["clf"], "val_accuracy": meta["val_accuracy"], "top1": test.get("top1"), "top5": test.get("top5"),
-                "balanced_accuracy": test.get("balanced_accuracy"), "fit_seconds": meta["fit_seconds"],
-                "param": meta["param"], "value": meta["value"], "preprocessing": meta["preprocessing"], "path": str(meta_path),
-                "config": meta.get("config", {}), "subset": meta.get("subset"), "n_test": test.get("n"),
-            })
-        except KeyError as e:
-            warnings.warn(f"{meta_path} lacks the field {e}; left out of the comparison")
+        # A head file that is readable but lacks what the table shows is an error, not a row quietly left out.
+        require_fields(meta_path, meta, ("clf", "val_accuracy", "fit_seconds", "param", "value", "preprocessing"))
+        rows.append({
+            "clf": meta["clf"], "val_accuracy": meta["val_accuracy"], "top1": test.get("top1"), "top5": test.get("top5"),
+            "balanced_accuracy": test.get("balanced_accuracy"), "fit_seconds": meta["fit_seconds"],
+            "param": meta["param"], "value": meta["value"], "preprocessing": meta["preprocessing"], "path": str(meta_path),
+            "config": meta.get("config", {}), "subset": meta.get("subset"), "n_test": test.get("n"),
+        })
     if not rows:
         raise ValueError(f"no heads in {folder}; fit one with pipeline fit-head")
     return sorted(rows, key=lambda r: -float(r["val_accuracy"]))

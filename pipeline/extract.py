@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import layout, provenance
 from .backbones import WeightsUnavailableError, load_backbone
 from .cache import PartialRun, read_cache, write_cache
-from .config import ExtractConfig
+from .config import ExtractConfig, expect_instance
 from .data import ImageDataset, collate_batch, load_split
 from .distributed import Group, process_group
 from .engines import BatchRunner
@@ -103,7 +103,8 @@ def extract(config: ExtractConfig | None = None, *, force: bool = False, progres
             with other settings without ``force``. In a distributed run every rank raises
             :class:`~pipeline.distributed.RankError` when one of them fails.
     """
-    config = config or ExtractConfig()
+    config = ExtractConfig() if config is None else config
+    expect_instance("extract's config", config, ExtractConfig)
     runtime = resolve_runtime(config.device, config.amp)
     group, device = process_group(runtime.device)
     runtime = replace(runtime, device=device)

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -17,12 +18,12 @@ from . import layout, provenance
 from .artifacts import feature_identity, save_head
 from .backbones import file_sha256
 from .cache import FeatureCache, read_cache
-from .config import ExtractConfig, HeadConfig
+from .config import ExtractConfig, HeadConfig, expect_instance
 from .data import stratified_subset
 from .extract import locate_cache
 from .heads import HEADS, SpatialPool, build_head
 
-__all__ = ["HeadConfig", "FitResult", "fit_head", "locate_head", "load_split_features", "check_compatible", "paths_digest"]
+__all__ = ["HeadConfig", "FitResult", "fit_head", "locate_head", "load_split_features", "check_compatible", "check_disjoint", "paths_digest"]
 
 
 @dataclass
@@ -62,6 +63,49 @@ def check_compatible(train: FeatureCache, val: FeatureCache, tap: str) -> None:
         diff.append(f"tap {tap!r}: not in val ({', '.join(val.taps)})")
     if diff:
         raise ValueError(f"{train.path} and {val.path} do not match: {'; '.join(diff)}")
+
+
+def check_disjoint(caches: dict[str, FeatureCache], *, allow: bool = False, hint: str = "", against: str | None = None) -> list[str]:
+    """Refuse splits that share images: a head chosen or scored on images it was fitted on reports a flattering,
+    wrong accuracy.
+
+    Images are compared by path under the dataset folder each cache records (:meth:`FeatureCache.members`);
+    two caches of the same file always overlap.
+
+    Args:
+        caches: the caches by the role they play, e.g. ``{"train": ..., "val": ...}``.
+        allow: warn instead of refusing.
+        hint: what to do about it, appended to the message.
+        against: compare only the pairs that include this role (e.g. ``test``); None compares every pair.
+
+    Returns:
+        One line per pair of caches that share images (empty when all are disjoint); each is also a warning.
+
+    Raises:
+        ValueError: shared images, naming how many and one of them, unless ``allow``.
+    """
+    members = {role: cache.members() for role, cache in caches.items()}
+    roles = list(caches)
+    found = []
+    for i, a in enumerate(roles):
+        for b in roles[i + 1 :]:
+            if against is not None and against not in (a, b):
+                continue
+            ca, cb = caches[a], caches[b]
+            if ca.path.resolve() == cb.path.resolve():
+                found.append(f"the {a} and {b} caches are the same file, {ca.path} ({len(ca)} images)")
+                continue
+            if members[a] is None or members[b] is None:
+                continue
+            shared = set(members[a]).intersection(members[b])
+            if shared:
+                found.append(f"{ca.path} ({a}) and {cb.path} ({b}) share {len(shared)} images "
+                             f"({len(shared) / max(1, min(len(ca), len(cb))):.0%} of the smaller), e.g. {min(shared)}")
+    if found and not allow:
+        raise ValueError("; ".join(found) + (f"; {hint}" if hint else ""))
+    for line in found:
+        warnings.warn(f"{line} (allowed)", stacklevel=2)
+    return found
 
 
 def load_split_features(cache: FeatureCache, tap: str, what: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +259,7 @@ def _reusable(base: Path, inputs: dict) -> FitResult | None:
 
 
 def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = None, *, out: str | Path | None = None,
-             refit: bool = False, log: Callable[[str], None] | None = None) -> FitResult:
+             refit: bool = False, log: Callable[[str], None] | None = None, allow_overlap: bool = False) -> FitResult:
     """Fit one head on the train cache, sweeping its hyper-parameter on the val cache, and save it.
 
     A head already saved at the destination, fitted with the same settings on the same caches, is reused
@@ -228,21 +272,27 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
             ``<cache folder>/heads/subset-<N>/<clf>`` for a head fitted on N images per class.
         refit: fit even when an up-to-date head exists.
         log: called with a line per fitted value of the sweep, as it finishes (progress).
+        allow_overlap: fit even when train and val share images, with a warning (recorded in the metadata).
 
     Returns:
         The fit: saved path, chosen value, val accuracy, time, and the sweep.
 
     Raises:
-        ValueError: missing, incomplete or mismatched caches, a single class, NaN/inf features, an empty
-            split, or val classes that train lacks.
+        ValueError: missing, incomplete or mismatched caches, train and val that share images, a single class,
+            NaN/inf features, an empty split, or val classes that train lacks.
     """
-    config = config or HeadConfig()
-    source = source or ExtractConfig()
+    config = HeadConfig() if config is None else config
+    source = ExtractConfig() if source is None else source
+    expect_instance("fit_head's config", config, HeadConfig)
+    expect_instance("fit_head's source", source, ExtractConfig)
     train_path = Path(config.train_cache) if config.train_cache else locate_cache(replace(source, split="train"))
     val_path = Path(config.val_cache) if config.val_cache else locate_cache(replace(source, split="val"))
     base = Path(out) if out else layout.head_base(train_path, config.clf, config.subset)
     t0 = time.perf_counter()
     with read_cache(train_path) as train, read_cache(val_path) as val:
+        overlap = check_disjoint({"train": train, "val": val}, allow=allow_overlap, hint=(
+            "a hyper-parameter chosen on images the head was fitted on is not chosen at all; extract both splits with the same "
+            "--split-seed and --val-fraction, or pass --allow-overlap to fit anyway"))
         inputs = {"config": asdict(config), "train": train.identity, "val": val.identity, "pipeline": provenance.PIPELINE_VERSION}
         if not refit:
             reused = _reusable(base, inputs)
@@ -265,7 +315,7 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         absent = [c for i, c in enumerate(train.classes) if i not in set(present.tolist())]
         if absent:
             raise ValueError(f"the train split has no images of class(es) {absent}; a head cannot learn a class it never sees")
-        classes, train_attrs = train.classes, train.attrs
+        classes, train_attrs, val_fingerprint = train.classes, train.attrs, val.attrs.get("dataset_fingerprint")
         features = train.dataset(tap)
         rows = None if config.subset is None else stratified_subset(yt, config.subset, config.seed)
         subset = None
@@ -297,7 +347,8 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         "config": asdict(config), "preprocessing": config.preprocessing or spec.preprocessing, "tap": tap, "classes": classes,
         "features": feature_identity(train_attrs), "extract_settings": train_attrs.get("settings", {}),
         "train_cache": {"path": str(train_path.resolve()), "dataset_fingerprint": train_attrs.get("dataset_fingerprint"), "rows": len(yt)},
-        "val_cache": {"path": str(val_path.resolve()), "rows": len(yv)}, "subset": subset, **provenance.stamp(inputs),
+        "val_cache": {"path": str(val_path.resolve()), "dataset_fingerprint": val_fingerprint, "rows": len(yv)}, "subset": subset,
+        "overlap": overlap, **provenance.stamp(inputs),
     }
     path = save_head(pipe, meta, base)
     if config.clf == "linear":

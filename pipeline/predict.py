@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import FinetunedModel, is_finetuned, load_finetuned, load_head
+from .artifacts import FinetunedModel, is_finetuned, load_finetuned, load_head, require_fields
 from .backbones import final_linear, load_backbone
-from .data import IMAGE_EXTENSIONS, ImageDataset, collate_batch
+from .config import conform
+from .data import IMAGE_EXTENSIONS, ImageDataset, broken_link, collate_batch
 from .engines import BatchRunner
 from .runtime import resolve_runtime
 from .taps import Tap, TapExtractor
@@ -24,28 +25,50 @@ __all__ = ["predict", "write_predictions", "find_images", "image_logits"]
 
 
 def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Expand files and folders (recursively, sorted) into image paths, and files that cannot be images.
+    """Expand files and folders (recursively, sorted) into image paths, and files that cannot be images, with why.
+
+    Hidden and empty files, other extensions, broken symbolic links and anything that is not a regular file are
+    returned as rejected: nothing found is left out without a word.
 
     Raises:
         ValueError: an input that does not exist.
     """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]  # one file or folder, not a sequence of one-letter names
     paths: list[str] = []
     rejected: list[tuple[str, str]] = []
     for item in inputs:
         p = Path(item)
         if not p.exists():
-            raise ValueError(f"{p} not found")
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+            why = broken_link(p)
+            if why is None:
+                raise ValueError(f"{p} not found")
+            rejected.append((str(p), why))
+            continue
+        files = sorted(q for q in p.rglob("*") if not q.is_dir()) if p.is_dir() else [p]
         for f in files:
             rel_parts = f.relative_to(p).parts if p.is_dir() else (f.name,)
+            why = None
             if any(part.startswith(".") for part in rel_parts):
-                rejected.append((str(f), "hidden file, not an image"))
-            elif f.stat().st_size == 0:
-                rejected.append((str(f), "empty file (0 bytes)"))
-            elif f.suffix.lower() not in IMAGE_EXTENSIONS:
-                rejected.append((str(f), f"not an image file (extension {f.suffix or 'none'!r})"))
+                why = "hidden file, not an image"
             else:
+                why = broken_link(f)
+            if why is None and not f.is_file():
+                why = "not a regular file"
+            if why is None:
+                try:
+                    size = f.stat().st_size
+                except OSError as e:
+                    why = f"cannot read file ({e.strerror or e})"
+                else:
+                    if size == 0:
+                        why = "empty file (0 bytes)"
+                    elif f.suffix.lower() not in IMAGE_EXTENSIONS:
+                        why = f"not an image file (extension {f.suffix or 'none'!r})"
+            if why is None:
                 paths.append(str(f))
+            else:
+                rejected.append((str(f), why))
     return paths, rejected
 
 
@@ -78,10 +101,20 @@ def predict(
     """
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be fail or skip, got {on_error!r}")
+    batch_size = conform(batch_size, "int", "predict's batch_size")
+    if batch_size < 1:
+        raise ValueError(f"predict's batch_size must be at least 1, got {batch_size}")
+    for name, value in (("device", device), ("engine", engine)):
+        conform(value, "str", f"predict's {name}")
+    weights = conform(weights, "str | None", "predict's weights")
     if is_finetuned(head):
         return _predict_finetuned(head, inputs, on_error=on_error, weights=weights, batch_size=batch_size, device=device, engine=engine)
     art = load_head(head)
+    require_fields(art.path, art.meta, ("tap", "extract_settings.model", "extract_settings.weights", "extract_settings.taps",
+                                        *(f"extract_settings.preprocess.{k}" for k in ("resize", "crop", "mean", "std"))))
     settings = art.meta["extract_settings"]
+    if art.meta["tap"] not in settings["taps"]:
+        raise ValueError(f"{art.path}: the field 'tap' ({art.meta['tap']!r}) is not one of extract_settings.taps {settings['taps']}")
     label = settings["weights"]
     if label.startswith("file:") and weights is None:
         raise ValueError(f"the head's features came from the weights file {label[5:]}; pass it with --weights PATH")

@@ -67,8 +67,14 @@ def diff(old: dict, new: dict) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += [f"{k}.{d}" for d in diff(a, b)]
         elif a != b:
-            out.append(f"{k}: {a!r} -> {b!r}")
+            out.append(f"{k}: {_brief(a)} -> {_brief(b)}")
     return out
+
+
+def _brief(value: Any, limit: int = 100) -> str:
+    """A repr for one line of a message: a huge recorded value must not flood it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def stamp(inputs: Any) -> dict[str, Any]:

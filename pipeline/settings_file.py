@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .config import BACKBONE_AND_DATASET, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig
+from .config import BACKBONE_AND_DATASET, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig, conform
 from .files import atomic_write
 
 __all__ = ["CONFIG_FILE", "SECTIONS", "load_config", "settings_from", "write_config"]
@@ -94,31 +94,9 @@ def settings_from(cls: type[T], config: dict[str, dict[str, Any]], section: str,
     return cls(**table)
 
 
-# TOML values by the annotation of the field they fill. A string is never taken for a bool or a number:
-# `amp = "no"` would otherwise be truthy and switch the fast path on.
-_SCALARS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
-
-
 def _check_type(value: Any, annotation: str, where: str) -> None:
-    """Raise ValueError naming ``where`` when ``value`` does not fit ``annotation`` (e.g. ``int | None``)."""
-    kinds = [k.strip() for k in str(annotation).split("|")]
-    for kind in kinds:
-        if kind.startswith("tuple["):
-            item = kind[len("tuple["):].split(",")[0].strip()
-            if isinstance(value, list) and all(_fits(v, item) for v in value):
-                return
-        elif _fits(value, kind):
-            return
-    expected = " or ".join("a list" if k.startswith("tuple[") else {"None": "nothing", "str": "a string", "int": "an integer",
-                           "float": "a number", "bool": "true or false"}.get(k, k) for k in kinds if k != "None")
-    raise ValueError(f"{where}: expected {expected}, got {value!r}")
-
-
-def _fits(value: Any, kind: str) -> bool:
-    if kind not in _SCALARS:
-        return False
-    # bool is an int in Python; it fits only a bool field.
-    return isinstance(value, _SCALARS[kind]) and (kind == "bool" or not isinstance(value, bool))
+    """Raise ValueError naming ``where`` when a TOML ``value`` does not fit ``annotation`` (e.g. ``int | None``)."""
+    conform(value, annotation, where, sequences=(list,), paths=False)
 
 
 def _toml_value(value: Any) -> str:

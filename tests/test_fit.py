@@ -257,7 +257,10 @@ def test_head_metadata_records_how_it_was_made() -> None:
     assert meta["preprocessing"] == HEADS["logreg"].preprocessing
     assert meta["config"]["grid"] == [0.1, 1.0] and meta["config"]["seed"] == 4 and meta["config"]["clf"] == "logreg"
     assert meta["train_cache"] == {"path": str((CACHE_DIR / "train.h5").resolve()), "dataset_fingerprint": attrs["dataset_fingerprint"], "rows": 60}
-    assert meta["val_cache"] == {"path": str((CACHE_DIR / "val.h5").resolve()), "rows": 30}
+    with read_cache(CACHE_DIR / "val.h5") as val:
+        val_fingerprint = val.attrs["dataset_fingerprint"]
+    assert meta["val_cache"] == {"path": str((CACHE_DIR / "val.h5").resolve()), "dataset_fingerprint": val_fingerprint, "rows": 30}
+    assert meta["overlap"] == []
     assert meta["features"] == feature_identity(attrs) and meta["features"]["model"] == "mobilenet_v2"
     assert meta["extract_settings"] == attrs["settings"]
     assert meta["val_accuracy"] == result.val_accuracy and 0.9 <= meta["train_accuracy"] <= 1

@@ -20,8 +20,8 @@ def _toml(tmp_path, text: str):
     ('[extract]\namp = "no"\n', r'\[extract\] amp in .*: expected true or false, got \'no\''),
     ('[extract]\nbatch_size = "64"\n', r"batch_size in .*: expected an integer, got '64'"),
     ('[extract]\nbatch_size = true\n', r"batch_size in .*: expected an integer, got True"),
-    ('[extract]\nlayers = "layer4"\n', r"layers in .*: expected a list, got 'layer4'"),
-    ('[extract]\nmean = [0.5, "a", 0.5]\n', r"mean in .*: expected a list, got \[0.5, 'a', 0.5\]"),
+    ('[extract]\nlayers = "layer4"\n', r"layers in .*: expected a list of strings, got 'layer4'"),
+    ('[extract]\nmean = [0.5, "a", 0.5]\n', r"mean in .*: expected a list of numbers, got \[0.5, 'a', 0.5\]"),
     ('[extract]\nbatchsize = 64\n', r"unknown setting\(s\) \['batchsize'\] \(did you mean batch_size\?\)"),
 ])
 def test_settings_of_the_wrong_type_or_name_are_named(tmp_path, text, message):
