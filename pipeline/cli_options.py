@@ -16,9 +16,11 @@ __all__ = ["dataset_options", "backbone_options", "runtime_options", "cache_opti
 
 
 def cli_rank() -> int:
-    from .distributed import env_rank
+    if "RANK" not in os.environ:
+        return 0
+    from .distributed import env_rank  # imports torch: only under torchrun, so that predict --model runs without it
 
-    return env_rank() if "RANK" in os.environ else 0
+    return env_rank()
 
 
 def friendly(interrupted: str = "interrupted") -> Callable[[Callable], Callable]:
