@@ -44,7 +44,7 @@ all: report  ## The main job end to end: assets, extract, heads, fine-tune, repo
 venv: $(STAMP)  ## Build the virtualenv with pinned torch/torchvision and the package
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e '.[fast,test]'
+	$(BIN)/python -m pip install -q -e '.[fast,export,test]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -1,18 +1,18 @@
-"""Fault injection: kill -9 `pipeline extract`, `fit-head` and `finetune` at random moments and at their save points.
+"""Fault injection: kill -9 `pipeline extract`, `fit-head`, `finetune` and `export` at random moments and at their save points.
 
 Every trial runs the real command in a child process on a generated dataset with tiny random-weight models and
 SIGKILLs it. Then:
 
 - extract: any reader must refuse what is on disk unless the final cache is there; a re-run of the same command
   must end with a cache identical (features, labels, paths) to an uninterrupted run's;
-- fit-head and finetune: what is on disk must either load and equal the uninterrupted run's result, or be
-  refused with a ValueError; a re-run must end with the uninterrupted result.
+- fit-head, finetune and export: what is on disk must either load and equal the uninterrupted run's result, or
+  be refused with a ValueError; a re-run must end with the uninterrupted result.
 
 A trial that breaks any of this counts as data lost. Kill moments come from a seeded generator: random times
 over the whole run (import, model load, batches, final write), and the save points: the temporary file cut to
 half its bytes (a kill mid-write), whole but not renamed, and renamed with nothing after it.
 
-Usage: python bench/fault_inject.py [--extract-trials 24] [--head-trials 16] [--finetune-trials 8] [--seed 0]
+Usage: python bench/fault_inject.py [--extract-trials 24] [--head-trials 16] [--finetune-trials 8] [--export-trials 8] [--seed 0]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 
 from pipeline.artifacts import load_finetuned, load_head
 from pipeline.cache import IncompleteCacheError, PartialRun, read_cache
+from pipeline.onnx_model import load_onnx_model
 
 # bench/ is on sys.path when a script of it runs.
 from faults import cache_rows, kill_at_save_command, kill_when, pipeline_command  # noqa: E402
@@ -276,11 +277,53 @@ def finetune_trials(work: Path, n: int, rng: np.random.Generator) -> tuple[Tally
     return tally, seconds
 
 
+# ---------------------------------------------------------------- export
+
+
+def _outputs(model: Path, images: np.ndarray) -> np.ndarray:
+    return load_onnx_model(model)(images)[0]
+
+
+def export_trials(work: Path, n: int, rng: np.random.Generator) -> Tally:
+    """Kill ``pipeline export`` of the logreg head that head_trials fitted; a file left must run as the whole one does."""
+    tally = Tally()
+    head = work / "heads-ref/logreg.json"
+    assert _pipeline(["export", str(head), "-o", str(work / "export-ref.onnx")], work).returncode == 0
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    expected = _outputs(work / "export-ref.onnx", images)
+    for i in range(n):
+        tally.trials += 1
+        out = work / f"export-{i}/model.onnx"
+        args = ["export", str(head), "-o", str(out)]
+        if i % 2 == 0:
+            killed = _kill_at(args, work, float(rng.uniform(1.0, 6.0)))
+        else:
+            killed = _kill_at_save(args, work, ".onnx", 1, str(rng.choice(["mid-write", "before-rename", "after-rename"])))
+        tally.kills += killed
+        try:
+            got = _outputs(out, images)
+        except ValueError:
+            tally.refused += killed
+            tally.mid_run += killed
+        else:
+            if np.allclose(got, expected, atol=1e-6):
+                tally.accepted_valid += killed
+            else:
+                tally.lost(f"trial {i}: an exported model loaded after the kill but computes otherwise")
+        rerun = _pipeline(args, work)
+        if rerun.returncode == 0 and np.allclose(_outputs(out, images), expected, atol=1e-6):
+            tally.reruns_identical += 1
+        else:
+            tally.lost(f"trial {i}: the re-run of export failed or differs: {rerun.stderr.strip()[-300:]}")
+    return tally
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--extract-trials", type=int, default=24)
     parser.add_argument("--head-trials", type=int, default=16)
     parser.add_argument("--finetune-trials", type=int, default=8)
+    parser.add_argument("--export-trials", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/fault_inject.json")
     args = parser.parse_args()
@@ -292,7 +335,8 @@ def main() -> None:
         ex, timing = extract_trials(work, args.extract_trials, rng)
         heads = head_trials(work, args.head_trials, rng)
         ft, ft_seconds = finetune_trials(work, args.finetune_trials, rng)
-    rows = {"extract": ex, "fit-head": heads, "finetune": ft}
+        exported = export_trials(work, args.export_trials, rng)
+    rows = {"extract": ex, "fit-head": heads, "finetune": ft, "export": exported}
     print(f"\n{'command':<10} {'trials':>6} {'kills':>6} {'mid-run':>8} {'refused':>8} {'loaded ok':>9} {'reruns identical':>17} {'data lost':>9}")
     for name, t in rows.items():
         print(f"{name:<10} {t.trials:>6} {t.kills:>6} {t.mid_run:>8} {t.refused:>8} {t.accepted_valid:>9} {t.reruns_identical:>17} {t.data_lost:>9}")

@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_split": "data",
     "compare": "evaluate", "evaluate": "evaluate",
     "ExtractResult": "extract", "extract": "extract",
+    "export": "export",
     "finetune": "finetune",
     "fit_head": "fit",
     "predict": "predict",

@@ -303,7 +303,8 @@ def report_cmd(force: bool, check: bool, config_file: str | None, **options: Any
 
 @cli.command("predict")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--head", required=True, type=click.Path(dir_okay=False), help="The fitted head's .json, or a fine-tuned model.json.")
+@click.option("--head", type=click.Path(dir_okay=False), help="The fitted head's .json, or a fine-tuned model.json.")
+@click.option("--model", "onnx_model", type=click.Path(dir_okay=False), help="Instead of --head: a model written by pipeline export, run by ONNX Runtime alone (no torch).")
 @click.option("--output", "-o", default="predictions.csv", show_default=True, help="CSV, or JSON when it ends in .json.")
 @click.option("--on-error", type=click.Choice(ON_ERROR), default="fail", show_default=True, help="On an unreadable file: fail naming it, or skip it.")
 @click.option("--weights", help="The backbone's weights file, when the head's cache came from one.")
@@ -312,12 +313,19 @@ def report_cmd(force: bool, check: bool, config_file: str | None, **options: Any
 @click.option("--top", type=click.IntRange(1), default=3, show_default=True, help="Classes shown per image in the terminal table.")
 @click.option("--show", type=click.IntRange(0), default=50, show_default=True, help="Rows shown in the terminal table (all are written to --output).")
 @friendly()
-def predict_cmd(inputs: tuple[str, ...], head: str, output: str, on_error: str, weights: str | None, batch_size: int, device: str,
-                top: int, show: int) -> None:
-    """Predict new images (files or folders) end to end: backbone, tap and head."""
+def predict_cmd(inputs: tuple[str, ...], head: str | None, onnx_model: str | None, output: str, on_error: str, weights: str | None,
+                batch_size: int, device: str, top: int, show: int) -> None:
+    """Predict new images (files or folders) end to end: backbone, tap and head, or an exported model.
+
+    Each image gets the most probable class and every class's probability: predict_proba, or for heads without
+    it (the SVMs) the softmax of their decision values, as the exported model computes them. A table of the first
+    rows is printed; every row is written to --output.
+    """
     from .predict import predict, write_predictions
 
-    rows, classes = predict(head, inputs, on_error=on_error, weights=weights, batch_size=batch_size, device=device)
+    if (head is None) == (onnx_model is None):
+        raise click.UsageError("give either --head (a head's .json or a fine-tuned model.json) or --model (an exported .onnx)")
+    rows, classes = predict(onnx_model or head, inputs, on_error=on_error, weights=weights, batch_size=batch_size, device=device)
     path = write_predictions(rows, classes, output)
     _print_predictions(rows, top, show)
     failed = sum("error" in r for r in rows)
@@ -342,6 +350,23 @@ def _print_predictions(rows: list[dict], top: int, show: int) -> None:
         click.echo(f"{name:<{width}}  {r['label']:<16} {r['score']:>11.3f}  {rest}")
     if len(rows) > show:
         click.echo(f"... {len(rows) - show} more rows in the output file")
+
+
+@cli.command("export")
+@click.argument("head", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="The .onnx file to write.  [default: beside HEAD, with the suffix .onnx]")
+@click.option("--weights", help="The backbone's weights file, when the head's cache came from one.")
+@friendly("interrupted; nothing was written")
+def export_cmd(head: str, output: str | None, weights: str | None) -> None:
+    """Export HEAD (a head's .json, or a fine-tuned model.json) with its backbone as one ONNX graph.
+
+    The graph takes uint8 images, already resized and centre-cropped as its metadata says, and gives the
+    probabilities and label pipeline predict gives; ONNX Runtime alone runs it (pipeline predict --model).
+    """
+    from .export import export
+
+    path = export(head, output, weights=weights)
+    click.echo(f"{head} -> {path} ({path.stat().st_size / 2**20:.1f} MiB); run it with: pipeline predict --model {path} IMAGES...")
 
 
 @cli.command("finetune", epilog="\b\nRecipes:\n" + "\n".join(f"  {r.name:<18} {r.source}" for r in RECIPES.values()))

@@ -19,7 +19,7 @@ def cli_rank() -> int:
     """This process's rank under torchrun, else 0 (without importing torch in a plain run)."""
     if "RANK" not in os.environ:
         return 0
-    from .distributed import env_rank
+    from .distributed import env_rank  # imports torch: only under torchrun, so that predict --model runs without it
 
     return env_rank()
 

@@ -1,4 +1,4 @@
-"""Datasets: scan image folders and CSV label files, carve stable splits, decode images to RGB."""
+"""Datasets: scan image folders and CSV label files, carve stable splits, and serve decoded images (`images` decodes them)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .config import SPLITS, DatasetSpec
+from .images import IMAGE_EXTENSIONS, UnreadableImageError, broken_link, load_rgb
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -30,17 +31,6 @@ __all__ = [
     "broken_link",
     "SPLITS",
 ]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-
-
-class UnreadableImageError(ValueError):
-    """An image file that cannot be decoded; `path` names it and `reason` says why."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -106,23 +96,6 @@ def _check_file(root: Path, rel: str) -> tuple[int, str | None]:
     if PurePosixPath(rel).suffix.lower() not in IMAGE_EXTENSIONS:
         return size, f"not an image file (extension {PurePosixPath(rel).suffix or 'none'!r})"
     return size, None
-
-
-def broken_link(path: Path) -> str | None:
-    """Why ``path`` is a symbolic link that leads to no file (a missing target, or a loop), else None."""
-    try:
-        if not path.is_symlink():
-            return None
-        target = os.readlink(path)
-    except OSError:
-        return None
-    try:
-        path.stat()
-    except FileNotFoundError:
-        return f"broken symbolic link (its target {target} does not exist)"
-    except OSError as e:
-        return f"broken symbolic link to {target} ({e.strerror or e})"
-    return None
 
 
 def _class_folders(split_dir: Path) -> list[str]:
@@ -339,56 +312,6 @@ def load_split(spec: DatasetSpec, split: str) -> Split:
         carved=carved,
         sizes=[sizes[i] for i in pick],
     )
-
-
-# ---------------------------------------------------------------- decoding
-
-
-class _NonFinitePixels(ValueError):
-    """A floating-point image with NaN or infinite pixels: no 8-bit picture is the right one for it."""
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode.startswith("I;16") or im.mode == "I":
-        arr = np.asarray(im, dtype=np.float64)
-        # 16-bit data: map 0..65535 onto 0..255 instead of letting PIL clip.
-        arr = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if im.mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            # A NaN would also defeat the 0..1 test below and turn the whole picture nearly black.
-            y, x = np.unravel_index(int(np.argmax(bad)), arr.shape)
-            raise _NonFinitePixels(f"floating-point image with {int(bad.sum())} of {arr.size} pixels NaN or infinite "
-                                   f"(first at x={x}, y={y}: {arr[y, x]})")
-        if arr.max(initial=0.0) <= 1.0:
-            arr = arr * 255.0
-        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-        # Transparent pixels become white, not whatever colour happens to sit under alpha 0.
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file fully to 8-bit RGB, applying its EXIF orientation.
-
-    Raises:
-        UnreadableImageError: the file is missing, truncated, corrupt or not an image, or a floating-point image
-            with NaN or infinite pixels.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
-    except _NonFinitePixels as e:
-        raise UnreadableImageError(str(path), str(e)) from None
-    except Exception as e:  # PIL raises many types for bad files; all mean "cannot decode".
-        raise UnreadableImageError(str(path), f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -28,6 +28,8 @@ __all__ = [
     "SpatialPool",
     "TorchLinearHead",
     "build_head",
+    "has_probabilities",
+    "head_probabilities",
     "PREPROCESSING",
     "POOLS",
 ]
@@ -301,6 +303,27 @@ def build_head(name: str, value: Any, *, preprocessing: str | None = None, pca: 
             steps.append(("pca", _CappedPCA(pca, seed)))
     steps.append(("clf", spec.make(value, seed)))
     return Pipeline(steps)
+
+
+def has_probabilities(pipe: Pipeline) -> bool:
+    """Whether the head's estimator has ``predict_proba`` (LinearSVC, SVC and the hinge-loss SGD do not)."""
+    return hasattr(pipe.steps[-1][1], "predict_proba")
+
+
+def head_probabilities(pipe: Pipeline, X: np.ndarray) -> np.ndarray:
+    """Class probabilities of a head, N x classes: the one definition that predict and the exported ONNX model share.
+
+    ``predict_proba`` where the estimator has it. Otherwise the softmax of its decision values; with two classes
+    the one decision value d (positive for the second class) gives softmax([0, d]), the logistic rule. These are
+    scores made to sum to one, not calibrated probabilities; their argmax is the head's prediction either way.
+    """
+    if has_probabilities(pipe):
+        return np.asarray(pipe.predict_proba(X), dtype=np.float64)
+    d = np.asarray(pipe.decision_function(X), dtype=np.float64)
+    z = np.stack([np.zeros_like(d), d], axis=1) if d.ndim == 1 else d.reshape(len(d), -1)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 class _CappedPCA(TransformerMixin, BaseEstimator):

@@ -9,9 +9,11 @@ whole disk layout reads from this one page::
     .../<taps>/heads/subset-<N>/<clf>.json                              a head fitted on N images per class
     .../heads/<clf>-history.csv                                         the linear head's per-epoch history
     .../heads/<clf>-test.json, -test-predictions.npz, -confusion.png    its evaluation on the test split
+    .../heads/<clf>.onnx                                                the head exported with its backbone (pipeline export)
     runs/<dataset>/<model>-<weights>/<name>/model.json (+ model.pt)      a fine-tuned model
     runs/.../<name>/last.pt, history.csv                                its resumable state and per-epoch history
     runs/.../<name>/model-test.json, ...                                its evaluation, named as a head's
+    runs/.../<name>/model.onnx                                          the fine-tuned model exported
     reports/<dataset>/<model>-<weights>/index.html, index.md            the report (report.json marks it complete)
 """
 
@@ -25,9 +27,10 @@ from typing import Sequence
 
 __all__ = [
     "FEATURES_FORMAT", "FEATURES_FORMAT_VERSION", "HEAD_FORMAT", "FINETUNED_FORMAT", "FINETUNED_FORMAT_VERSION",
+    "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION",
     "HeadFiles", "EvaluationFiles", "RunFiles", "ReportFiles",
     "slug", "cache_path", "partial_dir", "dataset_caches", "sibling_cache", "heads_dir", "head_base", "head_files", "head_metadata",
-    "subset_head_dirs", "evaluation_files", "run_dir", "run_files", "run_metadata", "report_dir", "report_files",
+    "subset_head_dirs", "evaluation_files", "export_path", "run_dir", "run_files", "run_metadata", "report_dir", "report_files",
 ]
 
 # The ``format`` marker each artifact carries, so a reader can refuse a foreign file before using it.
@@ -36,6 +39,8 @@ FEATURES_FORMAT_VERSION = 1
 HEAD_FORMAT = "pipeline-head"
 FINETUNED_FORMAT = "pipeline-finetuned"
 FINETUNED_FORMAT_VERSION = 1
+EXPORT_FORMAT = "pipeline-onnx"
+EXPORT_FORMAT_VERSION = 1
 
 _PathLike = str | os.PathLike
 
@@ -154,6 +159,12 @@ def evaluation_files(artifact: _PathLike) -> EvaluationFiles:
     base = Path(artifact).with_suffix("")
     return EvaluationFiles(base.with_name(base.name + "-test.json"), base.with_name(base.name + "-test-predictions.npz"),
                            base.with_name(base.name + "-confusion.png"))
+
+
+def export_path(artifact: _PathLike) -> Path:
+    """Where a head or fine-tuned model is exported to ONNX by default: ``<base>.onnx`` beside its metadata
+    (``heads/<clf>.onnx``, ``runs/.../<name>/model.onnx``)."""
+    return Path(artifact).with_suffix(".onnx")
 
 
 # ---------------------------------------------------------------- fine-tuning

@@ -1,4 +1,8 @@
-"""Prediction: backbone, tap and head (or a fine-tuned model) end to end on new images that are in no cache."""
+"""Prediction: backbone, tap and head (or a fine-tuned model, or an exported ONNX model) end to end on new images.
+
+torch and scikit-learn are imported inside the functions that use them: writing predictions, and predicting with
+an exported model (:mod:`pipeline.onnx_model`), need neither.
+"""
 
 from __future__ import annotations
 
@@ -7,69 +11,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from .artifacts import FinetunedModel, is_finetuned, load_finetuned, load_head, require_fields
-from .backbones import final_linear, load_backbone
-from .config import conform
-from .data import IMAGE_EXTENSIONS, ImageDataset, broken_link, collate_batch
-from .engines import BatchRunner
-from .runtime import resolve_runtime
-from .taps import Tap, TapExtractor
+from .images import find_images
 
-__all__ = ["predict", "write_predictions", "find_images", "image_logits"]
+if TYPE_CHECKING:
+    from .artifacts import FinetunedModel, HeadArtifact
+    from .backbones import Backbone
+    from .taps import Tap
 
-
-def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Expand files and folders (recursively, sorted) into image paths, and files that cannot be images, with why.
-
-    Hidden and empty files, other extensions, broken symbolic links and anything that is not a regular file are
-    returned as rejected: nothing found is left out without a word.
-
-    Raises:
-        ValueError: an input that does not exist.
-    """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]  # one file or folder, not a sequence of one-letter names
-    paths: list[str] = []
-    rejected: list[tuple[str, str]] = []
-    for item in inputs:
-        p = Path(item)
-        if not p.exists():
-            why = broken_link(p)
-            if why is None:
-                raise ValueError(f"{p} not found")
-            rejected.append((str(p), why))
-            continue
-        files = sorted(q for q in p.rglob("*") if not q.is_dir()) if p.is_dir() else [p]
-        for f in files:
-            rel_parts = f.relative_to(p).parts if p.is_dir() else (f.name,)
-            why = None
-            if any(part.startswith(".") for part in rel_parts):
-                why = "hidden file, not an image"
-            else:
-                why = broken_link(f)
-            if why is None and not f.is_file():
-                why = "not a regular file"
-            if why is None:
-                try:
-                    size = f.stat().st_size
-                except OSError as e:
-                    why = f"cannot read file ({e.strerror or e})"
-                else:
-                    if size == 0:
-                        why = "empty file (0 bytes)"
-                    elif f.suffix.lower() not in IMAGE_EXTENSIONS:
-                        why = f"not an image file (extension {f.suffix or 'none'!r})"
-            if why is None:
-                paths.append(str(f))
-            else:
-                rejected.append((str(f), why))
-    return paths, rejected
+__all__ = ["predict", "write_predictions", "find_images", "image_logits", "head_backbone", "prediction_rows"]
 
 
 def predict(
@@ -82,13 +35,14 @@ def predict(
     device: str = "auto",
     engine: str = "auto",
 ) -> tuple[list[dict], list[str]]:
-    """Predict the class of each image with a fitted head, or with a fine-tuned model.
+    """Predict the class of each image with a fitted head, a fine-tuned model or an exported ONNX model.
 
     The backbone, weights, tap and preprocessing are those of the cache the head was fitted on. A fine-tuned
-    model (``model.json`` of pipeline finetune) carries its own weights and preprocessing, and runs eagerly.
+    model (``model.json`` of pipeline finetune) carries its own weights and preprocessing, and runs eagerly. An
+    exported model (``.onnx``, :func:`pipeline.export.export`) runs on ONNX Runtime alone, without torch.
 
     Args:
-        head: the head's ``.json`` path, or a fine-tuned model's ``model.json``.
+        head: the head's ``.json`` path, a fine-tuned model's ``model.json``, or an exported ``.onnx``.
         inputs: image files and folders.
         on_error: ``fail`` on an unreadable file, or ``skip`` it (its row carries the error).
         weights: the backbone's weights file, needed when the cache was made from a local state_dict.
@@ -97,19 +51,70 @@ def predict(
         engine: ``auto``, ``eager`` or ``onnx``.
 
     Returns:
-        (rows, classes): per image its path, label and class scores (``probabilities`` or ``scores``), or its error.
+        (rows, classes): per image its path, label, score and ``probabilities`` (by class, as
+        :func:`pipeline.heads.head_probabilities` defines them), or its error.
     """
-    if on_error not in ("fail", "skip"):
-        raise ValueError(f"on_error must be fail or skip, got {on_error!r}")
+    from .config import conform
+
     batch_size = conform(batch_size, "int", "predict's batch_size")
     if batch_size < 1:
         raise ValueError(f"predict's batch_size must be at least 1, got {batch_size}")
     for name, value in (("device", device), ("engine", engine)):
         conform(value, "str", f"predict's {name}")
     weights = conform(weights, "str | None", "predict's weights")
+    if Path(head).suffix.lower() == ".onnx":
+        if weights is not None or device not in ("auto", "cpu") or engine not in ("auto", "onnx"):
+            raise ValueError(f"{head} is an exported model: it carries its weights and runs on ONNX Runtime on the CPU; drop --weights, --device and --engine")
+        from .onnx_model import predict_onnx
+
+        return predict_onnx(head, inputs, on_error=on_error, batch_size=batch_size)
+    import torch
+
+    from .artifacts import is_finetuned, load_head
+    from .data import ImageDataset, collate_batch
+    from .engines import BatchRunner
+    from .heads import head_probabilities
+    from .runtime import resolve_runtime
+    from .taps import TapExtractor
+
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f"on_error must be fail or skip, got {on_error!r}")
     if is_finetuned(head):
         return _predict_finetuned(head, inputs, on_error=on_error, weights=weights, batch_size=batch_size, device=device, engine=engine)
     art = load_head(head)
+    settings = art.meta["extract_settings"]
+    backbone, taps, which = head_backbone(art, weights)
+    paths, rejected = find_images(inputs)
+    if rejected and on_error == "fail":
+        raise ValueError(f"{rejected[0][0]}: {rejected[0][1]}; remove it or pass --on-error skip")
+    rows: dict[int, dict] = {}
+    runtime = resolve_runtime(device, settings.get("amp"))
+    loader = torch.utils.data.DataLoader(ImageDataset(Path("."), paths, backbone.preprocess.transform()), batch_size=batch_size, collate_fn=collate_batch)
+    with TapExtractor(backbone.model, taps) as extractor:
+        kind = engine if engine != "auto" else settings.get("engine", "auto")
+        for index, features, bad in BatchRunner(loader, extractor, kind, runtime, on_error=on_error, name=lambda i: paths[i]):
+            for i, why in bad:
+                rows[i] = {"path": paths[i], "error": why}
+            if features is not None:
+                rows.update(prediction_rows(index, [paths[i] for i in index], head_probabilities(art.pipeline, features[which]), art.classes))
+    out = [rows[i] for i in range(len(paths))] + [{"path": p, "error": why} for p, why in rejected]
+    return out, art.classes
+
+
+def head_backbone(art: HeadArtifact, weights: str | None = None) -> tuple[Backbone, list[Tap], int]:
+    """The backbone, taps and preprocessing of the cache a head was fitted on, and the index of the head's tap.
+
+    Args:
+        art: the loaded head.
+        weights: the backbone's weights file, needed when the cache was made from a local state_dict.
+
+    Raises:
+        ValueError: a weights file missing or not the one the features came from.
+    """
+    from .artifacts import require_fields
+    from .backbones import load_backbone
+    from .taps import Tap
+
     require_fields(art.path, art.meta, ("tap", "extract_settings.model", "extract_settings.weights", "extract_settings.taps",
                                         *(f"extract_settings.preprocess.{k}" for k in ("resize", "crop", "mean", "std"))))
     settings = art.meta["extract_settings"]
@@ -122,35 +127,19 @@ def predict(
     backbone = load_backbone(settings["model"], weights or label, resize=pre["resize"], crop=pre["crop"], mean=tuple(pre["mean"]), std=tuple(pre["std"]))
     if settings.get("weights_sha256") and backbone.weights_sha256 != settings["weights_sha256"]:
         raise ValueError(f"{weights} is not the weights file the head's features came from (sha256 differs)")
-    taps = [Tap.parse(t) for t in settings["taps"]]
-    which = settings["taps"].index(art.meta["tap"])
-    paths, rejected = find_images(inputs)
-    if rejected and on_error == "fail":
-        raise ValueError(f"{rejected[0][0]}: {rejected[0][1]}; remove it or pass --on-error skip")
-    rows: dict[int, dict] = {}
-    runtime = resolve_runtime(device, settings.get("amp"))
-    loader = torch.utils.data.DataLoader(ImageDataset(Path("."), paths, backbone.preprocess.transform()), batch_size=batch_size, collate_fn=collate_batch)
-    has_proba = hasattr(art.pipeline, "predict_proba") and hasattr(art.pipeline.steps[-1][1], "predict_proba")
-    classes = art.classes
-    with TapExtractor(backbone.model, taps) as extractor:
-        kind = engine if engine != "auto" else settings.get("engine", "auto")
-        for index, features, bad in BatchRunner(loader, extractor, kind, runtime, on_error=on_error, name=lambda i: paths[i]):
-            for i, why in bad:
-                rows[i] = {"path": paths[i], "error": why}
-            if features is None:
-                continue
-            feats = features[which]
-            s = art.pipeline.predict_proba(feats) if has_proba else art.pipeline.decision_function(feats)
-            s = np.asarray(s)
-            if s.ndim == 1:  # two classes: one score, positive for the second
-                s = np.stack([-s, s], axis=1)
-            s = s.reshape(len(feats), -1)
-            for i, row in zip(index.tolist(), s):
-                k = int(np.argmax(row))
-                rows[i] = {"path": paths[i], "label": classes[k], "score": float(row[k]),
-                           ("probabilities" if has_proba else "scores"): {c: float(v) for c, v in zip(classes, row)}}
-    out = [rows[i] for i in range(len(paths))] + [{"path": p, "error": why} for p, why in rejected]
-    return out, classes
+    return backbone, [Tap.parse(t) for t in settings["taps"]], settings["taps"].index(art.meta["tap"])
+
+
+def prediction_rows(positions: Sequence[int], paths: Sequence[str], probabilities: np.ndarray, classes: list[str]) -> dict[int, dict]:
+    """Rows of predictions by position: path, label (the most probable class), its probability, and every class's.
+
+    The one place rows are made, for heads, fine-tuned models and exported models alike.
+    """
+    rows = {}
+    for i, path, row in zip(np.asarray(positions).tolist(), paths, np.asarray(probabilities, dtype=np.float64)):
+        k = int(np.argmax(row))
+        rows[i] = {"path": path, "label": classes[k], "score": float(row[k]), "probabilities": {c: float(v) for c, v in zip(classes, row)}}
+    return rows
 
 
 def _predict_finetuned(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *, on_error: str, weights: str | None,
@@ -160,6 +149,8 @@ def _predict_finetuned(path: str | os.PathLike, inputs: Sequence[str | os.PathLi
         raise ValueError(f"{path} is a fine-tuned model and carries its own weights; drop --weights")
     if engine not in ("auto", "eager"):
         raise ValueError(f"{path} is a fine-tuned model, which runs on the eager engine only, not {engine}")
+    from .artifacts import load_finetuned
+
     fm = load_finetuned(path)
     paths, rejected = find_images(inputs)
     if rejected and on_error == "fail":
@@ -168,10 +159,7 @@ def _predict_finetuned(path: str | os.PathLike, inputs: Sequence[str | os.PathLi
     z = logits - logits.max(axis=1, keepdims=True)
     proba = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
     rows: dict[int, dict] = {i: {"path": paths[i], "error": why} for i, why in bad}
-    for i, row in zip(positions.tolist(), proba):
-        k = int(np.argmax(row))
-        rows[i] = {"path": paths[i], "label": fm.classes[k], "score": float(row[k]),
-                   "probabilities": {c: float(v) for c, v in zip(fm.classes, row)}}
+    rows.update(prediction_rows(positions, [paths[i] for i in positions], proba, fm.classes))
     out = [rows[i] for i in range(len(paths))] + [{"path": p, "error": why} for p, why in rejected]
     return out, fm.classes
 
@@ -189,6 +177,15 @@ def image_logits(fm: FinetunedModel, root: str | os.PathLike, paths: Sequence[st
     Raises:
         ValueError: an unreadable image under ``on_error="fail"``.
     """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .backbones import final_linear
+    from .data import ImageDataset, collate_batch
+    from .engines import BatchRunner
+    from .runtime import resolve_runtime
+    from .taps import Tap, TapExtractor
+
     runtime = resolve_runtime(device, None)
     loader = torch.utils.data.DataLoader(ImageDataset(Path(root), paths, fm.preprocess.transform()), batch_size=batch_size,
                                          collate_fn=collate_batch, pin_memory=runtime.pin_memory)
@@ -215,13 +212,11 @@ def write_predictions(rows: list[dict], classes: list[str], path: str | os.PathL
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps(rows, indent=1))
         return path
-    kind = "probabilities" if any("probabilities" in r for r in rows) else "scores"
-    prefix = "p_" if kind == "probabilities" else "score_"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "label", "score", "error", *(prefix + c for c in classes)])
+        w.writerow(["path", "label", "score", "error", *("p_" + c for c in classes)])
         for r in rows:
-            values = r.get(kind, {})
+            values = r.get("probabilities", {})
             w.writerow([r["path"], r.get("label", ""), f"{r['score']:.6f}" if "score" in r else "", r.get("error", ""),
                         *(f"{values[c]:.6f}" if c in values else "" for c in classes)])
     return path

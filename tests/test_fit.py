@@ -794,6 +794,12 @@ def _head_on_test_images(real: SimpleNamespace, head: Path, images: list[str]) -
         return [art.classes[i] for i in art.pipeline.predict(cache.features()[rows])]
 
 
+def _cached(real: SimpleNamespace, images: list[str]) -> np.ndarray:
+    """The cached test features of these images."""
+    with read_cache(real.caches["test"]) as cache:
+        return cache.features()[[cache.paths.index(p) for p in images]]
+
+
 def test_predict_with_a_two_class_svm(real: SimpleNamespace) -> None:
     head = _derived_head(real, "svm", ["ant", "bee"], ["ant", "bee"], "binary")
     images = [f"test/{c}/{i:03d}.png" for c in ("ant", "bee") for i in range(3)]
@@ -801,7 +807,11 @@ def test_predict_with_a_two_class_svm(real: SimpleNamespace) -> None:
     assert "bee" in expected, "the head should tell the classes apart, or this test shows nothing"
     rows, _ = predict(head, [real.data / "test" / "ant", real.data / "test" / "bee"])
     assert [r["label"] for r in rows] == expected
-    assert all(set(r["scores"]) == {"ant", "bee"} for r in rows)
+    # A head without predict_proba: probabilities are the softmax of its decision value d, softmax([0, d]).
+    d = load_head(head).pipeline.decision_function(_cached(real, images))
+    p_bee = np.array([r["probabilities"]["bee"] for r in rows])
+    np.testing.assert_allclose(p_bee, 1 / (1 + np.exp(-d)), atol=1e-6)
+    assert all(set(r["probabilities"]) == {"ant", "bee"} and r["score"] == max(r["probabilities"].values()) for r in rows)
 
 
 def test_predict_names_classes_right_when_train_lacks_one(real: SimpleNamespace) -> None:

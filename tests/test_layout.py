@@ -20,6 +20,7 @@ def test_the_layout_of_a_cache_its_heads_and_their_evaluations():
     assert (files.meta.name, files.torch.name, files.history.name) == ("svm.json", "svm.pt", "svm-history.csv")
     ev = layout.evaluation_files(files.meta)
     assert (ev.metrics.name, ev.predictions.name, ev.confusion.name) == ("svm-test.json", "svm-test-predictions.npz", "svm-confusion.png")
+    assert layout.export_path(files.meta) == layout.export_path(files.skops) == base.with_suffix(".onnx")
 
 
 def test_head_metadata_leaves_out_evaluations_and_subset_folders_are_found(tmp_path):
@@ -37,6 +38,7 @@ def test_runs_and_reports(tmp_path):
     assert run == tmp_path / "ds" / "resnet18-none" / "lp-ft"
     files = layout.run_files(run)
     assert [p.name for p in (files.meta, files.model, files.last, files.history)] == ["model.json", "model.pt", "last.pt", "history.csv"]
+    assert layout.export_path(files.meta) == run / "model.onnx"
     other = layout.run_dir(tmp_path, "ds", "resnet50", "none", "x")
     for folder in (run, other):
         folder.mkdir(parents=True)
