@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .recipes import FINETUNE_DEFAULTS, RECIPES
+from .validate import check_at_least, check_choice, check_types
 
 __all__ = [
     "DatasetSpec", "DatasetOptions", "BackboneOptions",
     "ExtractConfig", "HeadConfig", "FinetuneConfig", "ReportConfig",
     "SPLITS", "ON_ERROR", "DTYPES", "COMPRESSIONS", "ENGINES", "CAPTURES", "HEAD_NAMES", "POOLS", "PREPROCESSING",
     "OPTIMIZERS", "SCHEDULES", "AUGMENTS", "HEAD_INITS", "NORMS", "PROJECTIONS", "BACKBONE_AND_DATASET",
-    "SettingTypeError", "conform", "expect_instance",
 ]
 
 # The allowed values of choice options, declared once.
@@ -39,101 +38,6 @@ AUGMENTS = ("none", "crop-flip", "crop-flip-rotate")
 HEAD_INITS = ("torch", "xavier", "normal")
 NORMS = ("frozen", "train")
 PROJECTIONS = ("tsne", "pca")
-
-
-class SettingTypeError(TypeError, ValueError):
-    """A setting whose value is not of the setting's type; a ValueError too, as every other bad setting is."""
-
-
-# Values by the annotation of the field they fill. A string is never taken for a bool or a number (`amp = "no"`
-# would otherwise be truthy), and a bool, although a Python int, fits only a bool field.
-_SCALARS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,)}
-_EXPECTED = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false"}
-_PLURAL = {"str": "strings", "int": "integers", "float": "numbers", "bool": "true/false values"}
-
-
-def _expected(kind: str) -> str:
-    if kind.startswith("tuple["):
-        return f"a list of {_PLURAL.get(kind[len('tuple['):].split(',')[0].strip(), 'values')}"
-    return _EXPECTED.get(kind, kind)
-
-
-def _scalar(value: Any, kind: str, paths: bool) -> tuple[bool, Any]:
-    """(fits, value as stored) for one scalar kind; paths (``os.PathLike``) fit ``str`` when ``paths``."""
-    if kind == "None":
-        return value is None, value
-    if kind == "str" and paths and isinstance(value, os.PathLike):
-        return True, os.fspath(value)
-    if kind not in _SCALARS or not isinstance(value, _SCALARS[kind]) or (kind != "bool" and isinstance(value, bool)):
-        return False, value
-    if kind == "int":
-        return True, int(value)  # numpy integers become plain ints: they are written into JSON metadata
-    if kind == "float" and not isinstance(value, (int, float)):
-        return True, float(value)
-    return True, value
-
-
-def conform(value: Any, annotation: str, where: str, *, sequences: tuple[type, ...] = (list, tuple), paths: bool = True) -> Any:
-    """``value`` checked against a field's annotation (``int | None``, ``tuple[str, ...]``...), as the field stores it.
-
-    Sequences become tuples and paths strings; a bare string never counts as a sequence of strings.
-
-    Args:
-        value: what was given.
-        annotation: the field's type, as written in the dataclass.
-        where: how the message names the setting.
-        sequences: the types accepted for a ``tuple[...]`` field (TOML gives lists).
-        paths: whether ``os.PathLike`` values fit ``str`` fields.
-
-    Raises:
-        SettingTypeError: the value fits none of the annotation's types; the message names the setting, the value
-            and what was expected.
-    """
-    kinds = [k.strip() for k in str(annotation).split("|")]
-    for kind in kinds:
-        if kind.startswith("tuple["):
-            item = kind[len("tuple["):].split(",")[0].strip()
-            if isinstance(value, sequences) and not isinstance(value, (str, bytes)):
-                items = [_scalar(v, item, paths) for v in value]
-                if all(ok for ok, _ in items):
-                    return tuple(v for _, v in items)
-        else:
-            ok, fixed = _scalar(value, kind, paths)
-            if ok:
-                return fixed
-    expected = " or ".join(_expected(k) for k in kinds if k != "None")
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
-    raise SettingTypeError(f"{where}: expected {expected}, got {shown}")
-
-
-def _check_types(settings: Any) -> None:
-    """Check every field of a settings dataclass against its annotation, storing tuples for sequences and str for paths."""
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        fixed = conform(value, f.type, f"{type(settings).__name__}.{f.name}")
-        if fixed is not value:
-            object.__setattr__(settings, f.name, fixed)
-
-
-def expect_instance(name: str, value: Any, cls: type) -> None:
-    """Refuse an argument that is not a ``cls`` (e.g. a dict where settings are expected), naming it.
-
-    Raises:
-        SettingTypeError: ``value`` is of another type.
-    """
-    if not isinstance(value, cls):
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
-        raise SettingTypeError(f"{name} must be {cls.__name__}(...), got a {type(value).__name__}: {shown}")
-
-
-def _choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
-
-
-def _at_least(name: str, value: Any, low: float) -> None:
-    if value is not None and value < low:
-        raise ValueError(f"{name} must be at least {low}, got {value}")
 
 
 # ---------------------------------------------------------------- shared parts
@@ -166,7 +70,7 @@ class DatasetSpec:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
 
     @classmethod
     def of(cls, settings: Any) -> "DatasetSpec":
@@ -228,8 +132,8 @@ class BackboneOptions:
     std: tuple[float, ...] | None = None
 
     def _check_backbone(self) -> None:
-        _at_least("resize", self.resize, 1)
-        _at_least("crop", self.crop, 1)
+        check_at_least("resize", self.resize, 1)
+        check_at_least("crop", self.crop, 1)
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:
@@ -281,12 +185,12 @@ class ExtractConfig(DatasetOptions, BackboneOptions):
     output: str | None = None
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         for name, choices in (("split", SPLITS), ("dtype", DTYPES), ("compression", COMPRESSIONS), ("engine", ENGINES),
                               ("on_error", ON_ERROR), ("capture", CAPTURES)):
-            _choice(name, getattr(self, name), choices)
-        _at_least("batch_size", self.batch_size, 1)
-        _at_least("workers", self.workers, 0)
+            check_choice(name, getattr(self, name), choices)
+        check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("workers", self.workers, 0)
         self._check_dataset()
         self._check_backbone()
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -332,14 +236,14 @@ class HeadConfig:
     subset: int | None = None
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         if self.clf not in HEAD_NAMES:
             raise ValueError(f"unknown head {self.clf!r}; expected one of {', '.join(HEAD_NAMES)}")
         if self.preprocessing is not None and self.preprocessing not in PREPROCESSING:
             raise ValueError(f"unknown preprocessing {self.preprocessing!r}; expected one of {', '.join(PREPROCESSING)}")
-        _choice("pool", self.pool, POOLS)
+        check_choice("pool", self.pool, POOLS)
         for name, low in (("subset", 1), ("pca", 1), ("refine", 0), ("memory_budget_mb", 0), ("block_mb", 1), ("epochs", 1)):
-            _at_least(name, getattr(self, name), low)
+            check_at_least(name, getattr(self, name), low)
         object.__setattr__(self, "grid", tuple(self.grid))
 
 
@@ -421,7 +325,7 @@ class FinetuneConfig(DatasetOptions, BackboneOptions):
     def __post_init__(self) -> None:
         if isinstance(self.freeze, numbers.Integral) and not isinstance(self.freeze, bool):
             object.__setattr__(self, "freeze", str(self.freeze))  # K stages, given as a number
-        _check_types(self)
+        check_types(self)
         if self.recipe is not None and self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
         preset = RECIPES[self.recipe].settings if self.recipe else {}
@@ -436,11 +340,11 @@ class FinetuneConfig(DatasetOptions, BackboneOptions):
         object.__setattr__(self, "targets", tuple(self.targets))
         for key, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("augment", AUGMENTS),
                              ("head_init", HEAD_INITS), ("norm", NORMS), ("on_error", ON_ERROR)):
-            _choice(key, getattr(self, key), choices)
+            check_choice(key, getattr(self, key), choices)
         if self.freeze not in ("none", "backbone") and not self.freeze.isdigit():
             raise ValueError(f"freeze must be none, backbone or a number of stages, got {self.freeze!r}")
         for key, low in (("epochs", 1), ("batch_size", 1), ("step_epochs", 1), ("subset", 1), ("eval_subset", 1), ("log_every", 0)):
-            _at_least(key, getattr(self, key), low)
+            check_at_least(key, getattr(self, key), low)
         for key in ("lr", "head_lr_mult", "backbone_lr_mult", "weight_decay", "warmup_epochs", "gamma"):
             if getattr(self, key) < 0 or (key == "lr" and self.lr == 0):
                 raise ValueError(f"{key} must be {'positive' if key == 'lr' else '0 or more'}, got {getattr(self, key)}")
@@ -448,7 +352,7 @@ class FinetuneConfig(DatasetOptions, BackboneOptions):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be shorter than epochs ({self.epochs})")
-        _at_least("workers", self.workers, 0)
+        check_at_least("workers", self.workers, 0)
         if any(not t.strip() for t in self.targets):
             raise ValueError("an empty --target; give a split name (test) or a dataset folder")
         if not self.name or "/" in self.name or "\\" in self.name or self.name in (".", ".."):
@@ -481,8 +385,8 @@ class ReportConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _choice("projection", self.projection, PROJECTIONS)
+        check_types(self)
+        check_choice("projection", self.projection, PROJECTIONS)
         if self.quality_bar is not None and not 0 < self.quality_bar <= 1:
             raise ValueError(f"quality_bar is a top-1 accuracy in (0, 1], got {self.quality_bar}")
         if self.projection_points < 10 or self.grid_images < 1:

@@ -17,7 +17,8 @@ from . import layout, provenance
 from .artifacts import artifact_path, is_finetuned, load_finetuned, load_head, read_meta, require_fields
 from .backbones import file_sha256
 from .cache import FeatureCache, read_cache
-from .config import DatasetSpec, ExtractConfig, expect_instance
+from .config import DatasetSpec, ExtractConfig
+from .validate import expect_instance
 from .data import load_split
 from .extract import locate_cache
 from .files import atomic_write

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from . import layout, provenance
 from .backbones import WeightsUnavailableError, load_backbone
 from .cache import PartialRun, read_cache, write_cache
-from .config import ExtractConfig, expect_instance
+from .config import ExtractConfig
+from .validate import expect_instance
 from .data import ImageDataset, collate_batch, load_split
 from .distributed import Group, process_group
 from .engines import BatchRunner

@@ -18,7 +18,8 @@ from . import layout, provenance
 from .artifacts import feature_identity, save_head
 from .backbones import file_sha256
 from .cache import FeatureCache, read_cache
-from .config import ExtractConfig, HeadConfig, expect_instance
+from .config import ExtractConfig, HeadConfig
+from .validate import expect_instance
 from .data import stratified_subset
 from .extract import locate_cache
 from .heads import HEADS, SpatialPool, build_head

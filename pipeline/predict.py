@@ -54,7 +54,7 @@ def predict(
         (rows, classes): per image its path, label, score and ``probabilities`` (by class, as
         :func:`pipeline.heads.head_probabilities` defines them), or its error.
     """
-    from .config import conform
+    from .validate import conform
 
     batch_size = conform(batch_size, "int", "predict's batch_size")
     if batch_size < 1:

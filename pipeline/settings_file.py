@@ -13,8 +13,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .config import BACKBONE_AND_DATASET, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig, conform
+from .config import BACKBONE_AND_DATASET, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig
 from .files import atomic_write
+from .validate import conform
 
 __all__ = ["CONFIG_FILE", "SECTIONS", "load_config", "settings_from", "write_config"]
 

@@ -26,7 +26,8 @@ from pipeline import ExtractConfig, HeadConfig, extract, fit_head, read_cache
 from pipeline.artifacts import load_finetuned, load_head
 from pipeline.cache import describe
 from pipeline.cli import cli
-from pipeline.config import DatasetSpec, FinetuneConfig, ReportConfig, SettingTypeError
+from pipeline.config import DatasetSpec, FinetuneConfig, ReportConfig
+from pipeline.validate import SettingTypeError
 from pipeline.data import UnreadableImageError, load_rgb, load_split
 from pipeline.evaluate import compare, evaluate
 from pipeline.layout import FINETUNED_FORMAT
