@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
 import torch
@@ -12,6 +12,9 @@ from threadpoolctl import threadpool_limits
 
 # One generator serves the tests and the benchmarks; bench/ never imports tests/.
 from bench.synthetic import CLASSES, make_image_folder
+
+if TYPE_CHECKING:
+    from pipeline import ExtractConfig
 
 __all__ = ["CLASSES", "make_image_folder", "single_threaded", "tiny", "working_in"]
 
@@ -40,6 +43,19 @@ def working_in(folder: Path) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as m, single_threaded():
         _isolate(m, folder)
         yield
+
+
+def extracted(root: Path, per_class: dict[str, int]) -> tuple[Path, "ExtractConfig"]:
+    """A generated dataset under ``root/ds`` and its tiny extraction of train, val (carved) and test under ``root/features``."""
+    from dataclasses import replace
+
+    from pipeline import ExtractConfig, extract
+
+    data = make_image_folder(root / "ds", per_class)
+    source = ExtractConfig(data=str(data), cache_dir=str(root / "features"), **tiny())
+    for split in ("train", "val", "test"):
+        extract(replace(source, split=split), progress=False)
+    return data, source
 
 
 def tiny(**overrides: object) -> dict:

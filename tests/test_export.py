@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
@@ -27,7 +26,6 @@ from sklearn.linear_model import SGDClassifier
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from pipeline import ExtractConfig, extract
 from pipeline.artifacts import load_head, save_head
 from pipeline.cli import cli
 from pipeline.export import export
@@ -39,7 +37,7 @@ from pipeline.onnx_heads import FEATURES, head_model
 from pipeline.onnx_model import METADATA, load_onnx_model, predict_onnx
 from pipeline.predict import predict
 
-from .conftest import CLASSES, make_image_folder, single_threaded, tiny
+from .conftest import CLASSES, extracted, make_image_folder, single_threaded, working_in
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"linear": 1e-4, "logreg": 1.0, "svm": 0.1, "svm-rbf": 1.0, "tree": 10, "extra-trees": 10, "hgb": 20, "knn": 3}
@@ -127,13 +125,8 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A tiny real extraction (random-weight MobileNetV2 at 32 px) of train, val (carved) and test, and new images
     of other sizes, so that the resize and the crop both have work to do."""
     root = tmp_path_factory.mktemp("export")
-    with pytest.MonkeyPatch.context() as m, single_threaded():
-        m.setenv("PIPELINE_OFFLINE", "1")
-        m.chdir(root)
-        data = make_image_folder(root / "ds", {"train": 10, "test": 3})
-        source = ExtractConfig(data=str(data), cache_dir=str(root / "features"), **tiny())
-        for split in ("train", "val", "test"):
-            extract(replace(source, split=split), progress=False)
+    with working_in(root):
+        data, source = extracted(root, {"train": 10, "test": 3})
         tall = make_image_folder(root / "new", {"tall": 2}, size=(57, 41), seed=7) / "tall"
         wide = make_image_folder(root / "new", {"wide": 2}, size=(37, 70), seed=8) / "wide"
     return SimpleNamespace(root=root, data=data, source=source, images=[data / "test", tall, wide], heads={})

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import ExtractConfig, extract, read_cache
+from pipeline import extract, read_cache
 from pipeline.cli import cli
 from pipeline.evaluate import evaluate
 from pipeline.finetune import FinetuneConfig, finetune
@@ -26,7 +26,7 @@ from pipeline.fit import HeadConfig, fit_head
 from pipeline import layout
 from pipeline.report import ReportConfig, RenderError, build_report, check_render, find_chromium
 
-from .conftest import make_image_folder, single_threaded, tiny
+from .conftest import extracted, single_threaded, working_in
 
 GRIDS = {"logreg": (1.0,), "linear": (1e-4,), "knn": (1, 3)}
 FIGURES = ["accuracy_vs_time.png", "confusion.png", "learning_curves.png", "misclassified.png", "projection.png"]
@@ -35,13 +35,8 @@ FIGURES = ["accuracy_vs_time.png", "confusion.png", "learning_curves.png", "misc
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("report")
-    with pytest.MonkeyPatch.context() as m, single_threaded():
-        m.setenv("PIPELINE_OFFLINE", "1")
-        m.chdir(root)
-        data = make_image_folder(root / "ds", {"train": 12, "test": 5})
-        source = ExtractConfig(data=str(data), cache_dir=str(root / "features"), **tiny())
-        for split in ("train", "val", "test"):
-            extract(replace(source, split=split), progress=False)
+    with working_in(root):
+        data, source = extracted(root, {"train": 12, "test": 5})
         heads = {}
         for clf, grid in GRIDS.items():
             heads[clf] = fit_head(HeadConfig(clf=clf, grid=grid, refine=0, epochs=5), source).path
