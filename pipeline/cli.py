@@ -96,6 +96,9 @@ def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, p
                 f"{settings.split}: {result.path}  {result.n_images} images, {result.n_skipped} skipped, "
                 f"{result.images_per_s:.1f} img/s ({result.engine}{resumed})"
             )
+        if result.ignored:
+            names = ", ".join(p for p, _ in result.ignored[:5]) + (" ..." if len(result.ignored) > 5 else "")
+            click.echo(f"  ignored {len(result.ignored)} file(s) that are not images (hidden, system or other extensions): {names}")
         for path, why in result.skipped[:20]:
             click.echo(f"  skipped {path}: {why}")
         if len(result.skipped) > 20:

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from .config import SPLITS, DatasetSpec
-from .images import IMAGE_EXTENSIONS, UnreadableImageError, broken_link, load_rgb
+from . import layout
+from .files import atomic_write
+from .images import IMAGE_EXTENSIONS, UnreadableImageError, broken_link, ignored_reason, load_rgb, unreadable_message, verify_images
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -51,6 +53,7 @@ class Split:
     labels: np.ndarray
     classes: list[str]
     rejected: list[Rejected] = field(default_factory=list)
+    ignored: list[Rejected] = field(default_factory=list)
     carved: dict | None = None
     sizes: list[int] = field(default_factory=list, repr=False)
 
@@ -68,6 +71,32 @@ class Split:
 
 
 # ---------------------------------------------------------------- scanning
+
+
+def refuse_unreadable(split: Split, on_error: str, list_dir: str | os.PathLike | None = None) -> None:
+    """Under ``on_error="fail"``, refuse a split with unreadable files, naming every one of them in one go.
+
+    The files refused by name (empty, broken links...) and those whose header or PNG checksums are broken
+    (:func:`~pipeline.images.verify_image`, about 1 % of extraction's time) are all found before any work, so one run
+    names them all; the message shows the first ten, and ``list_dir`` (when given) gets the full list in
+    ``unreadable-<split>.txt``.
+
+    Raises:
+        ValueError: the split has unreadable files and ``on_error`` is ``fail``.
+    """
+    if on_error != "fail":
+        return
+    bad = [(str(split.root / r.path), r.reason) for r in split.rejected]
+    bad += [(str(split.root / split.paths[i]), why) for i, why in verify_images([split.root / p for p in split.paths])]
+    if not bad:
+        return
+    listed = ""
+    if list_dir is not None and len(bad) > 10:
+        path = layout.unreadable_list(list_dir, split.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write("".join(f"{p}\t{why}\n" for p, why in bad).encode()))
+        listed = f" (all listed in {path})"
+    raise ValueError(unreadable_message(bad, f" in the {split.name} split", listed=listed))
 
 
 def stratified_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
@@ -109,8 +138,10 @@ def _scan_folder(root: Path, split: str, classes: list[str]) -> tuple[list[str],
     if extra:
         raise ValueError(f"{split_dir} has class folder(s) {extra} that {root / 'train'} lacks")
     index = {c: i for i, c in enumerate(classes)}
-    loose = [
-        Rejected(f"{split}/{e.name}", "not inside a class folder")
+    # As torchvision's ImageFolder: files beside the class folders, hidden and system files and other extensions
+    # are ignored (counted, never fatal); the rest must be readable images.
+    ignored = [
+        Rejected(f"{split}/{e.name}", ignored_reason(e.name) or "not inside a class folder")
         for e in sorted(os.scandir(split_dir), key=lambda e: e.name)
         if not e.is_dir()
     ]
@@ -118,12 +149,19 @@ def _scan_folder(root: Path, split: str, classes: list[str]) -> tuple[list[str],
     def candidates() -> Iterator[tuple[str, int]]:
         for cls in found:
             for dirpath, dirnames, filenames in os.walk(split_dir / cls):
-                dirnames.sort()
+                ignored.extend(Rejected(Path(dirpath, d).relative_to(root).as_posix() + "/", "hidden folder")
+                               for d in sorted(dirnames) if d.startswith("."))
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for fn in sorted(filenames):
-                    yield Path(dirpath, fn).relative_to(root).as_posix(), index[cls]
+                    rel = Path(dirpath, fn).relative_to(root).as_posix()
+                    why = ignored_reason(fn)
+                    if why:
+                        ignored.append(Rejected(rel, why))
+                    else:
+                        yield rel, index[cls]
 
     paths, labels, sizes, rejected = _collect(root, candidates())
-    return paths, labels, sizes, loose + rejected
+    return paths, labels, sizes, rejected, ignored
 
 
 def _collect(root: Path, candidates: Iterable[tuple[str, int]]) -> tuple[list[str], list[int], list[int], list[Rejected]]:
@@ -254,7 +292,8 @@ def load_split(spec: DatasetSpec, split: str) -> Split:
 
     Image folders use ``root/<split>/``; a missing ``val/`` is carved from train. A CSV dataset carves
     test from all its images, then val from the rest. Carving is stratified and seeded, so it is stable.
-    Files that cannot be images (hidden, empty, other extensions, missing) are returned in ``rejected``.
+    In image folders, hidden and system files, other extensions and files beside the class folders are returned in
+    ``ignored``; files that cannot be read (empty, missing, broken links) in ``rejected``.
 
     Args:
         spec: the dataset.
@@ -269,6 +308,7 @@ def load_split(spec: DatasetSpec, split: str) -> Split:
     if not root.is_dir():
         raise ValueError(f"dataset folder {root} not found")
     carved = None
+    ignored: list[Rejected] = []
     if spec.labels_csv:
         paths, labels, sizes, rejected, classes = _scan_csv(spec)
         if not paths:
@@ -291,7 +331,7 @@ def load_split(spec: DatasetSpec, split: str) -> Split:
         classes = _class_folders(class_dir)
         if not classes:
             raise ValueError(f"{class_dir} has no class folders (expected {class_dir}/<class>/<image>)")
-        paths, labels, sizes, rejected = _scan_folder(root, scan, classes)
+        paths, labels, sizes, rejected, ignored = _scan_folder(root, scan, classes)
         if scan == split and (split != "train" or has_val):
             members = {split: np.arange(len(paths))}
         else:
@@ -309,6 +349,7 @@ def load_split(spec: DatasetSpec, split: str) -> Split:
         labels=np.asarray([labels[i] for i in pick], dtype=np.int64),
         classes=list(classes),
         rejected=rejected,
+        ignored=ignored,
         carved=carved,
         sizes=[sizes[i] for i in pick],
     )

@@ -17,7 +17,7 @@ from .backbones import WeightsUnavailableError, load_backbone
 from .cache import PartialRun, read_cache, write_cache
 from .config import ExtractConfig
 from .validate import expect_instance
-from .data import ImageDataset, collate_batch, load_split
+from .data import ImageDataset, collate_batch, load_split, refuse_unreadable
 from .distributed import Group, process_group
 from .engines import BatchRunner
 from .runtime import Runtime, resolve_runtime
@@ -43,6 +43,7 @@ class ExtractResult:
     engine: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     n_computed: int = 0
+    ignored: list[tuple[str, str]] = field(default_factory=list)
 
 
 def auto_workers(device_type: str, ranks_on_node: int = 1) -> int:
@@ -121,10 +122,7 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bo
 
     def prepare() -> tuple:
         split = load_split(config.dataset, config.split)
-        if split.rejected and config.on_error == "fail":
-            path, why = split.rejected[0].path, split.rejected[0].reason
-            more = f" (and {len(split.rejected) - 1} more)" if len(split.rejected) > 1 else ""
-            raise ValueError(f"{root / path}: {why}{more}; remove it or pass --on-error skip")
+        refuse_unreadable(split, config.on_error, Path(config.cache_dir) / layout.slug(config.dataset.name))
         if len(split) == 0:
             raise ValueError(f"the {config.split} split of {root} has no images")
         backbone = load_backbone(config.model, config.weights, resize=config.resize, crop=config.crop, mean=config.mean, std=config.std)
@@ -158,7 +156,8 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bo
                 raise ValueError(f"{path} was made with other settings ({'; '.join(provenance.diff(old, settings))}); pass --force to overwrite it")
             path.unlink()
         if partial.exists() and not provenance.same(partial.settings(), settings):
-            if not force:
+            # A run that stopped before its first batch was saved holds nothing to lose: it is simply started over.
+            if not force and partial.rows_done() > 0:
                 diff = "; ".join(provenance.diff(partial.settings() or {}, settings))
                 raise ValueError(f"an interrupted extraction in {partial.dir} used other settings ({diff}); pass --force to discard it")
             partial.remove()
@@ -216,7 +215,7 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bo
             "dataset_fingerprint": split.fingerprint, "split_seed": config.split_seed, "carved": split.carved or {},
             "engine": engine_name, "runtime": runtime.describe(), "versions": provenance.versions(),
             "created": provenance.now(), "batch_size": config.batch_size,
-            "world_size": group.world, "images_per_s": done / seconds if seconds > 0 else 0.0,
+            "world_size": group.world, "n_ignored": len(split.ignored), "images_per_s": done / seconds if seconds > 0 else 0.0,
         }
         write_cache(
             partial, tap_names=[t.name for t in taps], paths=split.paths, labels=split.labels, classes=split.classes,
@@ -225,6 +224,7 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bo
         with read_cache(path) as cache:
             skipped, n_rows = cache.skipped, len(cache)
         status = "resumed" if opened else "extracted"
-        return ExtractResult(path, status, n_rows, len(skipped), seconds, attrs["images_per_s"], engine_name, skipped, n_computed=done)
+        return ExtractResult(path, status, n_rows, len(skipped), seconds, attrs["images_per_s"], engine_name, skipped, n_computed=done,
+                             ignored=[(r.path, r.reason) for r in split.ignored])
 
     return group.broadcast(group.agree(finish if group.is_main else lambda: None, _ERRORS))

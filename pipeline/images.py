@@ -6,13 +6,15 @@ Nothing here imports torch, so an exported model runs on images with ONNX Runtim
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "load_rgb", "find_images", "broken_link", "resize_crop"]
+__all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "ImageInputs", "load_rgb", "scan_inputs", "find_images", "ignored_reason",
+           "unreadable_message", "verify_image", "verify_images", "broken_link", "resize_crop"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
@@ -90,35 +92,102 @@ def broken_link(path: Path) -> str | None:
     return None
 
 
-def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Expand files and folders (recursively, sorted) into image paths, and files that cannot be images, with why.
+# Files that image folders often hold and that are never images: skipped quietly, as torchvision's ImageFolder does.
+_SYSTEM_FILES = ("thumbs.db", "desktop.ini", "icon\r")
 
-    Hidden and empty files, other extensions, broken symbolic links and anything that is not a regular file are
-    returned as rejected: nothing found is left out without a word.
+
+def ignored_reason(name: str) -> str | None:
+    """Why a file found in a folder is ignored rather than read, or None for a candidate image.
+
+    Hidden files (``.DS_Store``, AppleDouble ``._*``), Windows' ``Thumbs.db`` and ``desktop.ini``, and files
+    whose extension is not an image's. They are counted, never fatal.
+    """
+    if name.startswith("."):
+        return "hidden file"
+    if name.lower() in _SYSTEM_FILES:
+        return "system file"
+    suffix = Path(name).suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        return f"not an image file (extension {suffix or 'none'!r})"
+    return None
+
+
+def unreadable_message(rejected: Sequence[tuple[str, str]], what: str = "", limit: int = 10, listed: str = "") -> str:
+    """One line refusing unreadable files, naming every one (the first ``limit``, then how many more and ``listed``)."""
+    if len(rejected) == 1:
+        return f"{rejected[0][0]}: {rejected[0][1]}; remove or fix it, or pass --on-error skip"
+    shown = "; ".join(f"{p}: {why}" for p, why in rejected[:limit])
+    more = f"; and {len(rejected) - limit} more{listed}" if len(rejected) > limit else ""
+    return f"{len(rejected)} files{what} cannot be read: {shown}{more}; remove or fix them, or pass --on-error skip"
+
+
+@dataclass
+class ImageInputs:
+    """What a list of files and folders holds: every file in input order, with why it cannot be read (or None),
+    and the files that were ignored as not images."""
+
+    entries: list[tuple[str, str | None]]
+    ignored: list[tuple[str, str]]
+
+    @property
+    def paths(self) -> list[str]:
+        """The readable candidates, in input order."""
+        return [p for p, why in self.entries if why is None]
+
+    @property
+    def rejected(self) -> list[tuple[str, str]]:
+        """The files that cannot be read, with why."""
+        return [(p, why) for p, why in self.entries if why is not None]
+
+    def check(self, on_error: str) -> None:
+        """Under ``fail``, refuse naming every file that cannot be read, not only the first."""
+        if self.rejected and on_error == "fail":
+            raise ValueError(unreadable_message(self.rejected))
+
+    def rows(self, found: dict[int, dict]) -> list[dict]:
+        """One row per file in input order: ``found[k]`` for the k-th readable candidate, else the file's error."""
+        out, k = [], 0
+        for path, why in self.entries:
+            if why is None:
+                out.append(found.get(k) or {"path": path, "error": "not processed"})
+                k += 1
+            else:
+                out.append({"path": path, "error": why})
+        return out
+
+
+def scan_inputs(inputs: Sequence[str | os.PathLike]) -> ImageInputs:
+    """Expand files and folders (recursively, sorted) into image candidates and files that cannot be read.
+
+    In folders, hidden files, system files and other extensions are ignored (:func:`ignored_reason`). A file named
+    explicitly is never ignored: it is read, or rejected with its reason. Empty files, broken symbolic links and
+    anything that is not a regular file are rejected: nothing found is left out without a word.
 
     Raises:
         ValueError: an input that does not exist.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]  # one file or folder, not a sequence of one-letter names
-    paths: list[str] = []
-    rejected: list[tuple[str, str]] = []
+    entries: list[tuple[str, str | None]] = []
+    ignored: list[tuple[str, str]] = []
     for item in inputs:
         p = Path(item)
         if not p.exists():
             why = broken_link(p)
             if why is None:
                 raise ValueError(f"{p} not found")
-            rejected.append((str(p), why))
+            entries.append((str(p), why))
             continue
         files = sorted(q for q in p.rglob("*") if not q.is_dir()) if p.is_dir() else [p]
         for f in files:
-            rel_parts = f.relative_to(p).parts if p.is_dir() else (f.name,)
-            why = None
-            if any(part.startswith(".") for part in rel_parts):
-                why = "hidden file, not an image"
-            else:
-                why = broken_link(f)
+            if p.is_dir():
+                rel = f.relative_to(p).parts
+                skip = next((r for r in (ignored_reason(part) if part.startswith(".") else None for part in rel[:-1]) if r), None)
+                skip = skip or ignored_reason(f.name)
+                if skip:
+                    ignored.append((str(f), skip))
+                    continue
+            why = broken_link(f)
             if why is None and not f.is_file():
                 why = "not a regular file"
             if why is None:
@@ -131,11 +200,37 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list[tu
                         why = "empty file (0 bytes)"
                     elif f.suffix.lower() not in IMAGE_EXTENSIONS:
                         why = f"not an image file (extension {f.suffix or 'none'!r})"
-            if why is None:
-                paths.append(str(f))
-            else:
-                rejected.append((str(f), why))
-    return paths, rejected
+            entries.append((str(f), why))
+    return ImageInputs(entries, ignored)
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The readable candidates and the rejected files of :func:`scan_inputs` (ignored files left out)."""
+    found = scan_inputs(inputs)
+    return found.paths, found.rejected
+
+
+def verify_image(path: str | os.PathLike) -> str | None:
+    """Why a file cannot be an image, found cheaply (its header, and PNG's checksums), or None when it looks whole.
+
+    Cheaper than decoding (about 50 us against 95 us a Fashion-MNIST PNG, measured); a truncated JPEG passes and is
+    caught when it is decoded.
+    """
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for bad files
+        return f"cannot decode image ({type(e).__name__}: {e})"
+    return None
+
+
+def verify_images(paths: Sequence[str | os.PathLike], workers: int = 4) -> list[tuple[int, str]]:
+    """:func:`verify_image` over many files (in threads: it mostly waits for the disk), as (position, reason)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(pool.map(verify_image, paths, chunksize=256))
+    return [(i, why) for i, why in enumerate(reasons) if why is not None]
 
 
 def resize_crop(image: Image.Image, resize: int, crop: int, interpolation: str = "bilinear") -> np.ndarray:

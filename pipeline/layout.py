@@ -29,7 +29,7 @@ __all__ = [
     "FEATURES_FORMAT", "FEATURES_FORMAT_VERSION", "HEAD_FORMAT", "FINETUNED_FORMAT", "FINETUNED_FORMAT_VERSION",
     "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION",
     "HeadFiles", "EvaluationFiles", "RunFiles", "ReportFiles",
-    "slug", "cache_path", "partial_dir", "dataset_caches", "sibling_cache", "heads_dir", "head_base", "head_files", "head_metadata",
+    "slug", "cache_path", "partial_dir", "dataset_caches", "unreadable_list", "sibling_cache", "heads_dir", "head_base", "head_files", "head_metadata",
     "subset_head_dirs", "evaluation_files", "export_path", "run_dir", "run_files", "run_metadata", "report_dir", "report_files",
 ]
 
@@ -73,6 +73,11 @@ def dataset_caches(cache: _PathLike) -> list[Path]:
     if len(cache.parents) < 3:
         return []
     return sorted(cache.parents[2].glob("*/*/*.h5"))
+
+
+def unreadable_list(folder: _PathLike, split: str) -> Path:
+    """The full list of a split's unreadable files, written when a refusal names too many to show."""
+    return Path(folder) / f"unreadable-{split}.txt"
 
 
 def sibling_cache(cache: _PathLike, split: str) -> Path:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .images import UnreadableImageError, find_images, load_rgb, resize_crop
+from .images import UnreadableImageError, load_rgb, resize_crop, scan_inputs
 from .layout import EXPORT_FORMAT, EXPORT_FORMAT_VERSION
 
 __all__ = ["INPUT", "OUTPUTS", "METADATA", "OnnxModel", "load_onnx_model", "predict_onnx"]
@@ -106,9 +106,9 @@ def predict_onnx(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
         raise ValueError(f"on_error must be fail or skip, got {on_error!r}")
     model = load_onnx_model(path)
     classes = model.classes
-    paths, rejected = find_images(inputs)
-    if rejected and on_error == "fail":
-        raise ValueError(f"{rejected[0][0]}: {rejected[0][1]}; remove it or pass --on-error skip")
+    found = scan_inputs(inputs)
+    found.check(on_error)
+    paths = found.paths
     rows: dict[int, dict] = {}
     for start in range(0, len(paths), batch_size):
         good, images = [], []
@@ -123,5 +123,4 @@ def predict_onnx(path: str | os.PathLike, inputs: Sequence[str | os.PathLike], *
         if images:
             probabilities, _ = model(np.stack(images))
             rows.update(prediction_rows(good, [paths[i] for i in good], probabilities, classes))
-    out = [rows[i] for i in range(len(paths))] + [{"path": p, "error": why} for p, why in rejected]
-    return out, classes
+    return found.rows(rows), classes

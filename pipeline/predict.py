@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .images import find_images
+from .images import find_images, scan_inputs
 
 if TYPE_CHECKING:
     from .artifacts import FinetunedModel, HeadArtifact
@@ -84,9 +84,9 @@ def predict(
     art = load_head(head)
     settings = art.meta["extract_settings"]
     backbone, taps, which = head_backbone(art, weights)
-    paths, rejected = find_images(inputs)
-    if rejected and on_error == "fail":
-        raise ValueError(f"{rejected[0][0]}: {rejected[0][1]}; remove it or pass --on-error skip")
+    found = scan_inputs(inputs)
+    found.check(on_error)
+    paths = found.paths
     rows: dict[int, dict] = {}
     runtime = resolve_runtime(device, settings.get("amp"))
     loader = torch.utils.data.DataLoader(ImageDataset(Path("."), paths, backbone.preprocess.transform()), batch_size=batch_size, collate_fn=collate_batch)
@@ -97,8 +97,7 @@ def predict(
                 rows[i] = {"path": paths[i], "error": why}
             if features is not None:
                 rows.update(prediction_rows(index, [paths[i] for i in index], head_probabilities(art.pipeline, features[which]), art.classes))
-    out = [rows[i] for i in range(len(paths))] + [{"path": p, "error": why} for p, why in rejected]
-    return out, art.classes
+    return found.rows(rows), art.classes
 
 
 def head_backbone(art: HeadArtifact, weights: str | None = None) -> tuple[Backbone, list[Tap], int]:
@@ -152,16 +151,15 @@ def _predict_finetuned(path: str | os.PathLike, inputs: Sequence[str | os.PathLi
     from .artifacts import load_finetuned
 
     fm = load_finetuned(path)
-    paths, rejected = find_images(inputs)
-    if rejected and on_error == "fail":
-        raise ValueError(f"{rejected[0][0]}: {rejected[0][1]}; remove it or pass --on-error skip")
+    found = scan_inputs(inputs)
+    found.check(on_error)
+    paths = found.paths
     positions, logits, bad = image_logits(fm, ".", paths, device=device, batch_size=batch_size, on_error=on_error)
     z = logits - logits.max(axis=1, keepdims=True)
     proba = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
     rows: dict[int, dict] = {i: {"path": paths[i], "error": why} for i, why in bad}
     rows.update(prediction_rows(positions, [paths[i] for i in positions], proba, fm.classes))
-    out = [rows[i] for i in range(len(paths))] + [{"path": p, "error": why} for p, why in rejected]
-    return out, fm.classes
+    return found.rows(rows), fm.classes
 
 
 def image_logits(fm: FinetunedModel, root: str | os.PathLike, paths: Sequence[str], *, device: str = "auto", batch_size: int = 64,

@@ -143,11 +143,14 @@ def test_output_writes_one_split_there_and_refuses_two(image_folder: Path) -> No
 
 def test_skipped_files_are_listed(image_folder: Path) -> None:
     (image_folder / "test" / "bee" / "notes.txt").write_text("x")
+    (image_folder / "test" / "bee" / "x.png").write_bytes(b"not a png")
     (image_folder / "test" / "cat" / "empty.png").write_bytes(b"")
     out = ok(_extract(image_folder, "--split", "test", "--on-error", "skip"))
     lines = out.splitlines()
     assert lines[0].startswith(f"test: {TEST_CACHE}  9 images, 2 skipped, ")
-    assert lines[1:] == ["  skipped test/bee/notes.txt: not an image file (extension '.txt')", "  skipped test/cat/empty.png: empty file (0 bytes)"]
+    assert lines[1:] == ["  ignored 1 file(s) that are not images (hidden, system or other extensions): test/bee/notes.txt",
+                         "  skipped test/cat/empty.png: empty file (0 bytes)",
+                         f"  skipped test/bee/x.png: cannot decode image (UnidentifiedImageError: cannot identify image file '{image_folder / 'test' / 'bee' / 'x.png'}')"]
 
 
 # ---------------------------------------------------------------- extract: errors
@@ -187,14 +190,14 @@ def test_missing_dataset_folder() -> None:
 
 
 def test_bad_file_under_the_default_policy(image_folder: Path) -> None:
-    (image_folder / "test" / "ant" / "notes.txt").write_text("x")
-    msg = error(_extract(image_folder, "--split", "test"))
-    assert msg == f"{image_folder / 'test' / 'ant' / 'notes.txt'}: not an image file (extension '.txt'); remove it or pass --on-error skip"
-    (image_folder / "test" / "ant" / "notes.txt").unlink()
+    (image_folder / "test" / "ant" / "notes.txt").write_text("x")  # not an image: ignored and counted, not fatal
+    (image_folder / "test" / ".DS_Store").write_bytes(b"Bud1")
+    out = ok(_extract(image_folder, "--split", "test"))
+    assert "  ignored 2 file(s) that are not images (hidden, system or other extensions): test/.DS_Store, test/ant/notes.txt" in out
     (image_folder / "test" / "bee" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    msg = error(_extract(image_folder, "--split", "test"))
+    msg = error(_extract(image_folder, "--split", "test", "--force"))
     assert re.fullmatch(
-        re.escape(str(image_folder / "test" / "bee" / "x.png")) + r": cannot decode image \(.+\); fix or remove the file, or pass --on-error skip", msg
+        re.escape(str(image_folder / "test" / "bee" / "x.png")) + r": cannot decode image \(.+\); remove or fix it, or pass --on-error skip", msg
     ), msg
 
 

@@ -139,9 +139,15 @@ def _truncated(path: Path, fmt: str) -> None:
 
 # name -> (how to make the file, the reason recorded: exact for refused files, a regex where PIL words the detail)
 _REJECTED = {
-    "notes.txt": (lambda p: p.write_text("hello"), "not an image file (extension '.txt')"),
     "empty.jpg": (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
-    ".DS_Store": (lambda p: p.write_bytes(b"\0\0\0\1Bud1"), "hidden file, not an image"),
+}
+# Files an image folder often holds that are never images: ignored, as torchvision's ImageFolder ignores them.
+_IGNORED = {
+    "notes.txt": (lambda p: p.write_text("hello"), "not an image file (extension '.txt')"),
+    ".DS_Store": (lambda p: p.write_bytes(b"\0\0\0\1Bud1"), "hidden file"),
+    "._001.png": (lambda p: p.write_bytes(b"\0\5\26\7AppleDouble"), "hidden file"),
+    "Thumbs.db": (lambda p: p.write_bytes(b"\xd0\xcf\x11\xe0"), "system file"),
+    "desktop.ini": (lambda p: p.write_text("[.ShellClassInfo]"), "system file"),
 }
 _UNDECODABLE = {
     "half.png": (lambda p: _truncated(p, "PNG"), r"cannot decode image \(OSError: image file is truncated.*\)"),
@@ -161,7 +167,7 @@ def _good_test_paths() -> list[str]:
 def test_file_that_cannot_be_an_image_fails_naming_it(image_folder: Path, name: str) -> None:
     make, reason = _REJECTED[name]
     make(image_folder / "test" / "ant" / name)
-    expected = f"{image_folder / 'test' / 'ant' / name}: {reason}; remove it or pass --on-error skip"
+    expected = f"{image_folder / 'test' / 'ant' / name}: {reason}; remove or fix it, or pass --on-error skip"
     with pytest.raises(ValueError, match=_exact(expected)):
         extract(ExtractConfig(data=str(image_folder), split="test", **tiny()), progress=False)
 
@@ -170,7 +176,10 @@ def test_file_that_cannot_be_an_image_fails_naming_it(image_folder: Path, name: 
 def test_undecodable_image_fails_naming_it(image_folder: Path, name: str) -> None:
     make, reason = _UNDECODABLE[name]
     make(image_folder / "test" / "ant" / name)
-    expected = f"^{re.escape(str(image_folder / 'test' / 'ant' / name))}: {reason}; fix or remove the file, or pass --on-error skip$"
+    # A broken header or PNG checksum is found by the scan before any work; a truncated JPEG when it is decoded.
+    reason = {"half.png": r"cannot decode image \(OSError: Truncated File Read\)"}.get(name, reason)
+    tail = "fix or remove the file" if name == "half.jpg" else "remove or fix it"
+    expected = f"^{re.escape(str(image_folder / 'test' / 'ant' / name))}: {reason}; {tail}, or pass --on-error skip$"
     with pytest.raises(ValueError, match=expected):
         extract(ExtractConfig(data=str(image_folder), split="test", **tiny()), progress=False)
 
@@ -178,14 +187,13 @@ def test_undecodable_image_fails_naming_it(image_folder: Path, name: str) -> Non
 def test_bad_files_are_skipped_and_recorded_under_skip(image_folder: Path) -> None:
     where = {".DS_Store": "ant", "empty.jpg": "ant", "notes.txt": "bee", "half.png": "bee", "half.jpg": "cat", "x.png": "cat"}
     for name, cls in where.items():
-        {**_REJECTED, **_UNDECODABLE}[name][0](image_folder / "test" / cls / name)
+        {**_REJECTED, **_IGNORED, **_UNDECODABLE}[name][0](image_folder / "test" / cls / name)
     # Batches of 2: the last batch (cat/half.jpg, cat/x.png) has no readable image at all.
     result = extract(ExtractConfig(data=str(image_folder), split="test", on_error="skip", **tiny(batch_size=2)), progress=False)
-    assert result.status == "extracted" and result.n_images == 9 and result.n_skipped == 6
+    assert result.status == "extracted" and result.n_images == 9 and result.n_skipped == 4
+    assert result.ignored == [("test/ant/.DS_Store", "hidden file"), ("test/bee/notes.txt", "not an image file (extension '.txt')")]
     # Files refused by the scan come first, in scan order, then the ones that failed to decode, in split order.
-    assert [p for p, _ in result.skipped] == [
-        "test/ant/.DS_Store", "test/ant/empty.jpg", "test/bee/notes.txt", "test/bee/half.png", "test/cat/half.jpg", "test/cat/x.png",
-    ]
+    assert [p for p, _ in result.skipped] == ["test/ant/empty.jpg", "test/bee/half.png", "test/cat/half.jpg", "test/cat/x.png"]
     for path, why in result.skipped:
         name = Path(path).name
         if name in _REJECTED:
@@ -197,21 +205,50 @@ def test_bad_files_are_skipped_and_recorded_under_skip(image_folder: Path) -> No
         assert c.paths == _good_test_paths()
         assert c.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
         assert c.features().shape == (9, 1280) and np.isfinite(c.features()).all()
-        assert c.attrs["n_skipped"] == 6 and c.attrs["n_rows"] == 9
+        assert c.attrs["n_skipped"] == 4 and c.attrs["n_rows"] == 9 and c.attrs["n_ignored"] == 2
 
 
-def test_several_bad_files_are_counted_in_the_failure(image_folder: Path) -> None:
-    (image_folder / "test" / "ant" / "a.txt").write_text("x")
-    (image_folder / "test" / "bee" / "b.jpg").write_bytes(b"")
-    expected = f"{image_folder / 'test' / 'ant' / 'a.txt'}: not an image file (extension '.txt') (and 1 more); remove it or pass --on-error skip"
+def test_every_bad_file_is_named_in_one_failure(image_folder: Path) -> None:
+    test = image_folder / "test"
+    (test / "ant" / "a.txt").write_text("x")  # ignored, not a failure
+    (test / "bee" / "b.jpg").write_bytes(b"")
+    _truncated(test / "cat" / "c.png", "PNG")
+    (test / "cat" / "d.png").write_bytes(b"not an image")
+    expected = (f"3 files in the test split cannot be read: {test / 'bee' / 'b.jpg'}: empty file (0 bytes); "
+                f"{test / 'cat' / 'c.png'}: cannot decode image (OSError: Truncated File Read); "
+                f"{test / 'cat' / 'd.png'}: cannot decode image (UnidentifiedImageError: cannot identify image file '{test / 'cat' / 'd.png'}'); "
+                "remove or fix them, or pass --on-error skip")
     with pytest.raises(ValueError, match=_exact(expected)):
         extract(ExtractConfig(data=str(image_folder), split="test", **tiny()), progress=False)
+    # More than ten: the message shows ten, and the full list is written beside the caches.
+    for i in range(12):
+        (test / "ant" / f"e{i:02d}.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^15 files in the test split cannot be read: .*; and 5 more \(all listed in features/ds/unreadable-test.txt\); remove"):
+        extract(ExtractConfig(data=str(image_folder), split="test", **tiny()), progress=False)
+    listed = Path("features/ds/unreadable-test.txt").read_text().splitlines()
+    assert len(listed) == 15 and listed[0] == f"{test / 'ant' / 'e00.png'}\tempty file (0 bytes)"
+    # Once they are removed, the same command works: the refused run left nothing behind.
+    for p in [*test.glob("*/e*.png"), test / "bee" / "b.jpg", test / "cat" / "c.png", test / "cat" / "d.png"]:
+        p.unlink()
+    assert extract(ExtractConfig(data=str(image_folder), split="test", **tiny()), progress=False).n_images == 9
 
 
-def test_file_outside_class_folders_is_rejected(image_folder: Path) -> None:
+@pytest.mark.parametrize("name", list(_IGNORED))
+def test_files_that_are_never_images_are_ignored_and_counted(image_folder: Path, name: str) -> None:
+    make, reason = _IGNORED[name]
+    make(image_folder / "test" / "ant" / name)
+    make(image_folder / "test" / name)  # beside the class folders too
+    (image_folder / "test" / "bee" / ".thumbnails").mkdir()
+    make(image_folder / "test" / "bee" / ".thumbnails" / "001.png")
+    result = extract(ExtractConfig(data=str(image_folder), split="test", **tiny()), progress=False)
+    assert result.n_images == 9 and result.n_skipped == 0
+    assert result.ignored == [(f"test/{name}", reason), ("test/ant/" + name, reason), ("test/bee/.thumbnails/", "hidden folder")]
+
+
+def test_file_outside_class_folders_is_ignored(image_folder: Path) -> None:
     (image_folder / "test" / "stray.png").write_bytes(b"x")
     split = load_split(DatasetSpec(str(image_folder)), "test")
-    assert [(r.path, r.reason) for r in split.rejected] == [("test/stray.png", "not inside a class folder")]
+    assert split.rejected == [] and [(r.path, r.reason) for r in split.ignored] == [("test/stray.png", "not inside a class folder")]
     assert split.paths == _good_test_paths()
 
 
@@ -445,7 +482,7 @@ def test_csv_missing_file_fails_or_is_skipped(tmp_path: Path) -> None:
     split = load_split(spec, "test")
     assert [(r.path, r.reason) for r in split.rejected] == [("train/ghost.jpg", "file not found")]
     settings = dict(data=str(root), labels_csv="labels.csv", val_fraction=0.25, test_fraction=0.25, split="test", **tiny())
-    expected = f"{root / 'train' / 'ghost.jpg'}: file not found; remove it or pass --on-error skip"
+    expected = f"{root / 'train' / 'ghost.jpg'}: file not found; remove or fix it, or pass --on-error skip"
     with pytest.raises(ValueError, match=_exact(expected)):
         extract(ExtractConfig(**settings), progress=False)
     result = extract(ExtractConfig(**settings, on_error="skip"), progress=False)

@@ -742,15 +742,22 @@ def test_predict_bad_image_fails_by_default_naming_the_file(real: SimpleNamespac
     message = error(invoke("predict", folder, "--head", real.head))
     assert message.startswith(f"{folder / 'broken.png'}: ") and message.endswith("; fix or remove the file, or pass --on-error skip")
     assert not Path("predictions.csv").exists()
-    (folder / "notes.txt").write_text("not an image")
-    message = error(invoke("predict", folder, "--head", real.head))
-    assert message == f"{folder / 'notes.txt'}: not an image file (extension '.txt'); remove it or pass --on-error skip"
+    (folder / "broken.png").unlink()
+    (folder / "notes.txt").write_text("not an image")  # in a folder: ignored, as ImageFolder does
+    (folder / ".DS_Store").write_bytes(b"Bud1")
+    assert ok(invoke("predict", folder, "--head", real.head)).strip().splitlines()[-1] == "2 images predicted, 0 skipped -> predictions.csv"
+    # Named on its own, a file that is not an image is refused, as every one of them is, in one message.
+    Path("a.txt").write_text("x")
+    message = error(invoke("predict", folder / "notes.txt", "a.txt", "--head", real.head))
+    assert message == (f"2 files cannot be read: {folder / 'notes.txt'}: not an image file (extension '.txt'); "
+                       "a.txt: not an image file (extension '.txt'); remove or fix them, or pass --on-error skip")
 
 
 def test_predict_skips_and_lists_bad_images_on_request(real: SimpleNamespace) -> None:
     folder = _bad_folder(Path("."))
-    (folder / "notes.txt").write_text("not an image")
-    out = ok(invoke("predict", folder, "--head", real.head, "--on-error", "skip", "-o", "p.csv"))
+    (folder / ".DS_Store").write_bytes(b"Bud1")  # ignored
+    Path("notes.txt").write_text("not an image")  # named: refused, and skipped on request
+    out = ok(invoke("predict", folder, "notes.txt", "--head", real.head, "--on-error", "skip", "-o", "p.csv"))
     assert out.strip().splitlines()[-1] == "2 images predicted, 2 skipped -> p.csv"
     # The terminal table: a row per file in input order, skipped files with their reason.
     lines = out.strip().splitlines()
@@ -763,7 +770,7 @@ def test_predict_skips_and_lists_bad_images_on_request(real: SimpleNamespace) ->
     assert table["broken.png"]["error"] and not table["broken.png"]["label"] and not table["broken.png"]["p_ant"]
     assert table["notes.txt"]["error"] == "not an image file (extension '.txt')"
     assert table["good0.png"]["label"] in CLASSES and not table["good0.png"]["error"]
-    rows, classes = predict(real.head, [folder], on_error="skip")
+    rows, classes = predict(real.head, [folder, "notes.txt"], on_error="skip")
     errors = {Path(r["path"]).name: r["error"] for r in rows if "error" in r}
     assert set(errors) == {"broken.png", "notes.txt"} and all(errors.values())
     assert write_predictions(rows, classes, "p.json") == Path("p.json")

@@ -14,7 +14,7 @@ from torchvision.transforms import InterpolationMode
 from .. import layout
 from ..backbones import Preprocess
 from ..config import AUGMENTS, SPLITS, DatasetSpec
-from ..data import ImageDataset, Split, collate_batch, load_split, stratified_subset
+from ..data import ImageDataset, Split, collate_batch, load_split, refuse_unreadable, stratified_subset
 from ..runtime import Runtime
 
 __all__ = ["train_transform"]
@@ -55,10 +55,7 @@ class _Part:
 def _part(label: str, spec: DatasetSpec, split_name: str, per_class: int | None, seed: int, on_error: str, classes: list[str] | None) -> tuple[_Part, Split]:
     split = load_split(spec, split_name)
     root = Path(spec.root)
-    if split.rejected and on_error == "fail":
-        path, why = split.rejected[0].path, split.rejected[0].reason
-        more = f" (and {len(split.rejected) - 1} more)" if len(split.rejected) > 1 else ""
-        raise ValueError(f"{root / path}: {why}{more}; remove it or pass --on-error skip")
+    refuse_unreadable(split, on_error)
     if len(split) == 0:
         raise ValueError(f"the {split_name} split of {root} has no images")
     if classes is not None and split.classes != classes:
