@@ -52,6 +52,45 @@ def init_cmd(data: str, config_file: str, force: bool, **options: Any) -> None:
                "pipeline compare; pipeline report; pipeline predict IMAGES --head <the head's .json>")
 
 
+@cli.command("check")
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@dataset_options(_D, with_data=False)
+@click.option("--show", type=click.IntRange(0), default=10, show_default=True, help="Files listed per kind of problem.")
+@friendly()
+def check_cmd(data: str, show: int, **options: Any) -> None:
+    """Check the dataset DATA without a model: per split the images, classes, sizes and modes, the unreadable files,
+    byte-identical duplicates (across splits: a leak) and classes too small to measure. Exit code 1 on unreadable
+    files or leaks."""
+    from .check import TINY_CLASS, check_dataset
+
+    spec = ExtractConfig(data=data, **{k: v for k, v in options.items() if v is not None}).dataset
+    report = check_dataset(spec)
+    click.echo(f"{report.root}: {len(report.classes)} classes ({', '.join(report.classes[:8])}{' ...' if len(report.classes) > 8 else ''})")
+    top = lambda counter: ", ".join(f"{k if isinstance(k, str) else 'x'.join(map(str, k))} ({n})" for k, n in counter.most_common(3))  # noqa: E731
+    for s in report.splits.values():
+        carved = f", carved from {s.carved['from']} ({s.carved.get('val_fraction')}, seed {s.carved['seed']})" if s.carved and s.name != s.carved['from'] else ""
+        smallest = min(s.per_class.items(), key=lambda kv: kv[1]) if s.per_class else ("-", 0)
+        click.echo(f"  {s.name:<5} {s.images:>7} images{carved}; smallest class {smallest[0]} ({smallest[1]}); "
+                   f"sizes {top(s.sizes) or '-'}; modes {top(s.modes) or '-'}")
+        if s.tiny_classes:
+            click.echo(f"        classes with fewer than {TINY_CLASS} images: {', '.join(s.tiny_classes[:show])} (their accuracy means little)")
+        if s.ignored:
+            click.echo(f"        ignored {len(s.ignored)} file(s) that are not images: {', '.join(p for p, _ in s.ignored[:show])}")
+        for rel, why in s.unreadable[:show]:
+            click.echo(f"        unreadable {rel}: {why}")
+        if len(s.unreadable) > show:
+            click.echo(f"        ... and {len(s.unreadable) - show} more unreadable")
+    for group in report.leaks[:show]:
+        click.echo("  leak: the same bytes in " + " = ".join(f"{split}:{rel}" for split, rel in group))
+    within = len(report.duplicates) - len(report.leaks)
+    if within:
+        click.echo(f"  {within} group(s) of byte-identical files within a split, e.g. " + " = ".join(rel for _, rel in report.duplicates[len(report.leaks)]))
+    unreadable = sum(len(s.unreadable) for s in report.splits.values())
+    if not report.ok:
+        raise click.ClickException(f"{unreadable} unreadable file(s), {len(report.leaks)} duplicate group(s) across splits")
+    click.echo("ok: every image is readable and no file is in two splits")
+
+
 @cli.command("extract")
 @click.option("--split", "splits", multiple=True, type=click.Choice(SPLITS), help=f"Split(s) to extract; repeat for several.  [default: {_D.split}]")
 @dataset_options(_D)
