@@ -94,6 +94,7 @@ bench: assets  ## Benchmarks: extraction vs the naive loop, head fit times, larg
 	$(BIN)/python bench/finetune_compare.py
 	$(BIN)/python bench/dist_bench.py --data $(DATA)
 	$(BIN)/python bench/tradeoff.py --data $(DATA)
+	$(BIN)/python bench/startup_bench.py
 
 faults: $(STAMP)  ## Fault injection: kill -9 extract, fit-head and finetune at random moments and save points (about 15 min)
 	$(BIN)/python bench/fault_inject.py
