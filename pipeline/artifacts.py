@@ -4,11 +4,15 @@ No pickle is ever loaded. Torch heads are plain tensors and strings, loaded with
 scikit-learn heads are skops files, loaded with an explicit list of the types a head is made of
 (:data:`TRUSTED_TYPES`): a file naming any other type is refused before anything in it is built, and what is
 built must be a Pipeline of head steps. Either way the artifact's sha256 is recorded in a JSON sidecar when it
-is written and checked before it is read, so a tampered or swapped file is refused too.
+is written and checked before it is read, so a tampered or swapped file is refused too: the bytes checked are
+the bytes loaded, read once. A head's artifact is named by its digest and its metadata is written last, so that
+replacing a head never leaves a mix of the old and the new (:func:`save_head`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import pickle
@@ -24,9 +28,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
 from .backbones import Preprocess, file_sha256, replace_classifier
-from .files import atomic_write
+from .files import atomic_write, file_lock, remove_stale_temps
 from .heads import SpatialPool, TorchLinearHead
-from .layout import FINETUNED_FORMAT, HEAD_FORMAT, head_files
+from .layout import FINETUNED_FORMAT, HEAD_FORMAT, HeadFiles, head_files
 
 __all__ = ["save_head", "load_head", "HeadArtifact", "TamperedArtifactError", "UntrustedArtifactError", "TRUSTED_TYPES",
            "FinetunedModel", "is_finetuned", "load_finetuned", "read_meta", "require_fields", "verified_artifact", "feature_identity"]
@@ -257,7 +261,7 @@ def read_meta(path: str | os.PathLike, fmt: str, what: str, kind: str, hint: str
     Raises:
         ValueError: a missing, unreadable or foreign metadata file.
     """
-    meta_path = Path(path).with_suffix(".json")
+    meta_path = head_files(path).meta  # an artifact's name, content tag and all, leads to its metadata
     if not meta_path.is_file():
         raise ValueError(f"no {what} metadata at {meta_path}; {hint}")
     try:
@@ -284,8 +288,12 @@ def artifact_path(meta_path: Path, meta: dict) -> Path:
         raise ValueError(f"{meta_path} names an artifact {name!r} that is not beside it")
     artifact = meta_path.with_name(name)
     if not artifact.is_file():
-        raise ValueError(f"{meta_path} names an artifact {name!r} that is not beside it")
+        raise _GoneError(f"{meta_path} names an artifact {name!r} that is not beside it")
     return artifact
+
+
+class _GoneError(ValueError):
+    """A missing artifact: never written, or removed by a save that replaced the head since its metadata was read."""
 
 
 def verified_artifact(meta_path: Path, meta: dict) -> Path:
@@ -295,39 +303,94 @@ def verified_artifact(meta_path: Path, meta: dict) -> Path:
         TamperedArtifactError: the digests differ.
     """
     artifact = artifact_path(meta_path, meta)
-    digest = file_sha256(artifact)
+    _check_digest(artifact, meta, file_sha256(artifact))
+    return artifact
+
+
+def _check_digest(artifact: Path, meta: dict, digest: str) -> None:
     if digest != meta["artifact_sha256"]:
         raise TamperedArtifactError(
             f"{artifact} does not match the sha256 recorded when it was written "
             f"({meta['artifact_sha256'][:16]}... expected, {digest[:16]}... found); refusing to load it"
         )
-    return artifact
+
+
+def _read_verified(meta_path: Path, meta: dict) -> tuple[Path, bytes]:
+    """The artifact's path and bytes, read once and checked against the recorded sha256: what is checked is what is loaded.
+
+    Raises:
+        ValueError: see :func:`artifact_path`.
+        TamperedArtifactError: the digests differ.
+    """
+    artifact = artifact_path(meta_path, meta)
+    try:
+        data = artifact.read_bytes()
+    except FileNotFoundError:
+        raise _GoneError(f"{meta_path} names an artifact {artifact.name!r} that is not beside it") from None
+    _check_digest(artifact, meta, hashlib.sha256(data).hexdigest())
+    return artifact, data
 
 
 def save_head(pipe: Pipeline, meta: dict, path: str | os.PathLike) -> Path:
-    """Write a fitted head and its metadata, atomically.
+    """Write a fitted head and its metadata, replacing any head at ``path`` as one unit.
 
-    Torch heads go to ``<path>.pt`` (tensors, loadable with ``weights_only=True``); others to ``<path>.skops``.
-    Either way ``<path>.json`` holds the metadata and the artifact's sha256.
+    Torch heads go to ``<path>.<digest>.pt`` (tensors, loadable with ``weights_only=True``); others to
+    ``<path>.<digest>.skops``, named by the first 16 hex digits of their sha256. ``<path>.json`` holds the metadata,
+    the artifact's name and its sha256; it is written last, and the old artifact is removed only after it. A crash
+    or a full disk at any moment leaves the old head or the new one loadable, never a mix. Holds the head's lock
+    (:func:`~pipeline.files.file_lock`) while it writes.
 
     Returns:
         The path of the JSON metadata file, which names the artifact.
+
+    Raises:
+        BusyError: another process is writing this head.
     """
     files = head_files(path)
     files.base.parent.mkdir(parents=True, exist_ok=True)
     state = _torch_state(pipe)
     if state is not None:
-        artifact = files.torch
-        atomic_write(artifact, lambda f: torch.save(state, f))
+        suffix, write = ".pt", lambda f: torch.save(state, f)
     else:
         import skops.io
 
-        artifact = files.skops
-        atomic_write(artifact, lambda f: skops.io.dump(pipe, f))
-    record = {**meta, "artifact": artifact.name, "artifact_sha256": file_sha256(artifact), "format": HEAD_FORMAT, "format_version": 1}
-    meta_path = files.meta
-    atomic_write(meta_path, lambda f: f.write(json.dumps(record, indent=1, sort_keys=True, default=str).encode()))
-    return meta_path
+        suffix, write = ".skops", lambda f: skops.io.dump(pipe, f)
+    digest: list[str] = []
+
+    def by_content(tmp: Path) -> Path:
+        digest.append(file_sha256(tmp))
+        return files.artifact(suffix, digest[-1])
+
+    with file_lock(files.meta):
+        for name in (files.torch, files.skops, files.meta):
+            remove_stale_temps(name)
+        in_use = _named_artifact(files.meta)
+        artifact = atomic_write(files.torch if suffix == ".pt" else files.skops, write, rename=by_content)
+        record = {**meta, "artifact": artifact.name, "artifact_sha256": digest[-1], "format": HEAD_FORMAT, "format_version": 1}
+        try:
+            atomic_write(files.meta, lambda f: f.write(json.dumps(record, indent=1, sort_keys=True, default=str).encode()))
+        except BaseException:
+            if artifact.name != in_use:  # the old head stays as it was, with nothing of the new one beside it
+                artifact.unlink(missing_ok=True)
+            raise
+        _remove_unused_artifacts(files, artifact)
+    return files.meta
+
+
+def _named_artifact(meta_path: Path) -> str | None:
+    """The artifact the metadata at ``meta_path`` names, if it reads."""
+    try:
+        return str(json.loads(meta_path.read_text())["artifact"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _remove_unused_artifacts(files: HeadFiles, keep: Path) -> None:
+    """Remove the artifacts of a head other than ``keep``, the one its metadata names: replaced ones, and those of
+    saves cut short before their metadata was written."""
+    for p in files.artifacts():
+        if p.name != keep.name:
+            p.unlink(missing_ok=True)
 
 
 def load_head(path: str | os.PathLike) -> HeadArtifact:
@@ -342,26 +405,33 @@ def load_head(path: str | os.PathLike) -> HeadArtifact:
         TamperedArtifactError: the artifact's bytes differ from the recorded digest.
         UntrustedArtifactError: an old joblib head, or a file holding types no head is made of.
     """
-    meta_path, meta = read_meta(path, HEAD_FORMAT, "head", "pipeline head", "fit a head with pipeline fit-head first")
-    suffix = Path(str(meta["artifact"])).suffix
-    if suffix == ".joblib":
-        clf = meta.get("clf", "NAME")
-        raise UntrustedArtifactError(
-            f"{meta_path} names a joblib (pickle) head, which is no longer loaded because unpickling can run code; "
-            f"fit it again: pipeline fit-head --clf {clf} --refit"
-        )
-    artifact = verified_artifact(meta_path, meta)
+    for last_try in (False, True):
+        meta_path, meta = read_meta(path, HEAD_FORMAT, "head", "pipeline head", "fit a head with pipeline fit-head first")
+        suffix = Path(str(meta["artifact"])).suffix
+        if suffix == ".joblib":
+            clf = meta.get("clf", "NAME")
+            raise UntrustedArtifactError(
+                f"{meta_path} names a joblib (pickle) head, which is no longer loaded because unpickling can run code; "
+                f"fit it again: pipeline fit-head --clf {clf} --refit"
+            )
+        try:
+            artifact, data = _read_verified(meta_path, meta)
+            break
+        except _GoneError:
+            # Replaced between reading its metadata and its artifact: the new metadata names the new artifact.
+            if last_try:
+                raise
     if suffix == ".pt":
-        pipe = _load_torch_head(artifact)
+        pipe = _load_torch_head(artifact, data)
     elif suffix == ".skops":
-        pipe = _load_skops_head(artifact)
+        pipe = _load_skops_head(artifact, data)
     else:
         raise ValueError(f"{meta_path} names an artifact {artifact.name!r} of no known kind; expected .pt or .skops")
     return HeadArtifact(pipe, meta, meta_path)
 
 
-def _load_torch_head(artifact: Path) -> Pipeline:
-    state = _torch_load(artifact, "torch head")
+def _load_torch_head(artifact: Path, data: bytes) -> Pipeline:
+    state = _torch_load(artifact, "torch head", data)
     try:
         _check_torch_state(state)
     except ValueError as e:
@@ -372,10 +442,11 @@ def _load_torch_head(artifact: Path) -> Pipeline:
         raise ValueError(f"{artifact} is not a torch head's tensors ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def _torch_load(artifact: Path, kind: str) -> Any:
-    """Tensors and plain values from a torch file, with ``weights_only=True``; anything else is refused, with why."""
+def _torch_load(artifact: Path, kind: str, data: bytes | None = None) -> Any:
+    """Tensors and plain values from a torch file (or its bytes, already read and verified), with ``weights_only=True``;
+    anything else is refused, with why."""
     try:
-        return torch.load(artifact, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data) if data is not None else artifact, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise ValueError(f"{artifact} is not a readable {kind} (UnpicklingError: {_first_line(e)}); refusing to load it") from None
@@ -387,20 +458,21 @@ def _torch_load(artifact: Path, kind: str) -> Any:
         raise ValueError(f"{artifact} is not a readable {kind} ({type(e).__name__}: {_first_line(e)}); refusing to load it") from None
 
 
-def _load_skops_head(artifact: Path) -> Pipeline:
-    """A skops head, after checking that the file names only :data:`TRUSTED_TYPES` (and skops' defaults)."""
+def _load_skops_head(artifact: Path, data: bytes) -> Pipeline:
+    """A skops head (``data``, read from ``artifact``), after checking that it names only :data:`TRUSTED_TYPES`
+    (and skops' defaults)."""
     import skops.io
 
     try:
         # Reads the file's schema only: nothing is imported or built yet.
-        found = skops.io.get_untrusted_types(file=artifact)
+        found = skops.io.get_untrusted_types(data=data)
     except Exception as e:  # a truncated or foreign file fails in the zip, JSON or schema reader
         raise ValueError(f"{artifact} is not a readable skops file ({type(e).__name__}: {_first_line(e)}); refusing to load it") from None
     untrusted = sorted(set(found) - set(TRUSTED_TYPES))
     if untrusted:
         raise UntrustedArtifactError(f"{artifact} holds types that no head is made of: {', '.join(untrusted)}; refusing to load it")
     try:
-        pipe = skops.io.load(artifact, trusted=list(TRUSTED_TYPES))
+        pipe = skops.io.loads(data, trusted=list(TRUSTED_TYPES))
     except Exception as e:
         raise ValueError(f"{artifact} is not a readable skops head ({type(e).__name__}: {_first_line(e)})") from None
     # skops also trusts every scikit-learn estimator by default; a head is a Pipeline of our steps and nothing else.
@@ -433,7 +505,7 @@ class FinetunedModel:
 
 def is_finetuned(path: str | os.PathLike) -> bool:
     """Whether ``path`` (a ``.json`` or its ``.pt``) is a fine-tuned model's metadata rather than a head's."""
-    meta_path = Path(path).with_suffix(".json")
+    meta_path = head_files(path).meta
     if not meta_path.is_file():
         return False
     try:

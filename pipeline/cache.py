@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 
 from .config import COMPRESSIONS, DTYPES
-from .files import atomic_target, disk_full
+from .files import atomic_target, disk_full, file_lock, reserve
 from .layout import FEATURES_FORMAT as FORMAT
 from .layout import FEATURES_FORMAT_VERSION as FORMAT_VERSION
 from .layout import dataset_caches
@@ -102,23 +102,27 @@ def write_cache(
         raise ValueError(f"no image of the split could be read; nothing to write to {partial.final}")
     rows = len(index)
     final = partial.final
-    # HDF5 can crash the process (not raise) when the disk fills while it writes, so the room is checked first:
-    # the features uncompressed, the per-row arrays, and 1 MiB for strings and metadata.
-    need = rows * (sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in zip(shapes, dtypes)) + 16) + sum(map(len, paths)) + 2**20
+    chunks = [max(1, min(rows, _CHUNK_BYTES // max(1, int(np.prod(s)) * np.dtype(d).itemsize))) for s, d in zip(shapes, dtypes)]
+    skipped = list(rejected) + [(paths[i], why) for i, why in zip(skipped_idx, skipped_why)]
+    need = _size_bound(rows, shapes, dtypes, chunks, [paths[i] for i in index], list(classes), skipped, compressed=compression != "none")
+    hint = f"; the final file needs about {need / 2**20:.1f} MiB{RESUME_HINT}"
+    # HDF5 can crash the process (not raise) when the disk fills while it writes, so the room is checked first,
+    # then reserved for the file (see below).
     if shutil.disk_usage(final.parent).free < need:
-        raise disk_full(final, f"; the final file needs about {need / 2**20:.1f} MiB{RESUME_HINT}")
+        raise disk_full(final, hint)
     filters = {"none": {}, "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True}, "lzf": {"compression": "lzf", "shuffle": True}}[compression]
     text = h5py.string_dtype()
     # A half-built file is never renamed into place; it is removed so that it does not hold the disk.
-    with atomic_target(final, hint=RESUME_HINT) as tmp:
+    with atomic_target(final, hint=hint) as tmp:
         with h5py.File(tmp, "w") as f:
+            # Every byte HDF5 will write is allocated now: should the disk fill up meanwhile, this raises ENOSPC
+            # here, before any data, and no later write of HDF5's can fail.
+            reserved = reserve(tmp, need)
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["complete"] = False
             dsets = []
-            for name, shape, dtype in zip(tap_names, shapes, dtypes):
-                row_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-                chunk_rows = max(1, min(rows, _CHUNK_BYTES // max(1, row_bytes)))
+            for name, shape, dtype, chunk_rows in zip(tap_names, shapes, dtypes, chunks):
                 dsets.append(f.create_dataset(f"features/{name}", shape=(rows, *shape), dtype=dtype, chunks=(chunk_rows, *shape), fletcher32=True, **filters))
             r = 0
             for shard in partial.read():
@@ -130,14 +134,35 @@ def write_cache(
             f.create_dataset("labels", data=np.asarray(labels)[index].astype(np.int64), fletcher32=True)
             f.create_dataset("paths", data=np.asarray([paths[i] for i in index], dtype=object), dtype=text)
             f.create_dataset("classes", data=np.asarray(list(classes), dtype=object), dtype=text)
-            skipped = list(rejected) + [(paths[i], why) for i, why in zip(skipped_idx, skipped_why)]
             f.create_dataset("skipped/paths", data=np.asarray([p for p, _ in skipped], dtype=object), dtype=text)
             f.create_dataset("skipped/reasons", data=np.asarray([w for _, w in skipped], dtype=object), dtype=text)
             for k, v in _json_attrs({**attrs, "n_rows": rows, "n_skipped": len(skipped)}).items():
                 f.attrs[k] = v
             f.attrs["complete"] = True
+        if reserved:
+            # What HDF5 did not use of the room is given back: opened for writing, it cuts the file to its own
+            # end of data when it closes.
+            h5py.File(tmp, "r+").close()
     partial.remove()
     return final
+
+
+def _size_bound(rows: int, shapes: Sequence[tuple], dtypes: Sequence[np.dtype], chunks: Sequence[int], paths: Sequence[str],
+                classes: Sequence[str], skipped: Sequence[tuple[str, str]], *, compressed: bool) -> int:
+    """An upper bound on the size of the HDF5 file :func:`write_cache` writes, in bytes.
+
+    Features take whole chunks (the last one too, even when partly filled); compression can grow a chunk of
+    incompressible data by a few percent. A string takes its bytes plus its global-heap entry and its reference.
+    A margin covers object headers, chunk indexes and the heap's own bookkeeping.
+    """
+    total = 0
+    for shape, dtype, chunk_rows in zip(shapes, dtypes, chunks):
+        chunk = chunk_rows * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        n_chunks = -(-rows // chunk_rows)
+        total += n_chunks * (int(chunk * 1.05) + 64 if compressed else chunk) + n_chunks * 64
+    strings = [*paths, *classes, *(p for p, _ in skipped), *(w for _, w in skipped)]
+    total += 16 * rows + sum(len(t.encode()) + 64 for t in strings)
+    return int(total * 1.05) + 2**20
 
 
 def write_features(
@@ -168,18 +193,20 @@ def write_features(
     labels = np.asarray(labels, dtype=np.int64)
     blocks = (features[a : a + block_rows] for a in range(0, len(features), block_rows)) if isinstance(features, np.ndarray) else features
     partial = PartialRun(Path(path))
-    partial.start(settings)
-    pos = 0
-    for block in blocks:
-        block = np.asarray(block)
-        partial.write(pos, pos + len(block), [block], np.arange(pos, pos + len(block)), [])
-        pos += len(block)
-    if pos != len(labels):
-        partial.remove()
-        raise ValueError(f"{pos} feature rows for {len(labels)} labels")
-    attrs = {"settings": settings, "taps": [tap], **{k: v for k, v in settings.items() if k not in ("taps",)}}
-    return write_cache(partial, tap_names=[tap], paths=list(paths) if paths is not None else [f"row{i}" for i in range(pos)],
-                       labels=labels, classes=classes, rejected=[], attrs=attrs, compression=compression)
+    partial.final.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(partial.final):
+        partial.start(settings)
+        pos = 0
+        for block in blocks:
+            block = np.asarray(block)
+            partial.write(pos, pos + len(block), [block], np.arange(pos, pos + len(block)), [])
+            pos += len(block)
+        if pos != len(labels):
+            partial.remove()
+            raise ValueError(f"{pos} feature rows for {len(labels)} labels")
+        attrs = {"settings": settings, "taps": [tap], **{k: v for k, v in settings.items() if k not in ("taps",)}}
+        return write_cache(partial, tap_names=[tap], paths=list(paths) if paths is not None else [f"row{i}" for i in range(pos)],
+                           labels=labels, classes=classes, rejected=[], attrs=attrs, compression=compression)
 
 
 class FeatureCache:

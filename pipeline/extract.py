@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .validate import expect_instance
 from .data import ImageDataset, collate_batch, load_split, refuse_unreadable
 from .distributed import Group, process_group
 from .engines import BatchRunner
+from .files import file_lock, remove_stale_temps
 from .runtime import Runtime, resolve_runtime
 from .taps import TapExtractor, resolve_taps
 
@@ -85,8 +87,10 @@ def extract(config: ExtractConfig | None = None, *, force: bool = False, progres
     """Extract features of one split into the cache, resuming an interrupted run.
 
     A complete cache with the same settings is left alone (status ``up-to-date``); one with other settings is
-    refused unless ``force``. Work is saved batch by batch, so an interrupted run continues where it stopped
-    and ends with the same rows as an uninterrupted one.
+    refused unless ``force``, and then kept, readable, until the new one is complete and renamed over it. Work
+    is saved batch by batch, so an interrupted run continues where it stopped and ends with the same rows as an
+    uninterrupted one. One process at a time writes a cache: a second stops with
+    :class:`~pipeline.files.BusyError`.
 
     Under ``torchrun`` (or inside an initialised ``torch.distributed`` process group) every rank calls this
     with the same config: each extracts its own contiguous block of the split, rank 0 then assembles the one
@@ -110,14 +114,15 @@ def extract(config: ExtractConfig | None = None, *, force: bool = False, progres
     runtime = resolve_runtime(config.device, config.amp)
     group, device = process_group(runtime.device)
     runtime = replace(runtime, device=device)
-    return _extract(config, runtime, group, force=force, progress=progress and group.is_main)
+    with ExitStack() as held:  # rank 0 locks the cache from the start of its work to the end
+        return _extract(config, runtime, group, held, force=force, progress=progress and group.is_main)
 
 
 # What a rank may fail with and the other ranks must hear about (anything else is a bug, and torchrun's to stop).
 _ERRORS = (ValueError, TypeError, OSError, WeightsUnavailableError)
 
 
-def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bool, progress: bool) -> ExtractResult:
+def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitStack, *, force: bool, progress: bool) -> ExtractResult:
     root = Path(config.data)
 
     def prepare() -> tuple:
@@ -144,6 +149,9 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bo
 
     def open_run() -> ExtractResult | bool:
         """On rank 0: the up-to-date result, or whether earlier work is resumed, with the partial run ready."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        held.enter_context(file_lock(path))
+        remove_stale_temps(path)  # a final file that a killed run was writing
         if path.exists():
             try:
                 with read_cache(path) as cache:
@@ -153,8 +161,10 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bo
             if provenance.same(old, settings):  # force discards caches of other settings only; an up-to-date one is kept
                 return ExtractResult(path, "up-to-date", n_old, len(skipped_old), skipped=skipped_old)
             if not force:
-                raise ValueError(f"{path} was made with other settings ({'; '.join(provenance.diff(old, settings))}); pass --force to overwrite it")
-            path.unlink()
+                resume = " (and to finish the interrupted run that began to)" if provenance.same(partial.settings(), settings) else ""
+                raise ValueError(f"{path} was made with other settings ({'; '.join(provenance.diff(old, settings))}); pass --force to overwrite it{resume}")
+            # Kept until the new cache is complete and renamed over it: readers go on reading it meanwhile, and an
+            # interrupted --force run leaves it as it was.
         if partial.exists() and not provenance.same(partial.settings(), settings):
             # A run that stopped before its first batch was saved holds nothing to lose: it is simply started over.
             if not force and partial.rows_done() > 0:
@@ -162,7 +172,6 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, *, force: bo
                 raise ValueError(f"an interrupted extraction in {partial.dir} used other settings ({diff}); pass --force to discard it")
             partial.remove()
         if not partial.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
             partial.start(settings)
         return partial.rows_done() > 0
 

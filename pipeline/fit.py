@@ -7,9 +7,10 @@ import hashlib
 import math
 import time
 import warnings
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from sklearn.pipeline import Pipeline
@@ -22,6 +23,7 @@ from .config import ExtractConfig, HeadConfig
 from .validate import expect_instance
 from .data import stratified_subset
 from .extract import locate_cache
+from .files import file_lock, remove_stale_temps
 from .heads import HEADS, SpatialPool, build_head
 
 __all__ = ["HeadConfig", "FitResult", "fit_head", "locate_head", "load_split_features", "check_compatible", "check_disjoint", "paths_digest"]
@@ -250,7 +252,7 @@ def _reusable(base: Path, inputs: dict) -> FitResult | None:
     meta = provenance.current_record(files.meta, inputs)
     try:
         # A head in a format no longer loaded (a joblib pickle) is fitted again rather than reused.
-        if meta is None or meta["artifact"] not in (files.torch.name, files.skops.name):
+        if meta is None or Path(meta["artifact"]).suffix not in (".pt", ".skops"):
             return None
         if file_sha256(files.meta.with_name(meta["artifact"])) != meta["artifact_sha256"]:
             return None
@@ -275,12 +277,16 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         log: called with a line per fitted value of the sweep, as it finishes (progress).
         allow_overlap: fit even when train and val share images, with a warning (recorded in the metadata).
 
+    The head is locked before the fit (:func:`~pipeline.files.file_lock`): a second process fitting the same head
+    stops at once with :class:`~pipeline.files.BusyError` instead of sweeping for nothing.
+
     Returns:
         The fit: saved path, chosen value, val accuracy, time, and the sweep.
 
     Raises:
         ValueError: missing, incomplete or mismatched caches, train and val that share images, a single class,
             NaN/inf features, an empty split, or val classes that train lacks.
+        BusyError: another process is writing this head.
     """
     config = HeadConfig() if config is None else config
     source = ExtractConfig() if source is None else source
@@ -290,71 +296,83 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
     val_path = Path(config.val_cache) if config.val_cache else locate_cache(replace(source, split="val"))
     base = Path(out) if out else layout.head_base(train_path, config.clf, config.subset)
     t0 = time.perf_counter()
-    with read_cache(train_path) as train, read_cache(val_path) as val:
-        overlap = check_disjoint({"train": train, "val": val}, allow=allow_overlap, hint=(
-            "a hyper-parameter chosen on images the head was fitted on is not chosen at all; extract both splits with the same "
-            "--split-seed and --val-fraction, or pass --allow-overlap to fit anyway"))
-        inputs = {"config": asdict(config), "train": train.identity, "val": val.identity, "pipeline": provenance.PIPELINE_VERSION}
-        if not refit:
-            reused = _reusable(base, inputs)
-            if reused is not None:
-                return reused
-        tap = config.tap or train.taps[0]
-        if tap not in train.taps:
-            raise ValueError(f"{train.path} has no tap {tap!r}; it holds {', '.join(train.taps)}")
-        check_compatible(train, val, tap)
-        Xv, yv = load_split_features(val, tap, "val")
-        yt = train.labels
-        if len(yt) == 0:
-            raise ValueError(f"the train split in {train.path} is empty")
-        present = np.unique(yt)
-        if len(present) < 2:
-            raise ValueError(f"the train split in {train.path} has a single class ({train.classes[int(present[0])]}); a classifier needs two or more")
-        missing = sorted(set(np.unique(yv).tolist()) - set(present.tolist()))
-        if missing:
-            raise ValueError(f"the val split has classes the train split lacks: {[train.classes[i] for i in missing]}")
-        absent = [c for i, c in enumerate(train.classes) if i not in set(present.tolist())]
-        if absent:
-            raise ValueError(f"the train split has no images of class(es) {absent}; a head cannot learn a class it never sees")
-        classes, train_attrs, val_fingerprint = train.classes, train.attrs, val.attrs.get("dataset_fingerprint")
-        features = train.dataset(tap)
-        rows = None if config.subset is None else stratified_subset(yt, config.subset, config.seed)
-        subset = None
-        if rows is not None:
-            subset = {"per_class": config.subset, "seed": config.seed, "rows": len(rows), "paths_sha256": paths_digest([train.paths[i] for i in rows])}
-        stream = rows is None and (config.stream if config.stream is not None else features.nbytes > config.memory_budget_mb * 2**20)
-        if stream:
-            value, pipe, sweep = _fit_streaming(config, features, yt, Xv, yv, str(train.path), log)
-            train_acc = None
-        else:
-            Xt, _ = load_split_features(train, tap, "train", rows)
+    with ExitStack() as held:
+        with read_cache(train_path) as train, read_cache(val_path) as val:
+            overlap = check_disjoint({"train": train, "val": val}, allow=allow_overlap, hint=(
+                "a hyper-parameter chosen on images the head was fitted on is not chosen at all; extract both splits with the same "
+                "--split-seed and --val-fraction, or pass --allow-overlap to fit anyway"))
+            inputs = {"config": asdict(config), "train": train.identity, "val": val.identity, "pipeline": provenance.PIPELINE_VERSION}
+            if not refit:
+                reused = _reusable(base, inputs)
+                if reused is not None:
+                    return reused
+            tap = config.tap or train.taps[0]
+            if tap not in train.taps:
+                raise ValueError(f"{train.path} has no tap {tap!r}; it holds {', '.join(train.taps)}")
+            check_compatible(train, val, tap)
+            Xv, yv = load_split_features(val, tap, "val")
+            yt = train.labels
+            if len(yt) == 0:
+                raise ValueError(f"the train split in {train.path} is empty")
+            present = np.unique(yt)
+            if len(present) < 2:
+                raise ValueError(f"the train split in {train.path} has a single class ({train.classes[int(present[0])]}); a classifier needs two or more")
+            missing = sorted(set(np.unique(yv).tolist()) - set(present.tolist()))
+            if missing:
+                raise ValueError(f"the val split has classes the train split lacks: {[train.classes[i] for i in missing]}")
+            absent = [c for i, c in enumerate(train.classes) if i not in set(present.tolist())]
+            if absent:
+                raise ValueError(f"the train split has no images of class(es) {absent}; a head cannot learn a class it never sees")
+            classes, train_attrs, val_fingerprint = train.classes, train.attrs, val.attrs.get("dataset_fingerprint")
+            features = train.dataset(tap)
+            rows = None if config.subset is None else stratified_subset(yt, config.subset, config.seed)
+            subset = None
             if rows is not None:
-                yt = yt[rows]
-    if not stream:
-        pre = Pipeline(build_head(config.clf, HEADS[config.clf].grid[0], preprocessing=config.preprocessing, pca=config.pca, pool=config.pool, seed=config.seed).steps[:-1])
-        # Preprocessing does not depend on the swept value: fit it once, sweep on the transformed arrays.
-        Zt = pre.fit_transform(Xt, yt).astype(np.float32, copy=False)
-        Zv = pre.transform(Xv).astype(np.float32, copy=False)
-        value, clf, sweep = _sweep(config.clf, config, Zt, yt, Zv, yv, log)
-        pipe = Pipeline([*pre.steps, ("clf", clf)])
-        train_acc = float((clf.predict(Zt) == yt).mean())
-    clf = pipe.steps[-1][1]
-    seconds = time.perf_counter() - t0
-    spec = HEADS[config.clf]
-    val_acc = max(s["val_accuracy"] for s in sweep if "val_accuracy" in s)
-    meta = {
-        "clf": config.clf, "description": spec.description, "param": spec.param, "value": value, "val_accuracy": val_acc,
-        "train_accuracy": train_acc, "fit_seconds": seconds, "sweep": sweep, "streamed": stream,
-        "config": asdict(config), "preprocessing": config.preprocessing or spec.preprocessing, "tap": tap, "classes": classes,
-        "features": feature_identity(train_attrs), "extract_settings": train_attrs.get("settings", {}),
-        "train_cache": {"path": str(train_path.resolve()), "dataset_fingerprint": train_attrs.get("dataset_fingerprint"), "rows": len(yt)},
-        "val_cache": {"path": str(val_path.resolve()), "dataset_fingerprint": val_fingerprint, "rows": len(yv)}, "subset": subset,
-        "overlap": overlap, **provenance.stamp(inputs),
-    }
-    path = save_head(pipe, meta, base)
-    if config.clf == "linear":
-        provenance.write_history(clf.history_, layout.head_files(base).history)
+                subset = {"per_class": config.subset, "seed": config.seed, "rows": len(rows), "paths_sha256": paths_digest([train.paths[i] for i in rows])}
+            stream = rows is None and (config.stream if config.stream is not None else features.nbytes > config.memory_budget_mb * 2**20)
+            if not stream:
+                Xt, _ = load_split_features(train, tap, "train", rows)
+                if rows is not None:
+                    yt = yt[rows]
+            held.enter_context(_writing(base))  # once the inputs are known to be good: a refused fit leaves nothing behind
+            if stream:
+                value, pipe, sweep = _fit_streaming(config, features, yt, Xv, yv, str(train.path), log)
+                train_acc = None
+        if not stream:
+            pre = Pipeline(build_head(config.clf, HEADS[config.clf].grid[0], preprocessing=config.preprocessing, pca=config.pca, pool=config.pool, seed=config.seed).steps[:-1])
+            # Preprocessing does not depend on the swept value: fit it once, sweep on the transformed arrays.
+            Zt = pre.fit_transform(Xt, yt).astype(np.float32, copy=False)
+            Zv = pre.transform(Xv).astype(np.float32, copy=False)
+            value, clf, sweep = _sweep(config.clf, config, Zt, yt, Zv, yv, log)
+            pipe = Pipeline([*pre.steps, ("clf", clf)])
+            train_acc = float((clf.predict(Zt) == yt).mean())
+        clf = pipe.steps[-1][1]
+        seconds = time.perf_counter() - t0
+        spec = HEADS[config.clf]
+        val_acc = max(s["val_accuracy"] for s in sweep if "val_accuracy" in s)
+        meta = {
+            "clf": config.clf, "description": spec.description, "param": spec.param, "value": value, "val_accuracy": val_acc,
+            "train_accuracy": train_acc, "fit_seconds": seconds, "sweep": sweep, "streamed": stream,
+            "config": asdict(config), "preprocessing": config.preprocessing or spec.preprocessing, "tap": tap, "classes": classes,
+            "features": feature_identity(train_attrs), "extract_settings": train_attrs.get("settings", {}),
+            "train_cache": {"path": str(train_path.resolve()), "dataset_fingerprint": train_attrs.get("dataset_fingerprint"), "rows": len(yt)},
+            "val_cache": {"path": str(val_path.resolve()), "dataset_fingerprint": val_fingerprint, "rows": len(yv)}, "subset": subset,
+            "overlap": overlap, **provenance.stamp(inputs),
+        }
+        path = save_head(pipe, meta, base)
+        if config.clf == "linear":
+            provenance.write_history(clf.history_, layout.head_files(base).history)
     return FitResult(path, config.clf, spec.param, value, val_acc, seconds, sweep)
+
+
+@contextmanager
+def _writing(base: Path) -> Iterator[None]:
+    """Hold the lock of the head at ``base`` (its folder made first) and clear what killed writers left of it."""
+    files = layout.head_files(base)
+    files.base.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(files.meta):
+        remove_stale_temps(files.history)
+        yield
 
 
 def paths_digest(paths: list[str]) -> str:

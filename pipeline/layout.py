@@ -5,7 +5,7 @@ whole disk layout reads from this one page::
 
     features/<dataset>/<model>-<weights>/<taps>/<split>.h5              a feature cache (train, val, test)
     features/<dataset>/<model>-<weights>/<taps>/<split>.h5.partial/     an unfinished extraction's shards
-    .../<taps>/heads/<clf>.json (+ .pt or .skops)                       a head fitted on that cache
+    .../<taps>/heads/<clf>.json (+ <clf>.<sha256[:16]>.pt or .skops)    a head fitted on that cache (its file named by content)
     .../<taps>/heads/subset-<N>/<clf>.json                              a head fitted on N images per class
     .../heads/<clf>-history.csv                                         the linear head's per-epoch history
     .../heads/<clf>-test.json, -test-predictions.npz, -confusion.png    its evaluation on the test split
@@ -15,6 +15,7 @@ whole disk layout reads from this one page::
     runs/.../<name>/model-test.json, ...                                its evaluation, named as a head's
     runs/.../<name>/model.onnx                                          the fine-tuned model exported
     reports/<dataset>/<model>-<weights>/index.html, index.md            the report (report.json marks it complete)
+    .<name>.lock beside a cache, a head's .json or a run folder          held by the one process writing it
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "HeadFiles", "EvaluationFiles", "RunFiles", "ReportFiles",
     "slug", "cache_path", "partial_dir", "dataset_caches", "unreadable_list", "sibling_cache", "heads_dir", "head_base", "head_files", "head_metadata",
     "subset_head_dirs", "evaluation_files", "export_path", "run_dir", "run_files", "run_metadata", "report_dir", "report_files",
+    "lock_file",
 ]
 
 # The ``format`` marker each artifact carries, so a reader can refuse a foreign file before using it.
@@ -88,10 +90,17 @@ def sibling_cache(cache: _PathLike, split: str) -> Path:
 # ---------------------------------------------------------------- stage two: heads and their evaluations
 
 
+# The tag of a head's artifact named by its content: ``<clf>.<first 16 hex digits of its sha256>.pt``.
+_CONTENT_TAG = re.compile(r"\.[0-9a-f]{16}$")
+
+
 @dataclass(frozen=True)
 class HeadFiles:
     """The files of one head, from its base path (no suffix): its metadata, and one artifact, ``.pt`` or ``.skops``.
 
+    The artifact is named by its content (:meth:`artifact`) and the metadata names it, so replacing a head writes
+    the new artifact beside the old one and then the metadata: either is a whole head at every moment.
+    ``<clf>.pt`` and ``<clf>.skops`` are the names of earlier versions, still read.
     Heads are never pickled: a head saved as ``.joblib`` by older versions is refused, to be fitted again.
     """
 
@@ -104,18 +113,30 @@ class HeadFiles:
 
     @property
     def torch(self) -> Path:
-        """The artifact of a torch head: tensors, loadable with ``weights_only=True``."""
+        """``<clf>.pt``: a torch head's artifact (tensors, loadable with ``weights_only=True``) as earlier versions
+        named it; a new one is written under this name, then named by its content."""
         return self.base.with_suffix(".pt")
 
     @property
     def skops(self) -> Path:
-        """The artifact of a scikit-learn head: a skops file, loaded with an explicit list of trusted types."""
+        """``<clf>.skops``: a scikit-learn head's artifact (a skops file, loaded with an explicit list of trusted
+        types) as earlier versions named it; a new one is written under this name, then named by its content."""
         return self.base.with_suffix(".skops")
 
     @property
     def history(self) -> Path:
         """The linear head's per-epoch history."""
         return self.base.with_name(self.base.name + "-history.csv")
+
+    def artifact(self, suffix: str, sha256: str) -> Path:
+        """The artifact with these bytes: ``<clf>.<sha256[:16]><suffix>``."""
+        return self.base.with_name(f"{self.base.name}.{sha256[:16]}{suffix}")
+
+    def artifacts(self) -> list[Path]:
+        """Every artifact file of this head on disk, in use or not: content-named, and of earlier versions."""
+        name = re.compile(rf"{re.escape(self.base.name)}(\.[0-9a-f]{{16}})?\.(pt|skops|joblib)")
+        folder = self.base.parent
+        return sorted(p for p in (folder.iterdir() if folder.is_dir() else ()) if name.fullmatch(p.name))
 
 
 def heads_dir(train_cache: _PathLike) -> Path:
@@ -130,8 +151,9 @@ def head_base(train_cache: _PathLike, clf: str, subset: int | None = None) -> Pa
 
 
 def head_files(path: _PathLike) -> HeadFiles:
-    """The files of the head at ``path``: its base, its ``.json`` or its artifact."""
-    return HeadFiles(Path(path).with_suffix(""))
+    """The files of the head at ``path``: its base, its ``.json`` or its artifact (content-named or not)."""
+    base = Path(path).with_suffix("")
+    return HeadFiles(base.with_name(_CONTENT_TAG.sub("", base.name)))
 
 
 def head_metadata(folder: _PathLike) -> list[Path]:
@@ -161,7 +183,7 @@ class EvaluationFiles:
 def evaluation_files(artifact: _PathLike) -> EvaluationFiles:
     """Where the evaluation of a head (or fine-tuned model) is written: ``<base>-test.json``,
     ``<base>-test-predictions.npz`` and ``<base>-confusion.png``, its metrics JSON last."""
-    base = Path(artifact).with_suffix("")
+    base = head_files(artifact).base
     return EvaluationFiles(base.with_name(base.name + "-test.json"), base.with_name(base.name + "-test-predictions.npz"),
                            base.with_name(base.name + "-confusion.png"))
 
@@ -255,3 +277,12 @@ def report_dir(out_dir: _PathLike, dataset: str, model: str, weights: str) -> Pa
 def report_files(folder: _PathLike) -> ReportFiles:
     """The files of the report in ``folder``."""
     return ReportFiles(Path(folder))
+
+
+# ---------------------------------------------------------------- writers
+
+
+def lock_file(target: _PathLike) -> Path:
+    """The lock file of a file or folder that one process at a time writes: ``.<name>.lock`` beside it."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.lock")

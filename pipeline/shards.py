@@ -10,7 +10,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .files import atomic_write
+from .files import atomic_write, temp_target
 from .layout import partial_dir
 
 __all__ = ["PartialRun", "RESUME_HINT"]
@@ -77,8 +77,9 @@ class PartialRun:
         written by a run with another number of ranks count too, so a re-run redoes only what is missing.
         Temporary files of unfinished shards inside the range are removed.
         """
-        for tmp in self.dir.glob(".rows-*.npz.tmp") if self.dir.is_dir() else ():
-            m = _SHARD.match(tmp.name[1:-4])
+        for tmp in self.dir.glob(".rows-*.tmp") if self.dir.is_dir() else ():
+            target = temp_target(tmp)
+            m = _SHARD.match(target[0].name) if target else None
             if m and start <= int(m.group(1)) and int(m.group(2)) <= stop:
                 tmp.unlink(missing_ok=True)
         gaps, pos = [], start

@@ -148,7 +148,7 @@ def test_linear_head_on_spatial_caches(pool: str) -> None:
     result = fit_head(HeadConfig(clf="linear", grid=(1e-4,), refine=0, pool=pool), SOURCE)
     assert result.val_accuracy >= 0.9
     art = load_head(result.path)
-    assert art.meta["artifact"] == "linear.pt" and art.meta["config"]["pool"] == pool
+    assert re.fullmatch(r"linear\.[0-9a-f]{16}\.pt", art.meta["artifact"]) and art.meta["config"]["pool"] == pool
     assert art.pipeline.named_steps["pool"].input_shape_ == (16, 2, 2)
     m = evaluate(result.path)
     assert m["top1"] >= 0.9 and m["n"] == 30
@@ -250,8 +250,8 @@ def test_head_metadata_records_how_it_was_made() -> None:
     meta = json.loads(result.path.read_text())
     with read_cache(CACHE_DIR / "train.h5") as train:
         attrs = train.attrs
-    assert meta["format"] == "pipeline-head" and meta["artifact"] == "logreg.skops"
-    assert meta["artifact_sha256"] == hashlib.sha256((CACHE_DIR / "heads" / "logreg.skops").read_bytes()).hexdigest()
+    assert meta["format"] == "pipeline-head" and meta["artifact"] == f"logreg.{meta['artifact_sha256'][:16]}.skops"
+    assert meta["artifact_sha256"] == hashlib.sha256((CACHE_DIR / "heads" / meta["artifact"]).read_bytes()).hexdigest()
     assert meta["classes"] == ["c0", "c1", "c2"] and meta["tap"] == TAP
     assert meta["clf"] == "logreg" and meta["param"] == "C" and meta["value"] == result.value
     assert meta["preprocessing"] == HEADS["logreg"].preprocessing
@@ -281,7 +281,8 @@ def test_a_head_saved_in_the_old_pickle_format_is_fitted_again_not_reused() -> N
     meta.update(artifact=old.name, artifact_sha256=hashlib.sha256(old.read_bytes()).hexdigest())
     first.path.write_text(json.dumps(meta))
     again = fit_head(config, SOURCE)
-    assert again.status == "fitted" and json.loads(again.path.read_text())["artifact"] == "logreg.skops"
+    assert again.status == "fitted" and json.loads(again.path.read_text())["artifact"].endswith(".skops")
+    assert not old.exists()  # the replaced artifact is removed once the new metadata is in place
 
 
 def test_head_metadata_records_the_scikit_learn_version() -> None:
@@ -511,11 +512,12 @@ def test_evaluate_refuses_a_tampered_head(monkeypatch: pytest.MonkeyPatch) -> No
 
     c = make_caches(k=3)
     head = _fit(c).path
-    artifact = head.with_suffix(".skops")
+    artifact = head.with_name(json.loads(head.read_text())["artifact"])
     data = bytearray(artifact.read_bytes())
     data[-3] ^= 0x01
     artifact.write_bytes(bytes(data))
     monkeypatch.setattr(skops.io, "load", lambda *a, **k: pytest.fail("a tampered head was deserialised"))
+    monkeypatch.setattr(skops.io, "loads", lambda *a, **k: pytest.fail("a tampered head was deserialised"))
     message = error(invoke("evaluate", head))
     assert message.startswith(f"{artifact} does not match the sha256 recorded when it was written")
     assert message.endswith("refusing to load it")
@@ -627,7 +629,7 @@ def test_fit_head_reuses_a_head_only_while_its_inputs_are_unchanged() -> None:
     X, y = blobs([20] * 3, seed=0)
     write_features(c.train, X, y, c.classes, attrs={"created": "2025-06-01T00:00:00+00:00"})
     assert _fit(c, grid=(0.5,)).status == "fitted"
-    artifact = first.path.with_suffix(".skops")
+    artifact = first.path.with_name(json.loads(first.path.read_text())["artifact"])
     artifact.write_bytes(artifact.read_bytes()[:-8])
     assert _fit(c, grid=(0.5,)).status == "fitted"
     assert load_head(first.path).meta["value"] == 0.5

@@ -282,14 +282,16 @@ def test_saved_head_reloads_and_predicts_identically(name: str, tmp_path: Path) 
     assert meta_path == tmp_path / "heads" / f"{name}.json"
     meta = json.loads(meta_path.read_text())
     suffix = ".pt" if name == "linear" else ".skops"
-    assert meta["artifact"] == name + suffix and meta["format"] == "pipeline-head" and meta["classes"] == ["ant", "bee", "cat"]
+    # Named by its content: the first 16 hex digits of the sha256 the metadata records.
+    assert meta["artifact"] == f"{name}.{meta['artifact_sha256'][:16]}{suffix}"
+    assert meta["format"] == "pipeline-head" and meta["classes"] == ["ant", "bee", "cat"]
     assert not list(meta_path.parent.glob(".*.tmp"))
     art = load_head(meta_path)
     assert isinstance(art, HeadArtifact) and art.classes == ["ant", "bee", "cat"] and art.path == meta_path
     X, _ = blobs(7, k=3, seed=5)
     _same_outputs(pipe, art.pipeline, X)
     # The artifact path itself is accepted too.
-    _same_outputs(pipe, load_head(meta_path.with_suffix(suffix)).pipeline, X)
+    _same_outputs(pipe, load_head(_artifact(meta_path)).pipeline, X)
 
 
 @pytest.mark.parametrize(
@@ -322,11 +324,16 @@ def test_torch_head_on_spatial_features_round_trips(tmp_path: Path) -> None:
     X, y = blobs(12, k=3, d=4 * 3 * 3)
     X = X.reshape(-1, 4, 3, 3)
     pipe, meta_path = _fit_and_save("linear", tmp_path / "linear", X=X, y=y, pool="flatten")
-    assert meta_path.with_suffix(".pt").is_file()
+    assert _artifact(meta_path).suffix == ".pt"
     art = load_head(meta_path)
     _same_outputs(pipe, art.pipeline, X)
     with pytest.raises(ValueError, match=r"features of shape \(4, 2, 2\) given to a head fitted on \(4, 3, 3\)"):
         art.pipeline.predict(np.zeros((1, 4, 2, 2), np.float32))
+
+
+def _artifact(meta_path: Path) -> Path:
+    """The artifact a head's metadata names."""
+    return meta_path.with_name(json.loads(meta_path.read_text())["artifact"])
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -338,13 +345,15 @@ def _flip_a_byte(path: Path) -> None:
 @pytest.mark.parametrize("name, suffix", [("logreg", ".skops"), ("linear", ".pt")])
 def test_tampered_artifact_is_refused_without_unpickling(name: str, suffix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, meta_path = _fit_and_save(name, tmp_path / name)
-    artifact = meta_path.with_suffix(suffix)
+    artifact = _artifact(meta_path)
+    assert artifact.suffix == suffix
     _flip_a_byte(artifact)
 
     def never(*args: object, **kwargs: object) -> None:
         pytest.fail("a tampered artifact was deserialised")
 
     monkeypatch.setattr(skops.io, "load", never)
+    monkeypatch.setattr(skops.io, "loads", never)
     monkeypatch.setattr(skops.io, "get_untrusted_types", never)
     monkeypatch.setattr(torch, "load", never)
     pattern = (rf"{artifact.name} does not match the sha256 recorded when it was written "
@@ -359,8 +368,9 @@ def test_swapped_artifact_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyP
     """Another valid head's file put in place of this one's is refused just the same."""
     _, a = _fit_and_save("logreg", tmp_path / "a")
     _, b = _fit_and_save("knn", tmp_path / "b")
-    a.with_suffix(".skops").write_bytes(b.with_suffix(".skops").read_bytes())
+    _artifact(a).write_bytes(_artifact(b).read_bytes())
     monkeypatch.setattr(skops.io, "load", lambda *args, **kw: pytest.fail("deserialised"))
+    monkeypatch.setattr(skops.io, "loads", lambda *args, **kw: pytest.fail("deserialised"))
     with pytest.raises(TamperedArtifactError, match="refusing to load it"):
         load_head(a)
 
@@ -380,11 +390,12 @@ def test_foreign_missing_and_malformed_metadata(tmp_path: Path) -> None:
 def test_metadata_naming_an_artifact_elsewhere_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, meta_path = _fit_and_save("logreg", tmp_path / "sub" / "h")
     outside = tmp_path / "h.skops"
-    outside.write_bytes(meta_path.with_suffix(".skops").read_bytes())
+    outside.write_bytes(_artifact(meta_path).read_bytes())
     meta = json.loads(meta_path.read_text())
     meta["artifact"] = "../h.skops"
     meta_path.write_text(json.dumps(meta))
     monkeypatch.setattr(skops.io, "load", lambda *args, **kw: pytest.fail("deserialised"))
+    monkeypatch.setattr(skops.io, "loads", lambda *args, **kw: pytest.fail("deserialised"))
     with pytest.raises(ValueError):
         load_head(meta_path)
 
@@ -422,8 +433,8 @@ def test_every_head_family_round_trips_through_skops(name: str, k: int, labels: 
     preprocessing = "standardize+pca" if name == "linear" else None
     pipe = build_head(name, small_value(name), preprocessing=preprocessing, pca=8).fit(X, y)
     meta_path = save_head(pipe, {"clf": name, "classes": np.unique(y).tolist()}, tmp_path / name)
-    artifact = meta_path.with_suffix(".skops")
-    assert json.loads(meta_path.read_text())["artifact"] == artifact.name
+    artifact = _artifact(meta_path)
+    assert artifact.suffix == ".skops"
     # What skops would not load by default is on the list, named one by one.
     assert set(skops.io.get_untrusted_types(file=artifact)) <= set(TRUSTED_TYPES)
     X_new, _ = blobs(7, k=k, seed=5)
@@ -441,7 +452,7 @@ def test_streamed_sgd_heads_round_trip_through_skops(name: str, tmp_path: Path) 
                         block_rows=16, epochs=2)
     pipe = Pipeline([*pre.steps, ("clf", clf)])
     meta_path = save_head(pipe, {"clf": name, "classes": ["ant", "bee", "cat"]}, tmp_path / name)
-    assert meta_path.with_suffix(".skops").is_file()
+    assert _artifact(meta_path).suffix == ".skops"
     _same_outputs(pipe, load_head(meta_path).pipeline, blobs(7, k=3, seed=5)[0])
 
 
@@ -564,7 +575,7 @@ def test_an_old_joblib_head_is_refused_with_how_to_refit_it(tmp_path: Path, monk
 
 def test_a_truncated_skops_file_is_refused(tmp_path: Path) -> None:
     _, meta_path = _fit_and_save("hgb", tmp_path / "h")
-    artifact = meta_path.with_suffix(".skops")
+    artifact = _artifact(meta_path)
     cut = artifact.read_bytes()[: artifact.stat().st_size // 2]
     artifact.write_bytes(cut)
     with pytest.raises(TamperedArtifactError, match="refusing to load it"):
@@ -579,7 +590,7 @@ def test_a_truncated_or_malformed_torch_head_is_refused(tmp_path: Path) -> None:
     import io
 
     _, meta_path = _fit_and_save("linear", tmp_path / "h")
-    _plant(meta_path, ".pt", meta_path.with_suffix(".pt").read_bytes()[:100])
+    _plant(meta_path, ".pt", _artifact(meta_path).read_bytes()[:100])
     with pytest.raises(ValueError, match=r"h\.pt is not a readable torch head \(RuntimeError: .*\); refusing to load it"):
         load_head(meta_path)
     buffer = io.BytesIO()

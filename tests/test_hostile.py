@@ -319,7 +319,7 @@ def _replant(meta_path: Path, artifact: Path, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("drop, change, message", [
-    ("mean", {}, r"h.pt is not a whole torch head: it lacks the field 'mean' that its 'standardize' step needs"),
+    ("mean", {}, r"h\.\w+\.pt is not a whole torch head: it lacks the field 'mean' that its 'standardize' step needs"),
     ("best_epoch", {}, r"it lacks the field 'best_epoch' that its 'linear' step needs"),
     (None, {"weight": [[1.0]]}, r"its field 'weight' should be a Tensor, found a list"),
     (None, {"steps": "standardize"}, r"its field 'steps' should be a list of step names, found 'standardize'"),
@@ -327,12 +327,13 @@ def _replant(meta_path: Path, artifact: Path, data: bytes) -> None:
 def test_a_torch_head_without_its_expected_keys_is_named(drop: str | None, change: dict, message: str) -> None:
     c = make_caches(k=3, splits=("train", "val"))
     head = fit_head(HeadConfig(clf="linear", grid=(1e-3,), epochs=2, train_cache=str(c.train), val_cache=str(c.val)), out="heads/h").path
-    state = torch.load(head.with_suffix(".pt"), weights_only=True)
+    artifact = head.with_name(json.loads(head.read_text())["artifact"])  # content-named: h.<digest>.pt
+    state = torch.load(artifact, weights_only=True)
     state.pop(drop, None)
     state.update(change)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    _replant(head, head.with_suffix(".pt"), buffer.getvalue())
+    _replant(head, artifact, buffer.getvalue())
     with pytest.raises(ValueError, match=message):
         load_head(head)
 

@@ -66,3 +66,16 @@ def test_a_record_is_current_only_for_the_same_inputs_and_with_its_files(tmp_pat
 
 def test_settings_differences_are_readable():
     assert provenance.diff({"preprocess": {"crop": 224}, "model": "a"}, {"preprocess": {"crop": 160}, "model": "a"}) == ["preprocess.crop: 224 -> 160"]
+
+
+def test_a_head_artifact_is_named_by_its_content_and_leads_back_to_its_head(tmp_path):
+    files = layout.head_files(tmp_path / "svm.json")
+    digest = "0123456789abcdef" * 4
+    artifact = files.artifact(".skops", digest)
+    assert artifact.name == "svm.0123456789abcdef.skops"
+    assert layout.head_files(artifact) == files and layout.evaluation_files(artifact).metrics.name == "svm-test.json"
+    for name in (artifact.name, "svm.pt", "svm.joblib", "svm.fedcba9876543210.pt", "svm.json", "svm-history.csv", "svm2.pt", ".svm.pt.1.0a0b0c0d.tmp"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in files.artifacts()] == ["svm.0123456789abcdef.skops", "svm.fedcba9876543210.pt", "svm.joblib", "svm.pt"]
+    assert layout.lock_file(files.meta) == tmp_path / ".svm.json.lock"
+    assert layout.lock_file(tmp_path / "runs" / "lp-ft") == tmp_path / "runs" / ".lp-ft.lock"

@@ -6,6 +6,7 @@ import json
 import pickle
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,7 +20,7 @@ from .. import layout, provenance
 from ..backbones import file_sha256, resolve_weights, weights_label
 from ..config import BACKBONE_AND_DATASET, ExtractConfig, FinetuneConfig
 from ..extract import auto_workers
-from ..files import atomic_write
+from ..files import atomic_write, file_lock, remove_stale_temps
 from ..recipes import RECIPES
 from ..runtime import Runtime, resolve_runtime
 from .freeze import set_train_mode
@@ -165,7 +166,8 @@ def finetune(config: FinetuneConfig | None = None, *, source: ExtractConfig | No
     Every epoch trains on train (augmented), then evaluates val and each target split, appends a row to
     ``history.csv`` and saves ``last.pt``. A re-run with the same settings resumes from ``last.pt`` and ends with
     the same model as an uninterrupted run; a finished run is left alone (``up-to-date``); other settings are
-    refused unless ``force``. The result, ``model.pt`` + ``model.json``, is accepted by evaluate and predict.
+    refused unless ``force``. The result, ``model.pt`` + ``model.json``, is accepted by evaluate and predict. One
+    process at a time runs a fine-tune in one folder.
 
     Args:
         config: the settings; defaults to ``FinetuneConfig()``.
@@ -180,7 +182,14 @@ def finetune(config: FinetuneConfig | None = None, *, source: ExtractConfig | No
     Raises:
         ValueError: bad settings or data, an unusable ``init_head``, or (without ``force``) a run of other settings or
             a damaged ``last.pt`` or ``model.json``.
+        BusyError: another process is running the same fine-tune (same folder).
     """
+    with ExitStack() as held:  # the run folder's lock, from before its files are looked at to the end
+        return _finetune(config, source, held, force=force, progress=progress, log=log)
+
+
+def _finetune(config: FinetuneConfig | None, source: ExtractConfig | None, held: ExitStack, *, force: bool, progress: bool,
+              log: Callable[[str], None] | None) -> FinetuneResult:
     config = resolve_init_head(config or FinetuneConfig(), source)
     say = log or (lambda line: None)
     spec = config.dataset
@@ -200,7 +209,7 @@ def finetune(config: FinetuneConfig | None = None, *, source: ExtractConfig | No
     model, backbone, layer = build_model(config, classes)
     runtime = resolve_runtime(config.device, config.amp)
     out = run_dir(config)
-    init_sha = json.loads(Path(config.init_head).with_suffix(".json").read_text())["artifact_sha256"] if config.init_head else None
+    init_sha = json.loads(layout.head_files(config.init_head).meta.read_text())["artifact_sha256"] if config.init_head else None
     skip = ("workers", "device", "log_every", "output_dir", "name")
     settings = _json({
         **{k: v for k, v in asdict(config).items() if k not in skip}, "weights": backbone.weights, "weights_sha256": backbone.weights_sha256,
@@ -209,6 +218,10 @@ def finetune(config: FinetuneConfig | None = None, *, source: ExtractConfig | No
         "target_fingerprints": {p.label: p.fingerprint for p in targets}, "init_head_sha256": init_sha,
     })
     files = layout.run_files(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    held.enter_context(file_lock(out))
+    for p in (files.meta, files.model, files.last, files.history):
+        remove_stale_temps(p)  # of a killed run
 
     if files.meta.exists():
         recorded = provenance.read_record(files.meta)
