@@ -16,6 +16,7 @@ from .files import atomic_target, disk_full, file_lock, reserve
 from .layout import FEATURES_FORMAT as FORMAT
 from .layout import FEATURES_FORMAT_VERSION as FORMAT_VERSION
 from .layout import dataset_caches
+from .validate import brief, first_line
 from .shards import RESUME_HINT, PartialRun
 
 __all__ = [
@@ -237,7 +238,7 @@ class FeatureCache:
             if not _is(a.get("format"), str, FORMAT):
                 raise ValueError(f"{self.path} is not a pipeline feature cache")
             if not _is(a.get("format_version"), (int, np.integer), FORMAT_VERSION):
-                raise ValueError(f"{self.path} has cache format version {_show(a.get('format_version'))}; this pipeline reads {FORMAT_VERSION}")
+                raise ValueError(f"{self.path} has cache format version {brief(a.get('format_version'))}; this pipeline reads {FORMAT_VERSION}")
             if not _is(a.get("complete"), (bool, np.bool_), True):
                 raise IncompleteCacheError(f"{self.path} is incomplete (its writer stopped before finishing); re-run pipeline extract")
             self._check_layout()
@@ -250,7 +251,7 @@ class FeatureCache:
         f, where = self._file, f"{self.path} is damaged:"
         taps = self.attrs.get("taps")
         if not isinstance(taps, list) or not taps or not all(isinstance(t, str) for t in taps):
-            raise ValueError(f"{where} attribute 'taps' should be a JSON list of tap names, found {_show(self._file.attrs.get('taps'))}")
+            raise ValueError(f"{where} attribute 'taps' should be a JSON list of tap names, found {brief(self._file.attrs.get('taps'))}")
         for name in ("labels", "paths", "classes", "skipped/paths", "skipped/reasons", *(f"features/{t}" for t in taps)):
             if not isinstance(f.get(name), h5py.Dataset):
                 raise ValueError(f"{where} it has no dataset {name!r}")
@@ -272,7 +273,7 @@ class FeatureCache:
         rows = self._file.attrs.get("n_rows", n)
         if not isinstance(rows, (int, np.integer)) or any(v != n for v in lengths.values()) or rows != n:
             found = ", ".join(f"{k} {v}" for k, v in lengths.items())
-            raise ValueError(f"{where} its arrays disagree on the number of rows: labels {n}, {found}, attribute n_rows {_show(rows)}")
+            raise ValueError(f"{where} its arrays disagree on the number of rows: labels {n}, {found}, attribute n_rows {brief(rows)}")
         for t in taps:
             d = f[f"features/{t}"]
             if d.ndim < 2 or d.dtype.kind != "f":
@@ -281,7 +282,7 @@ class FeatureCache:
         for key, (kind, text) in _ATTR_TYPES.items():
             raw = f.attrs.get(key)
             if raw is not None and not isinstance(attrs.get(key), kind):
-                raise ValueError(f"{where} attribute {key!r} should be {text}, found {_show(raw)}")
+                raise ValueError(f"{where} attribute {key!r} should be {text}, found {brief(raw)}")
         self._check_sizes(("labels", "paths", "classes", "skipped/paths", "skipped/reasons", "index", *(f"features/{t}" for t in taps)))
 
     def _check_sizes(self, names: Sequence[str]) -> None:
@@ -368,7 +369,7 @@ class FeatureCache:
         try:
             return list(self._file[name].asstr()[()])
         except OSError as e:
-            raise ValueError(f"{self.path} is damaged: {name} cannot be read ({_first_line(e)})") from None
+            raise ValueError(f"{self.path} is damaged: {name} cannot be read ({first_line(e)})") from None
         except UnicodeDecodeError as e:
             raise ValueError(f"{self.path} is damaged: {name} holds bytes that are not UTF-8 text ({e.reason})") from None
 
@@ -451,7 +452,7 @@ class CheckedDataset:
                 break
         else:
             what = name
-        why = "fail their checksum: the file changed on disk after it was written" if d.fletcher32 else f"cannot be read ({_first_line(error)})"
+        why = "fail their checksum: the file changed on disk after it was written" if d.fletcher32 else f"cannot be read ({first_line(error)})"
         return ValueError(f"{self.path} is damaged: {what} {why}; extract the split again")
 
 
@@ -524,8 +525,6 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
 
 
 def _is(value: object, types: type | tuple[type, ...], expected: object) -> bool:
@@ -533,12 +532,6 @@ def _is(value: object, types: type | tuple[type, ...], expected: object) -> bool
     return isinstance(value, types) and value == expected
 
 
-def _show(value: object, limit: int = 80) -> str:
-    """A short repr of a (possibly hostile, huge) attribute value for an error message."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    text = f"an array {value.tolist()!r}" if isinstance(value, np.ndarray) else repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def read_cache(path: str | os.PathLike) -> FeatureCache:
@@ -553,13 +546,13 @@ def describe(path: str | os.PathLike) -> str:
     """
     with read_cache(path) as c:
         a = c.attrs
-        show = lambda key, default=None: _brief(a.get(key, default))  # noqa: E731
+        show = lambda key, default=None: brief(a.get(key, default), 100, plain_strings=True)  # noqa: E731
 
         def number(key: str, default: float, fmt: str) -> str:
             value = a.get(key, default)
             if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
                 return format(value, fmt)
-            return f"{_brief(repr(value) if isinstance(value, str) else value)} (attribute {key!r} of {c.path} is not a number)"
+            return f"{brief(repr(value) if isinstance(value, str) else value, 100, plain_strings=True)} (attribute {key!r} of {c.path} is not a number)"
 
         lines = [
             f"{c.path}  ({c.path.stat().st_size / 2**20:.1f} MiB, complete)",
@@ -570,13 +563,13 @@ def describe(path: str | os.PathLike) -> str:
             d = c.dataset(tap)
             comp = d.compression or "none"
             check = ", fletcher32 checksums" if d.fletcher32 else ""
-            lines.append(f"  tap        {_brief(tap)}  {' x '.join(map(str, d.shape))}  {d.dtype}  chunks {d.chunks}  compression {comp}{check}")
+            lines.append(f"  tap        {brief(tap, 100, plain_strings=True)}  {' x '.join(map(str, d.shape))}  {d.dtype}  chunks {d.chunks}  compression {comp}{check}")
         classes = c.classes
-        lines.append(f"  classes    {len(classes)}: {', '.join(_brief(k, 40) for k in classes[:10])}{' ...' if len(classes) > 10 else ''}")
+        lines.append(f"  classes    {len(classes)}: {', '.join(brief(k, 40, plain_strings=True) for k in classes[:10])}{' ...' if len(classes) > 10 else ''}")
         pre = a.get("preprocess", {})
         if isinstance(pre, dict):
-            lines.append("  preprocess " + ", ".join(f"{k} {_brief(pre.get(k), 40)}" for k in ("resize", "crop", "mean", "std"))
-                         + f", {_brief(pre.get('interpolation'), 40)}")
+            lines.append("  preprocess " + ", ".join(f"{k} {brief(pre.get(k), 40, plain_strings=True)}" for k in ("resize", "crop", "mean", "std"))
+                         + f", {brief(pre.get('interpolation'), 40, plain_strings=True)}")
         lines.append(f"  split seed {show('split_seed')}  carved {show('carved')}")
         ranks = a.get("world_size", 1)
         several = "" if isinstance(ranks, int) and not isinstance(ranks, bool) and ranks <= 1 else f" x {number('world_size', 1, 'd')} ranks"
@@ -584,20 +577,12 @@ def describe(path: str | os.PathLike) -> str:
         lines.append(f"  dataset fingerprint {show('dataset_fingerprint')}")
         versions = a.get("versions", {})
         if isinstance(versions, dict):
-            lines.append(_brief("  versions   " + ", ".join(f"{k} {v}" for k, v in versions.items()), 240))
+            lines.append(brief("  versions   " + ", ".join(f"{k} {v}" for k, v in versions.items()), 240, plain_strings=True))
         lines.append(f"  created    {show('created')}")
         skipped = c.skipped
         for p, why in skipped[:10]:
-            lines.append(f"  skipped    {_brief(p)}: {_brief(why)}")
+            lines.append(f"  skipped    {brief(p, 100, plain_strings=True)}: {brief(why, 100, plain_strings=True)}")
         if len(skipped) > 10:
             lines.append(f"  skipped    ... and {len(skipped) - 10} more")
     return "\n".join(lines)
 
-
-def _brief(value: object, limit: int = 100) -> str:
-    """A value for one line of a summary: strings as they are, anything else as its repr, cut to ``limit`` characters."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    text = value if isinstance(value, str) else f"an array {value.tolist()!r}" if isinstance(value, np.ndarray) else repr(value)
-    text = text.replace("\n", "\\n")
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

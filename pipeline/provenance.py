@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import atomic_write
+from .validate import brief
 
 __all__ = ["PIPELINE_VERSION", "versions", "now", "canonical", "same", "diff", "stamp", "read_record", "current_record", "write_history"]
 
@@ -67,14 +68,10 @@ def diff(old: dict, new: dict) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += [f"{k}.{d}" for d in diff(a, b)]
         elif a != b:
-            out.append(f"{k}: {_brief(a)} -> {_brief(b)}")
+            out.append(f"{k}: {brief(a)} -> {brief(b)}")
     return out
 
 
-def _brief(value: Any, limit: int = 100) -> str:
-    """A repr for one line of a message: a huge recorded value must not flood it."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def stamp(inputs: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import numbers
 import os
 from typing import Any
 
-__all__ = ["SettingTypeError", "conform", "check_types", "expect_instance", "check_choice", "check_at_least"]
+__all__ = ["SettingTypeError", "conform", "check_types", "expect_instance", "check_choice", "check_at_least", "brief", "first_line"]
 
 
 class SettingTypeError(TypeError, ValueError):
@@ -103,3 +103,29 @@ def check_choice(name: str, value: Any, choices: tuple) -> None:
 def check_at_least(name: str, value: Any, low: float) -> None:
     if value is not None and value < low:
         raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
+def brief(value: Any, limit: int = 80, *, plain_strings: bool = False) -> str:
+    """A value for one line of a message: a huge or hostile recorded value must not flood it.
+
+    numpy scalars show as Python values and arrays as ``an array [...]``; with ``plain_strings`` a string shows as
+    it is rather than as its repr. Newlines are escaped and the text is cut to ``limit`` characters.
+    """
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):  # without importing numpy here
+        if getattr(value, "ndim", 0):
+            value = _ArrayText(f"an array {value.tolist()!r}")
+        else:
+            value = value.item()
+    text = value if isinstance(value, _ArrayText) or (plain_strings and isinstance(value, str)) else repr(value)
+    text = str(text).replace("\n", "\\n")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+class _ArrayText(str):
+    """The text of an array, shown as it is."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message."""
+    return (str(e).strip().splitlines() or [""])[0]
+
