@@ -9,17 +9,17 @@ from typing import Any, Callable
 
 import click
 
-from .config import ExtractConfig
-from .settings_file import CONFIG_FILE, load_config, settings_from
+from ..config import ExtractConfig
+from ..settings_file import CONFIG_FILE, load_config, settings_from
 
-__all__ = ["dataset_options", "backbone_options", "runtime_options", "cache_options", "config_option", "friendly", "cli_rank", "cache_source", "pop_cache_args"]
+__all__ = ["dataset_options", "backbone_options", "runtime_options", "cache_options", "config_option", "friendly", "cli_rank", "cache_source", "pop_cache_args", "print_metrics"]
 
 
 def cli_rank() -> int:
     """This process's rank under torchrun, else 0 (without importing torch in a plain run)."""
     if "RANK" not in os.environ:
         return 0
-    from .distributed import env_rank  # imports torch: only under torchrun, so that predict --model runs without it
+    from ..distributed import env_rank  # imports torch: only under torchrun, so that predict --model runs without it
 
     return env_rank()
 
@@ -34,7 +34,7 @@ def friendly(interrupted: str = "interrupted") -> Callable[[Callable], Callable]
             try:
                 return fn(*args, **kwargs)
             except (ValueError, TypeError, OSError) as e:
-                dist = sys.modules.get(f"{__package__}.distributed")
+                dist = sys.modules.get("pipeline.distributed")
                 if dist is not None and isinstance(e, dist.RankError):
                     if rank:  # rank 0 reports what every rank raised together; one message, not one per process
                         sys.exit(1)
@@ -131,3 +131,11 @@ def cache_source(config_file: str | None, options: dict[str, Any]) -> ExtractCon
 def pop_cache_args(options: dict[str, Any]) -> dict[str, Any]:
     """Take the cache-locating options out of a command's options."""
     return {k: options.pop(k) for k in ("data", "model", "weights", "layers", "cache_dir") if k in options}
+
+
+def print_metrics(m: dict) -> None:
+    """One line of an evaluation's test metrics, as fit-head --evaluate and finetune --evaluate print them."""
+    top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
+    done = " (up to date)" if m["status"] == "up-to-date" else ""
+    click.echo(f"  test top-1 {m['top1']:.4f}{top5}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images{done} -> {m['json']}")
+
