@@ -11,7 +11,7 @@ from .cli_options import (
 )
 from .config import (
     AUGMENTS, COMPRESSIONS, DTYPES, ENGINES, HEAD_INITS, HEAD_NAMES, ON_ERROR, OPTIMIZERS, POOLS, PREPROCESSING, PROJECTIONS,
-    SCHEDULES, SPLITS, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig,
+    SCHEDULES, SPLITS, AuditConfig, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig,
 )
 from .recipes import RECIPES
 from .settings_file import CONFIG_FILE, load_config, settings_from
@@ -23,6 +23,7 @@ _D = ExtractConfig()  # the library's defaults are the CLI's: help texts read th
 _H = HeadConfig()
 _F = FinetuneConfig()
 _R = ReportConfig()
+_A = AuditConfig()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -155,7 +156,9 @@ def assets_cmd(weights: bool, fmnist: str | None, source: str | None) -> None:
 @click.option("--memory-budget-mb", type=click.IntRange(1), help=f"Train features larger than this are streamed.  [default: {_H.memory_budget_mb}]")
 @click.option("--epochs", type=click.IntRange(1), help=f"Passes over the data: the linear head's, and any head's when streaming.  [default: {_H.epochs}]")
 @click.option("--subset", type=click.IntRange(1), help="Fit on at most this many train images per class (stratified, seeded: the images of finetune --subset).  [default: all]")
-@click.option("--output", "-o", help="Where to save the head (no suffix).  [default: <cache folder>/heads/<clf>, or heads/subset-N/<clf> with --subset N]")
+@click.option("--exclude", type=click.Path(dir_okay=False), help="An audit's label_issues.csv: leave its most suspect train and val images out of the fit and the sweep.")
+@click.option("--top", "exclude_top", type=click.IntRange(0), help="How many of its first rows to leave out (alone: those of the audit beside the caches).  [default: the images the audit flagged]")
+@click.option("--output", "-o", help="Where to save the head (no suffix).  [default: <cache folder>/heads/<clf>, heads/subset-N/<clf> with --subset N, heads/exclude-M/<clf> without M suspects]")
 @click.option("--refit", is_flag=True, help="Fit even when a head fitted with the same settings on the same caches is saved there.")
 @click.option("--evaluate", "then_evaluate", is_flag=True, help="Then evaluate each head on the test split (as pipeline evaluate does; reused when up to date).")
 @cache_options
@@ -194,6 +197,49 @@ def _print_metrics(m: dict) -> None:
     top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
     done = " (up to date)" if m["status"] == "up-to-date" else ""
     click.echo(f"  test top-1 {m['top1']:.4f}{top5}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images{done} -> {m['json']}")
+
+
+@cli.command("audit")
+@click.option("--clf", type=click.Choice(HEAD_NAMES), help=f"Head whose out-of-fold probabilities rank the label issues.  [default: {_A.clf}]")
+@click.option("--value", type=click.FloatRange(0, min_open=True), help="Its hyper-parameter.  [default: the value fit-head chose on val]")
+@click.option("--folds", type=click.IntRange(2), help=f"K of the K-fold cross-validation over train and val.  [default: {_A.folds}]")
+@click.option("--tap", help="Tap of the cache to use.  [default: the first]")
+@click.option("--preprocessing", type=click.Choice(PREPROCESSING), help="Feature preprocessing of the head.  [default: per head]")
+@click.option("--pca", type=click.IntRange(1), help=f"PCA components where the head uses PCA.  [default: {_A.pca}]")
+@click.option("--pool", type=click.Choice(POOLS), help=f"Pooling of spatial features.  [default: {_A.pool}]")
+@click.option("--seed", type=int, help=f"Seed of the folds, PCA and samples.  [default: {_A.seed}]")
+@click.option("--threshold", type=click.FloatRange(-1, 1), help=f"Cosine similarity of near-duplicates.  [default: {_A.threshold}]")
+@click.option("--dims", type=click.IntRange(0), help=f"PCA components the duplicate search compares; 0 for all.  [default: {_A.dims}]")
+@click.option("--neighbours", type=click.IntRange(1), help=f"k of the kNN outlier score.  [default: {_A.neighbours}]")
+@click.option("--block-rows", type=click.IntRange(1), help=f"Rows compared at once by the duplicate search.  [default: {_A.block_rows}]")
+@click.option("--train-cache", type=click.Path(dir_okay=False), help="Train cache file.  [default: located from the extract settings]")
+@click.option("--val-cache", type=click.Path(dir_okay=False), help="Val cache file.  [default: located, when it exists]")
+@click.option("--test-cache", type=click.Path(dir_okay=False), help="Test cache file.  [default: located, when it exists]")
+@click.option("--output", "-o", help="The audit folder.  [default: <cache folder>/audit]")
+@click.option("--force", is_flag=True, help="Audit even when an audit of the same caches with the same settings is there.")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+@cache_options
+@friendly("interrupted; an audit is complete only when its summary.json is written, so nothing of this one was kept")
+def audit_cmd(config_file: str | None, force: bool, progress: bool, **options: Any) -> None:
+    """Find wrong labels, duplicates (and test images leaked into train or val) and outliers, on the cached features.
+
+    Writes label_issues.csv, duplicates.csv, outliers.csv and summary.json; `fit-head --exclude .../label_issues.csv
+    --top N` then fits without the N most suspect images. Re-running with the same settings is free.
+    """
+    from .audit import audit
+
+    source = cache_source(config_file, pop_cache_args(options))
+    settings = settings_from(AuditConfig, load_config(config_file), "audit", options, source=config_file or CONFIG_FILE)
+    result = audit(settings, source, force=force, progress=progress, log=lambda line: click.echo(line, err=True))
+    s = result.summary
+    d = s["duplicates"]
+    done = "up to date; nothing to do (--force to audit again)" if result.status == "up-to-date" else f"done in {s['seconds']['total']:.1f} s"
+    click.echo(f"audit {done} -> {result.dir}")
+    click.echo(f"  label issues: {s['label_issues']:,} of {s['labelled_images']:,} train and val images (estimated noise rate "
+               f"{s['noise_rate']:.2%}) -> {result.files.label_issues.name}")
+    click.echo(f"  duplicates: {d['exact']:,} exact and {d['near']:,} near pairs (similarity >= {s['threshold']:g}), {d['cross_split']:,} across "
+               f"splits; {s['leaked_test_images']:,} test images also in train or val -> {result.files.duplicates.name}")
+    click.echo(f"  outliers: {s['outliers']:,} beyond the far-out fence ({s['outlier_fence']:.3f}) -> {result.files.outliers.name}")
 
 
 @cli.command("evaluate")
@@ -247,6 +293,7 @@ def compare_cmd(folder: str | None, config_file: str | None, **options: Any) -> 
 @click.option("--projection", type=click.Choice(PROJECTIONS), help=f"2-D map of the test features.  [default: {_R.projection}]")
 @click.option("--projection-points", type=click.IntRange(10), help=f"Test images in that map.  [default: {_R.projection_points}]")
 @click.option("--grid-images", type=click.IntRange(1), help=f"Misclassified test images shown.  [default: {_R.grid_images}]")
+@click.option("--audit-images", type=click.IntRange(1), help=f"Images shown for each kind of suspect the audit found.  [default: {_R.audit_images}]")
 @click.option("--force", is_flag=True, help="Write it even when nothing it is made from has changed.")
 @click.option("--check/--no-check", default=False, help="Open the page in headless Chromium and fail if an image does not render (skipped with a note when Chromium is absent).")
 @cache_options

@@ -31,7 +31,7 @@ def _version(package: str) -> str | None:
 
 PIPELINE_VERSION = _version("pipeline") or "0+unknown"
 # Versions read from installed metadata, so that stamping an artifact imports nothing heavy.
-_LIBRARIES = ("torch", "torchvision", "numpy", "h5py", "pillow", "scikit-learn", "joblib", "onnxruntime", "onnx", "skops")
+_LIBRARIES = ("torch", "torchvision", "numpy", "h5py", "pillow", "scikit-learn", "joblib", "onnxruntime", "onnx", "skops", "cleanlab")
 
 
 def versions() -> dict[str, str]:
