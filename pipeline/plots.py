@@ -198,7 +198,7 @@ def plot_audit(panels: Sequence[tuple[str, Sequence[tuple[np.ndarray | None, str
     if not panels:
         return None
     cols = max(len(items) for _, items in panels)
-    fig = _figure(1.75 * cols, 2.45 * len(panels))
+    fig = _figure(1.75 * cols, 2.1 * len(panels))
     axes = fig.subplots(len(panels), cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
