@@ -206,8 +206,8 @@ def audit(config: AuditConfig | None = None, source: ExtractConfig | None = None
         ValueError: missing, incomplete or mismatched caches, or too few images of a class for the folds.
     """
     from .cache import read_cache
-    from .duplicates import content_hashes, exact_pairs, outlier_scores, project, search
-    from .fit import check_compatible, load_split_features
+    from .duplicates import outlier_scores
+    from .fit import check_compatible
 
     config = config or AuditConfig()
     source = source or ExtractConfig()
@@ -224,6 +224,8 @@ def audit(config: AuditConfig | None = None, source: ExtractConfig | None = None
         for other in caches.values():
             if other is not train:
                 check_compatible(train, other, tap)
+        if val is None and config.value is None:
+            raise ValueError(f"no val cache beside {train.path} to choose the {config.clf} hyper-parameter on; give --value")
         saved = _saved_head(config, train, val) if config.value is None else None
         inputs = {"config": asdict(config), "caches": {s: c.identity for s, c in caches.items()},
                   "head": None if saved is None else {"created": saved.get("created"), "value": saved.get("value")},
@@ -237,56 +239,14 @@ def audit(config: AuditConfig | None = None, source: ExtractConfig | None = None
         order = [s for s in SPLITS if s in caches]
         labelled = [s for s in ("train", "val") if s in caches]
         paths = {s: caches[s].paths for s in order}
-        labels = {s: caches[s].labels for s in order}
         seconds: dict[str, float] = {}
 
-        # Label issues: out-of-fold probabilities over train and val together, ranked by cleanlab.
-        t0 = time.perf_counter()
-        if val is None and config.value is None:
-            raise ValueError(f"no val cache beside {train.path} to choose the {config.clf} hyper-parameter on; give --value")
-        from threadpoolctl import threadpool_limits
-
-        from .heads import HEADS
-
-        # One BLAS thread: on the busy 2-core machine the default two stalled each other, 13x slower for a fold's
-        # logistic regression (2.4 s against 0.18 s on 9,600 x 256) and 3.5x for a PCA of 20,000 x 1,280.
-        with threadpool_limits(1):
-            value, value_source = _head_value(config, train, val, files, say)
-            spec = HEADS[config.clf]
-            value = value if spec.log else int(value)
-            X = np.concatenate([load_split_features(caches[s], tap, s)[0] for s in labelled])
-            y = np.concatenate([labels[s] for s in labelled])
-            say(f"label issues: {config.folds}-fold out-of-fold probabilities of {config.clf} ({spec.param}={value:g}, {value_source}) "
-                f"on {len(y):,} {' and '.join(labelled)} images")
-            P = out_of_fold_probabilities(X, y, len(classes), config, value, say)
-            del X
-            ranked, score, flagged, noise = rank_label_issues(y, P)
+        y, P, (ranked, score, flagged, noise), head, seconds["labels"] = _label_issues(config, caches, labelled, tap, files, say)
         suggested = P.argmax(axis=1)
-        seconds["labels"] = time.perf_counter() - t0
         say(f"  cleanlab flags {int(flagged.sum()):,} of {len(y):,} labels; estimated noise rate {noise:.2%} ({seconds['labels']:.1f} s)")
-
-        # Duplicates and outliers, over every split: one blocked pass, and content hashes for the certain copies.
-        t0 = time.perf_counter()
         split_of = np.concatenate([np.full(len(paths[s]), i) for i, s in enumerate(order)])
         all_paths = [p for s in order for p in paths[s]]
-        say(f"duplicates: hashing {len(all_paths):,} image files")
-        hashes = [h for s in order for h in content_hashes(caches[s].attrs.get("data_root"), paths[s], progress)]
-        seconds["hashes"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        work = files.work
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        try:
-            with threadpool_limits(1):
-                Z = project([caches[s].dataset(tap) for s in order], work / "projected.npy", pool=config.pool, dims=config.dims,
-                            seed=config.seed, block_rows=config.block_rows)
-            found = search(Z, config.threshold, config.neighbours, block_rows=config.block_rows, log=say, progress=progress)
-            exact = exact_pairs(hashes)
-            exact_sim = [float(np.dot(Z[a], Z[b])) for a, b in exact]
-            del Z
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        seconds["search"] = time.perf_counter() - t0
+        hashes, found, exact, exact_sim = _neighbours(config, caches, order, tap, files, seconds, progress, say)
 
     # The CSVs: every row ranked, the most suspect first.
     n_labelled = len(y)
@@ -306,7 +266,7 @@ def audit(config: AuditConfig | None = None, source: ExtractConfig | None = None
         atomic_write(path, lambda f, rows=rows, header=header: f.write(_csv(rows, header)))
 
     summary = _summary(config, order, paths, pairs, split_of, all_paths, hashes, outlier, found.truncated, n_labelled, flagged, noise,
-                       {"clf": config.clf, "param": spec.param, "value": value, "source": value_source}, seconds, time.perf_counter() - t_start)
+                       head, seconds, time.perf_counter() - t_start)
     summary.update(provenance.stamp(inputs))
     # Last: its presence with matching inputs marks the audit complete.
     atomic_write(files.summary, lambda f: f.write(json.dumps(summary, indent=1).encode()))
@@ -314,6 +274,64 @@ def audit(config: AuditConfig | None = None, source: ExtractConfig | None = None
         f"near duplicate pairs ({summary['duplicates']['cross_split']:,} across splits), {summary['outliers']:,} outliers, "
         f"{summary['seconds']['total']:.1f} s -> {files.dir}")
     return AuditResult(files, summary)
+
+
+# One BLAS thread for the labels and the projection: on the busy 2-core machine the default two stalled each other,
+# 13x slower for a fold's logistic regression (2.4 s against 0.18 s on 9,600 x 256) and 3.5x for a PCA of 20,000 x 1,280.
+_BLAS_THREADS = 1
+
+
+def _label_issues(config: AuditConfig, caches: dict, labelled: list[str], tap: str, files: layout.AuditFiles,
+                  say: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, tuple, dict, float]:
+    """Out-of-fold probabilities over the labelled splits together, ranked by cleanlab: labels, probabilities, the
+    ranking (see :func:`rank_label_issues`), the head used and the seconds taken."""
+    from threadpoolctl import threadpool_limits
+
+    from .fit import load_split_features
+    from .heads import HEADS
+
+    t0 = time.perf_counter()
+    with threadpool_limits(_BLAS_THREADS):
+        value, source = _head_value(config, caches["train"], caches.get("val"), files, say)
+        spec = HEADS[config.clf]
+        value = value if spec.log else int(value)
+        X = np.concatenate([load_split_features(caches[s], tap, s)[0] for s in labelled])
+        y = np.concatenate([caches[s].labels for s in labelled])
+        say(f"label issues: {config.folds}-fold out-of-fold probabilities of {config.clf} ({spec.param}={value:g}, {source}) "
+            f"on {len(y):,} {' and '.join(labelled)} images")
+        P = out_of_fold_probabilities(X, y, len(caches["train"].classes), config, value, say)
+        del X
+        ranking = rank_label_issues(y, P)
+    return y, P, ranking, {"clf": config.clf, "param": spec.param, "value": value, "source": source}, time.perf_counter() - t0
+
+
+def _neighbours(config: AuditConfig, caches: dict, order: list[str], tap: str, files: layout.AuditFiles, seconds: dict,
+                progress: bool, say: Callable[[str], None]) -> tuple[list, Any, list, list]:
+    """Over every split: the files' content hashes, the blocked search (near pairs and k nearest neighbours), and
+    the exact pairs with their similarity. Adds ``hashes`` and ``search`` to ``seconds``."""
+    from threadpoolctl import threadpool_limits
+
+    from .duplicates import content_hashes, exact_pairs, project, search
+
+    t0 = time.perf_counter()
+    say(f"duplicates: hashing {sum(len(caches[s]) for s in order):,} image files")
+    hashes = [h for s in order for h in content_hashes(caches[s].attrs.get("data_root"), caches[s].paths, progress)]
+    seconds["hashes"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    shutil.rmtree(files.work, ignore_errors=True)
+    files.work.mkdir(parents=True)
+    try:
+        with threadpool_limits(_BLAS_THREADS):
+            Z = project([caches[s].dataset(tap) for s in order], files.work / "projected.npy", pool=config.pool, dims=config.dims,
+                        seed=config.seed, block_rows=config.block_rows)
+        found = search(Z, config.threshold, config.neighbours, block_rows=config.block_rows, log=say, progress=progress)
+        exact = exact_pairs(hashes)
+        exact_sim = [float(np.dot(Z[a], Z[b])) for a, b in exact]
+        del Z
+    finally:
+        shutil.rmtree(files.work, ignore_errors=True)
+    seconds["search"] = time.perf_counter() - t0
+    return hashes, found, exact, exact_sim
 
 
 def _summary(config: AuditConfig, order: list[str], paths: dict, pairs: list[tuple], split_of: np.ndarray, all_paths: list[str],

@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
 
 from .heads import SpatialPool
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["content_hashes", "exact_pairs", "project", "search", "Neighbours", "outlier_scores"]
 

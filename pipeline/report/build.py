@@ -107,8 +107,8 @@ def _figures(files: layout.ReportFiles, caches: dict, heads: list[dict], subset_
 
     if audit is not None:
         say("report: the audit's top suspects")
-        captions["audit"] = (f"The audit's top suspects: the labels cleanlab finds least likely, the most similar pairs (cross-split "
-                             f"first), the images farthest from all others")
+        captions["audit"] = ("The audit's top suspects: the labels cleanlab finds least likely, the most similar pairs (cross-split "
+                             "first), the images farthest from all others")
         figures["audit"] = plots.plot_audit(gather.audit_thumbnails(audit, caches, config.audit_images), files.figure("audit"))
 
     say("report: misclassified test images")
