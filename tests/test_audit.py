@@ -23,7 +23,7 @@ from pipeline.cache import read_cache, write_features
 from pipeline.cli import cli
 from pipeline.config import AuditConfig, HeadConfig
 from pipeline.fit import fit_head
-from pipeline.report import ReportConfig, build_report
+from pipeline.report import ReportConfig, build_report, check_render, find_chromium
 
 from .conftest import make_image_folder, single_threaded, tiny
 
@@ -218,6 +218,9 @@ def test_the_audit_command_end_to_end_then_fit_head_and_the_report(images: Simpl
     with Image.open(result.html.parent / "audit.png") as img:
         img.verify()
     assert "![The audit's top suspects" in md and 'alt="The audit&#x27;s top suspects' in result.html.read_text()
+    if find_chromium():  # the page, the audit's figure included, renders
+        seen = check_render(result.html)
+        assert seen.ok and seen.images == len(result.figures)
 
 
 def test_the_audit_command_explains_what_is_missing(tmp_path: Path) -> None:
