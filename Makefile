@@ -32,8 +32,9 @@ endif
 FT_NAME ?= lp-ft$(if $(FT_SUBSET),-$(FT_SUBSET),-full)
 SUBSET_HEADS ?= $(HEADS)
 REPORT_ARGS ?= --quality-bar 0.91
+AUDIT_ARGS ?=
 
-.PHONY: help all venv assets weights dataset chromium extract heads subset-heads finetune report test test-all bench faults clean distclean
+.PHONY: help all venv assets weights dataset chromium extract heads subset-heads finetune report audit test test-all bench faults clean distclean
 
 help:  ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -79,6 +80,9 @@ finetune: heads subset-heads  ## LP-FT from the linear head, then evaluated on t
 
 report: finetune chromium  ## The report: reports/<dataset>/<model>-<weights>/index.html (self-contained) and index.md; checked in Chromium
 	$(PIPELINE) report $(REPORT_ARGS) --check
+
+audit: extract  ## Wrong labels, duplicates (leakage across splits) and outliers on the cached features: <cache folder>/audit/ (not part of all; make report shows it)
+	$(PIPELINE) audit $(AUDIT_ARGS)
 
 test: $(STAMP) weights chromium  ## The default test run (fast, CPU; slow and GPU tests left out)
 	$(BIN)/python -m pytest -q

@@ -14,9 +14,10 @@ from .provenance import PIPELINE_VERSION as __version__
 
 # name -> module that defines it
 _EXPORTS = {
+    "audit": "audit",
     "Backbone": "backbones", "load_backbone": "backbones",
     "FeatureCache": "cache", "read_cache": "cache", "write_features": "cache",
-    "DatasetSpec": "config", "ExtractConfig": "config", "FinetuneConfig": "config", "HeadConfig": "config", "ReportConfig": "config",
+    "AuditConfig": "config", "DatasetSpec": "config", "ExtractConfig": "config", "FinetuneConfig": "config", "HeadConfig": "config", "ReportConfig": "config",
     "load_split": "data",
     "compare": "evaluate", "evaluate": "evaluate",
     "ExtractResult": "extract", "extract": "extract",

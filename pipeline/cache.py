@@ -13,6 +13,7 @@ import numpy as np
 
 from .config import COMPRESSIONS, DTYPES
 from .files import atomic_target, disk_full, file_lock, reserve
+from .provenance import now
 from .layout import FEATURES_FORMAT as FORMAT
 from .layout import FEATURES_FORMAT_VERSION as FORMAT_VERSION
 from .layout import dataset_caches
@@ -205,7 +206,8 @@ def write_features(
         if pos != len(labels):
             partial.remove()
             raise ValueError(f"{pos} feature rows for {len(labels)} labels")
-        attrs = {"settings": settings, "taps": [tap], **{k: v for k, v in settings.items() if k not in ("taps",)}}
+        # A creation time, as extract stamps: it is part of the cache's identity, so a rewritten cache is never taken for the old one.
+        attrs = {"settings": settings, "taps": [tap], "created": now(), **{k: v for k, v in settings.items() if k not in ("taps",)}}
         return write_cache(partial, tap_names=[tap], paths=list(paths) if paths is not None else [f"row{i}" for i in range(pos)],
                            labels=labels, classes=classes, rejected=[], attrs=attrs, compression=compression)
 

@@ -17,7 +17,7 @@ from .validate import check_at_least, check_choice, check_types
 
 __all__ = [
     "DatasetSpec", "DatasetOptions", "BackboneOptions",
-    "ExtractConfig", "HeadConfig", "FinetuneConfig", "ReportConfig",
+    "ExtractConfig", "HeadConfig", "FinetuneConfig", "ReportConfig", "AuditConfig",
     "SPLITS", "ON_ERROR", "DTYPES", "COMPRESSIONS", "ENGINES", "CAPTURES", "HEAD_NAMES", "POOLS", "PREPROCESSING",
     "OPTIMIZERS", "SCHEDULES", "AUGMENTS", "HEAD_INITS", "NORMS", "PROJECTIONS", "BACKBONE_AND_DATASET",
 ]
@@ -217,6 +217,9 @@ class HeadConfig:
         epochs: passes over the data for the linear head, and for every head when streaming.
         subset: fit on at most this many train images per class (stratified, drawn with ``seed``; the same
             images as ``pipeline finetune --subset`` with the same seed); None uses all.
+        exclude: an audit's ``label_issues.csv``: its most suspect train and val images are left out of the fit
+            and of the sweep on val. None, with ``exclude_top`` set, takes the audit beside the caches.
+        exclude_top: how many of its first rows to leave out; None takes the rows the audit flagged.
     """
 
     clf: str = "logreg"
@@ -234,6 +237,8 @@ class HeadConfig:
     block_mb: int = 64
     epochs: int = 20
     subset: int | None = None
+    exclude: str | None = None
+    exclude_top: int | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -242,7 +247,7 @@ class HeadConfig:
         if self.preprocessing is not None and self.preprocessing not in PREPROCESSING:
             raise ValueError(f"unknown preprocessing {self.preprocessing!r}; expected one of {', '.join(PREPROCESSING)}")
         check_choice("pool", self.pool, POOLS)
-        for name, low in (("subset", 1), ("pca", 1), ("refine", 0), ("memory_budget_mb", 0), ("block_mb", 1), ("epochs", 1)):
+        for name, low in (("subset", 1), ("pca", 1), ("refine", 0), ("memory_budget_mb", 0), ("block_mb", 1), ("epochs", 1), ("exclude_top", 0)):
             check_at_least(name, getattr(self, name), low)
         object.__setattr__(self, "grid", tuple(self.grid))
 
@@ -373,6 +378,7 @@ class ReportConfig:
         projection: ``tsne`` or ``pca``, for the 2-D map of test features.
         projection_points: test images in that map (stratified).
         grid_images: misclassified test images shown.
+        audit_images: images shown for each kind of suspect of the audit (label issues, duplicates, outliers).
         seed: seed of the samples drawn for the map and the grid.
     """
 
@@ -382,6 +388,7 @@ class ReportConfig:
     projection: str = "tsne"
     projection_points: int = 2000
     grid_images: int = 24
+    audit_images: int = 8
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -391,3 +398,53 @@ class ReportConfig:
             raise ValueError(f"quality_bar is a top-1 accuracy in (0, 1], got {self.quality_bar}")
         if self.projection_points < 10 or self.grid_images < 1:
             raise ValueError("projection_points must be at least 10 and grid_images at least 1")
+        check_at_least("audit_images", self.audit_images, 1)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """How to audit a dataset on its cached features: wrong labels, duplicates and leakage across splits, outliers.
+
+    Attributes:
+        clf: the head whose out-of-fold probabilities (K-fold over train and val) rank the label issues.
+        value: its swept hyper-parameter; None takes the value fit-head chose on val (the saved head's, else a fit).
+        folds: K of the cross-validation.
+        tap, preprocessing, pca, pool, seed: as for fit-head.
+        threshold: the cosine similarity at or above which two images are near-duplicates (see bench/README.md
+            for how the default was measured).
+        dims: PCA components of the centred features the duplicate search compares; 0 compares them whole.
+        neighbours: k of the outlier score, one minus the mean similarity to an image's k nearest neighbours.
+        block_rows: rows compared at once by the duplicate search (memory: two blocks of similarities).
+        train_cache, val_cache, test_cache: explicit cache files; None locates them from the extract settings (val
+            and test are audited when they exist).
+        output: the audit folder; None is ``audit/`` beside the caches.
+    """
+
+    clf: str = "logreg"
+    value: float | None = None
+    folds: int = 5
+    tap: str | None = None
+    preprocessing: str | None = None
+    pca: int = 256
+    pool: str = "avg"
+    seed: int = 0
+    threshold: float = 0.95
+    dims: int = 256
+    neighbours: int = 10
+    block_rows: int = 4096
+    train_cache: str | None = None
+    val_cache: str | None = None
+    test_cache: str | None = None
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("clf", self.clf, HEAD_NAMES)
+        if self.preprocessing is not None:
+            check_choice("preprocessing", self.preprocessing, PREPROCESSING)
+        check_choice("pool", self.pool, POOLS)
+        for name, low in (("folds", 2), ("pca", 1), ("dims", 0), ("neighbours", 1), ("block_rows", 1)):
+            check_at_least(name, getattr(self, name), low)
+        if not -1 <= self.threshold <= 1:
+            raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {self.threshold}")
+        if self.value is not None and self.value <= 0:
+            raise ValueError(f"value must be positive, got {self.value}")

@@ -7,6 +7,7 @@ whole disk layout reads from this one page::
     features/<dataset>/<model>-<weights>/<taps>/<split>.h5.partial/     an unfinished extraction's shards
     .../<taps>/heads/<clf>.json (+ <clf>.<sha256[:16]>.pt or .skops)    a head fitted on that cache (its file named by content)
     .../<taps>/heads/subset-<N>/<clf>.json                              a head fitted on N images per class
+    .../<taps>/heads/exclude-<N>/<clf>.json                             a head fitted without the audit's N most suspect images
     .../heads/<clf>-history.csv                                         the linear head's per-epoch history
     .../heads/<clf>-test.json, -test-predictions.npz, -confusion.png    its evaluation on the test split
     .../heads/<clf>.onnx                                                the head exported with its backbone (pipeline export)
@@ -14,6 +15,8 @@ whole disk layout reads from this one page::
     runs/.../<name>/last.pt, history.csv                                its resumable state and per-epoch history
     runs/.../<name>/model-test.json, ...                                its evaluation, named as a head's
     runs/.../<name>/model.onnx                                          the fine-tuned model exported
+    .../<taps>/audit/label_issues.csv, duplicates.csv, outliers.csv     the audit of a dataset's labels, duplicates, outliers
+    .../<taps>/audit/summary.json                                       its counts and settings (written last: marks it complete)
     reports/<dataset>/<model>-<weights>/index.html, index.md            the report (report.json marks it complete)
     .<name>.lock beside a cache, a head's .json or a run folder          held by the one process writing it
 """
@@ -29,10 +32,10 @@ from typing import Sequence
 __all__ = [
     "FEATURES_FORMAT", "FEATURES_FORMAT_VERSION", "HEAD_FORMAT", "FINETUNED_FORMAT", "FINETUNED_FORMAT_VERSION",
     "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION",
-    "HeadFiles", "EvaluationFiles", "RunFiles", "ReportFiles",
+    "HeadFiles", "EvaluationFiles", "RunFiles", "ReportFiles", "AuditFiles",
     "slug", "cache_path", "partial_dir", "dataset_caches", "unreadable_list", "sibling_cache", "heads_dir", "head_base", "head_files", "head_metadata",
-    "subset_head_dirs", "evaluation_files", "export_path", "run_dir", "run_files", "run_metadata", "report_dir", "report_files",
-    "lock_file",
+    "subset_head_dirs", "exclude_head_dirs", "evaluation_files", "export_path", "run_dir", "run_files", "run_metadata", "report_dir", "report_files",
+    "lock_file", "audit_dir", "audit_files",
 ]
 
 # The ``format`` marker each artifact carries, so a reader can refuse a foreign file before using it.
@@ -144,10 +147,15 @@ def heads_dir(train_cache: _PathLike) -> Path:
     return Path(train_cache).parent / "heads"
 
 
-def head_base(train_cache: _PathLike, clf: str, subset: int | None = None) -> Path:
-    """A head's default base path (no suffix): ``heads/<clf>``, or ``heads/subset-<N>/<clf>`` for N images per class."""
+def head_base(train_cache: _PathLike, clf: str, subset: int | None = None, exclude: int | None = None) -> Path:
+    """A head's default base path (no suffix): ``heads/<clf>``, ``heads/subset-<N>/<clf>`` for N images per class, and
+    ``.../exclude-<M>/<clf>`` for a head fitted without the M most suspect images of an audit."""
     folder = heads_dir(train_cache)
-    return (folder / f"subset-{subset}" if subset else folder) / clf
+    if subset:
+        folder = folder / f"subset-{subset}"
+    if exclude is not None:
+        folder = folder / f"exclude-{exclude}"
+    return folder / clf
 
 
 def head_files(path: _PathLike) -> HeadFiles:
@@ -161,14 +169,23 @@ def head_metadata(folder: _PathLike) -> list[Path]:
     return sorted(p for p in Path(folder).glob("*.json") if not p.name.endswith("-test.json"))
 
 
-def subset_head_dirs(folder: _PathLike) -> list[tuple[int, Path]]:
-    """The ``subset-<N>`` folders of a heads folder, as (N, folder), by N."""
+def _numbered_dirs(folder: _PathLike, prefix: str) -> list[tuple[int, Path]]:
     found = []
-    for p in Path(folder).glob("subset-*"):
-        n = p.name.removeprefix("subset-")
+    for p in Path(folder).glob(f"{prefix}-*"):
+        n = p.name.removeprefix(f"{prefix}-")
         if p.is_dir() and n.isdigit():
             found.append((int(n), p))
     return sorted(found)
+
+
+def subset_head_dirs(folder: _PathLike) -> list[tuple[int, Path]]:
+    """The ``subset-<N>`` folders of a heads folder, as (N, folder), by N."""
+    return _numbered_dirs(folder, "subset")
+
+
+def exclude_head_dirs(folder: _PathLike) -> list[tuple[int, Path]]:
+    """The ``exclude-<N>`` folders of a heads folder (heads fitted without an audit's N most suspect images), by N."""
+    return _numbered_dirs(folder, "exclude")
 
 
 @dataclass(frozen=True)
@@ -192,6 +209,51 @@ def export_path(artifact: _PathLike) -> Path:
     """Where a head or fine-tuned model is exported to ONNX by default: ``<base>.onnx`` beside its metadata
     (``heads/<clf>.onnx``, ``runs/.../<name>/model.onnx``)."""
     return Path(artifact).with_suffix(".onnx")
+
+
+# ---------------------------------------------------------------- the audit
+
+
+@dataclass(frozen=True)
+class AuditFiles:
+    """The files of an audit of one dataset's caches; other tools read the CSVs, so their names are fixed."""
+
+    dir: Path
+
+    @property
+    def label_issues(self) -> Path:
+        """``path,split,given,suggested,score``: every train and val image, most suspect first."""
+        return self.dir / "label_issues.csv"
+
+    @property
+    def duplicates(self) -> Path:
+        """``path_a,split_a,path_b,split_b,similarity,kind``: cross-split pairs first, then by similarity."""
+        return self.dir / "duplicates.csv"
+
+    @property
+    def outliers(self) -> Path:
+        """``path,split,score``: every image, most unusual first."""
+        return self.dir / "outliers.csv"
+
+    @property
+    def summary(self) -> Path:
+        """``summary.json``: counts, the estimated noise rate and the settings; written last, it marks the audit complete."""
+        return self.dir / "summary.json"
+
+    @property
+    def work(self) -> Path:
+        """A scratch folder for the duplicate search's projected features; removed when the audit ends."""
+        return self.dir / ".work"
+
+
+def audit_dir(train_cache: _PathLike) -> Path:
+    """An audit lives beside the caches it audits: ``<cache folder>/audit/``."""
+    return Path(train_cache).parent / "audit"
+
+
+def audit_files(folder: _PathLike) -> AuditFiles:
+    """The files of the audit in ``folder``."""
+    return AuditFiles(Path(folder))
 
 
 # ---------------------------------------------------------------- fine-tuning

@@ -17,7 +17,8 @@ from .files import atomic_write
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["plot_confusion", "save_figure", "plot_accuracy_vs_time", "plot_learning_curves", "plot_projection", "plot_misclassified"]
+__all__ = ["plot_confusion", "save_figure", "plot_accuracy_vs_time", "plot_learning_curves", "plot_projection", "plot_misclassified",
+           "plot_audit"]
 
 # How each kind of row is drawn in the accuracy-against-time plot, and its legend entry.
 _KINDS = {
@@ -178,4 +179,36 @@ def plot_misclassified(images: Sequence[np.ndarray | None], titles: Sequence[str
             ax.imshow(img)
         ax.set_title(title, fontsize=7, color="darkred")
     fig.suptitle("misclassified test images: true -> predicted", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_audit(panels: Sequence[tuple[str, Sequence[tuple[np.ndarray | None, str]]]], path: str | os.PathLike) -> Path | None:
+    """The audit's top suspects, one row per kind (label issues, duplicates, outliers), a caption under each image.
+
+    Args:
+        panels: (title, items) per row; an item is an RGB array (a duplicate pair side by side) or None for
+            "unreadable", and the text under it (e.g. ``given: shirt`` and ``suggested: t-shirt`` on two lines).
+            Rows without items are left out.
+        path: the PNG to write.
+
+    Returns:
+        The PNG, or None when there is nothing to show.
+    """
+    panels = [(title, list(items)) for title, items in panels if items]
+    if not panels:
+        return None
+    cols = max(len(items) for _, items in panels)
+    fig = _figure(1.75 * cols, 2.1 * len(panels))
+    axes = fig.subplots(len(panels), cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, (title, items) in zip(axes, panels):
+        row[0].set_title(title, fontsize=9, loc="left", fontweight="bold")
+        for ax, (img, caption) in zip(row, items):
+            if img is None:
+                ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+            else:
+                ax.imshow(img)
+            # Under the image, not over it: the labels are what a reader checks the picture against.
+            ax.text(0.5, -0.04, caption, ha="center", va="top", fontsize=6.5, transform=ax.transAxes)
     return save_figure(fig, path)

@@ -32,7 +32,7 @@ def _version(package: str) -> str | None:
 
 PIPELINE_VERSION = _version("pipeline") or "0+unknown"
 # Versions read from installed metadata, so that stamping an artifact imports nothing heavy.
-_LIBRARIES = ("torch", "torchvision", "numpy", "h5py", "pillow", "scikit-learn", "joblib", "onnxruntime", "onnx", "skops", "skl2onnx")
+_LIBRARIES = ("torch", "torchvision", "numpy", "h5py", "pillow", "scikit-learn", "joblib", "onnxruntime", "onnx", "skops", "skl2onnx", "cleanlab")
 
 
 def versions() -> dict[str, str]:

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .config import BACKBONE_AND_DATASET, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig
+from .config import BACKBONE_AND_DATASET, AuditConfig, ExtractConfig, FinetuneConfig, HeadConfig, ReportConfig
 from .files import atomic_write
 from .validate import conform
 
@@ -24,7 +24,8 @@ T = TypeVar("T")
 
 # Sections of pipeline.toml and the settings each one fills. [finetune] inherits [extract]'s dataset and backbone,
 # so that a fine-tune and the heads it starts from (--init-head) see the same images through the same backbone.
-SECTIONS: dict[str, type] = {"extract": ExtractConfig, "head": HeadConfig, "finetune": FinetuneConfig, "report": ReportConfig}
+SECTIONS: dict[str, type] = {"extract": ExtractConfig, "head": HeadConfig, "finetune": FinetuneConfig, "report": ReportConfig,
+                             "audit": AuditConfig}
 _INHERITS = {"finetune": ("extract", BACKBONE_AND_DATASET)}
 
 

@@ -16,6 +16,11 @@ def test_the_layout_of_a_cache_its_heads_and_their_evaluations():
     base = layout.head_base(cache, "svm")
     assert base == cache.parent / "heads" / "svm"
     assert layout.head_base(cache, "svm", subset=100) == cache.parent / "heads" / "subset-100" / "svm"
+    assert layout.head_base(cache, "svm", exclude=50) == cache.parent / "heads" / "exclude-50" / "svm"
+    audit = layout.audit_files(layout.audit_dir(cache))
+    assert audit.dir == cache.parent / "audit"
+    assert [p.name for p in (audit.label_issues, audit.duplicates, audit.outliers, audit.summary)] == [
+        "label_issues.csv", "duplicates.csv", "outliers.csv", "summary.json"]
     files = layout.head_files(base.with_suffix(".json"))
     assert (files.meta.name, files.torch.name, files.history.name) == ("svm.json", "svm.pt", "svm-history.csv")
     ev = layout.evaluation_files(files.meta)
@@ -31,6 +36,8 @@ def test_head_metadata_leaves_out_evaluations_and_subset_folders_are_found(tmp_p
     (tmp_path / "subset-x").mkdir()
     assert [p.name for p in layout.head_metadata(tmp_path)] == ["linear.json", "svm.json"]
     assert [n for n, _ in layout.subset_head_dirs(tmp_path)] == [20, 100]
+    (tmp_path / "exclude-7").mkdir()
+    assert [n for n, _ in layout.exclude_head_dirs(tmp_path)] == [7] and len(layout.subset_head_dirs(tmp_path)) == 2
 
 
 def test_runs_and_reports(tmp_path):

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import BACKBONE_AND_DATASET, ExtractConfig, FinetuneConfig, HeadConfig
+from pipeline.config import BACKBONE_AND_DATASET, AuditConfig, ExtractConfig, FinetuneConfig, HeadConfig
 from pipeline.settings_file import load_config, settings_from
 
 
@@ -71,6 +71,11 @@ def test_the_shared_fields_are_declared_once():
     (ExtractConfig, {"val_fraction": 1.5}, "val_fraction must lie strictly between 0 and 1"),
     (FinetuneConfig, {"resize": 0}, "resize must be at least 1"),
     (HeadConfig, {"pca": 0}, "pca must be at least 1"),
+    (HeadConfig, {"exclude_top": -1}, "exclude_top must be at least 0"),
+    (AuditConfig, {"folds": 1}, "folds must be at least 2"),
+    (AuditConfig, {"threshold": 1.2}, r"threshold is a cosine similarity in \[-1, 1\]"),
+    (AuditConfig, {"clf": "forest"}, "clf must be one of linear, logreg"),
+    (AuditConfig, {"value": 0}, "value must be positive"),
 ])
 def test_impossible_values_are_refused_before_any_work(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -125,3 +130,12 @@ def test_missing_weights_name_the_weights_available_here(tmp_path, monkeypatch):
     assert available_weights("mobilenet_v2") == ["IMAGENET1K_V1"]
     with pytest.raises(WeightsUnavailableError, match=r"Weights of mobilenet_v2 available here: --weights IMAGENET1K_V1\."):
         load_backbone("mobilenet_v2", "IMAGENET1K_V2")
+
+
+def test_the_audit_section_is_read_and_checked(tmp_path):
+    config, source = _toml(tmp_path, "[audit]\nclf = 'knn'\nthreshold = 0.9\nfolds = 3\n")
+    settings = settings_from(AuditConfig, config, "audit", {"folds": 4}, source=source)
+    assert (settings.clf, settings.threshold, settings.folds) == ("knn", 0.9, 4)
+    config, source = _toml(tmp_path, "[audit]\nthreshhold = 0.9\n")
+    with pytest.raises(ValueError, match=r"\[audit\] .*unknown setting\(s\) \['threshhold'\] \(did you mean threshold\?\)"):
+        settings_from(AuditConfig, config, "audit", {}, source=source)

@@ -38,9 +38,11 @@ class ReportResult:
     figures: list[Path] = field(default_factory=list)
 
 
-def _inputs(caches: dict, heads: list[dict], subset_heads: dict, finetunes: list[dict], config: ReportConfig) -> dict:
+def _inputs(caches: dict, heads: list[dict], subset_heads: dict, finetunes: list[dict], config: ReportConfig, audit: dict | None,
+            cleaned: list[dict]) -> dict:
     """Everything the report is made from, by content: when this is unchanged, so is the report."""
     paths = [r["path"] for r in heads] + [r["path"] for rows in subset_heads.values() for r in rows] + [r["path"] for r in finetunes]
+    paths += [r["path"] for r in cleaned]
     digests = {}
     for p in paths:
         test = layout.evaluation_files(p).metrics
@@ -49,6 +51,8 @@ def _inputs(caches: dict, heads: list[dict], subset_heads: dict, finetunes: list
         history = layout.head_files(r["path"]).history
         if history.is_file():
             digests[str(history)] = file_sha256(history)
+    if audit is not None:  # its summary changes whenever it is redone
+        digests[audit["files"]["summary"]] = file_sha256(audit["files"]["summary"])
     return {"caches": {s: [c["path"], c["created"], c["rows"]] for s, c in caches.items()}, "files": digests,
             "config": asdict(config), "pipeline": provenance.PIPELINE_VERSION}
 
@@ -68,7 +72,7 @@ def _project(X: np.ndarray, method: str, seed: int) -> np.ndarray:
 
 
 def _figures(files: layout.ReportFiles, caches: dict, heads: list[dict], subset_heads: dict, finetunes: list[dict], best: dict,
-             config: ReportConfig, say: Callable[[str], Any]) -> tuple[dict[str, Path | None], dict[str, str]]:
+             config: ReportConfig, audit: dict | None, say: Callable[[str], Any]) -> tuple[dict[str, Path | None], dict[str, str]]:
     """Draw every figure into the report's folder; returns the PNGs (None where there is nothing to draw) and their captions."""
     classes = caches["train"]["classes"]
     figures: dict[str, Path | None] = {}
@@ -100,6 +104,12 @@ def _figures(files: layout.ReportFiles, caches: dict, heads: list[dict], subset_
     say(f"report: {method} of {len(y):,} test features")
     figures["projection"] = plots.plot_projection(_project(X, config.projection, config.seed), y, classes, captions["projection"],
                                                   files.figure("projection"))
+
+    if audit is not None:
+        say("report: the audit's top suspects")
+        captions["audit"] = ("The audit's top suspects: the labels cleanlab finds least likely, the most similar pairs (cross-split "
+                             "first), the images farthest from all others")
+        figures["audit"] = plots.plot_audit(gather.audit_thumbnails(audit, caches, config.audit_images), files.figure("audit"))
 
     say("report: misclassified test images")
     try:
@@ -137,10 +147,12 @@ def build_report(source: ExtractConfig | None = None, config: ReportConfig | Non
         raise ValueError(f"no head in {folder} was evaluated on test; run pipeline fit-head and pipeline evaluate first")
     subset_heads = gather.subset_head_rows(folder)
     finetunes = gather.finetune_rows(Path(config.runs_dir), caches)
+    audit = gather.audit_summary(caches)
+    leaks, cleaned = gather.audit_accuracies(audit, heads, folder) if audit else ([], [])
 
     s = caches["train"]["settings"]
     files = layout.report_files(layout.report_dir(config.out_dir, s.get("dataset", "dataset"), s.get("model"), s.get("weights")))
-    inputs = _inputs(caches, heads, subset_heads, finetunes, config)
+    inputs = _inputs(caches, heads, subset_heads, finetunes, config, audit, cleaned)
     if not force:
         old = provenance.current_record(files.data, inputs, files.html, files.markdown)
         if old is not None:
@@ -149,12 +161,13 @@ def build_report(source: ExtractConfig | None = None, config: ReportConfig | Non
     files.dir.mkdir(parents=True, exist_ok=True)
     best = gather.chosen_on_val(heads + finetunes)
     best_head = gather.chosen_on_val(heads)
-    figures, captions = _figures(files, caches, heads, subset_heads, finetunes, best, config, say)
+    figures, captions = _figures(files, caches, heads, subset_heads, finetunes, best, config, audit, say)
     drawn = {k: v for k, v in figures.items() if v}
 
     data = {
         "caches": caches, "heads": heads, "subset_heads": subset_heads, "finetunes": finetunes,
         "best": {k: best.get(k) for k in _BEST_KEYS}, "best_head": {k: best_head.get(k) for k in _BEST_KEYS if k != "kind"},
+        "audit": None if audit is None else {**{k: v for k, v in audit.items() if k not in ("inputs", "versions")}, "leaks": leaks, "cleaned": cleaned},
         "config": asdict(config), "figures": {k: str(v) for k, v in drawn.items()}, "pipeline": provenance.PIPELINE_VERSION,
         **provenance.stamp(inputs),
     }

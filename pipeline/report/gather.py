@@ -16,7 +16,7 @@ from ..evaluate import compare, load_predictions
 from ..extract import locate_cache
 
 __all__ = ["read_caches", "head_rows", "subset_head_rows", "finetune_rows", "chosen_on_val", "linear_history", "confusion_matrix",
-           "projection_sample", "misclassified"]
+           "projection_sample", "misclassified", "audit_summary", "audit_accuracies", "audit_thumbnails"]
 
 
 def read_caches(source: ExtractConfig) -> dict[str, dict]:
@@ -153,3 +153,95 @@ def misclassified(row: dict, classes: list[str], n: int, seed: int) -> tuple[lis
             images.append(None)
     titles = [f"{classes[int(preds['y'][i])]}\n-> {classes[int(preds['pred'][i])]}" for i in pick]
     return images, titles
+
+
+# ---------------------------------------------------------------- the audit
+
+
+def audit_summary(caches: dict) -> dict | None:
+    """The summary of the audit beside the caches (``pipeline audit``), with its files, or None when there is none."""
+    files = layout.audit_files(layout.audit_dir(caches["train"]["path"]))
+    summary = provenance.read_record(files.summary)
+    if summary is None or summary.get("format") != "pipeline-audit" or not all(
+            p.is_file() for p in (files.label_issues, files.duplicates, files.outliers)):
+        return None
+    return {**summary, "files": {k: str(getattr(files, k)) for k in ("summary", "label_issues", "duplicates", "outliers")}}
+
+
+def audit_accuracies(audit: dict, heads: list[dict], folder: Path) -> tuple[list[dict], list[dict]]:
+    """What acting on the audit changes, measured.
+
+    Returns:
+        Per evaluated head, test top-1 on every test image and without those the audit found in train or val (from
+        the head's saved predictions); and per head fitted without the audit's most suspect images (``heads/exclude-N/``),
+        its test top-1 beside that of the same head fitted on every image.
+    """
+    from ..audit import leaked_test_paths
+
+    leaked = leaked_test_paths(audit["files"]["duplicates"])
+    leaks = []
+    for r in heads:
+        try:
+            preds = load_predictions(r["path"])
+        except ValueError:
+            continue
+        keep = np.asarray([p not in leaked for p in preds["paths"]], dtype=bool)
+        right = preds["y"] == preds["pred"]
+        leaks.append({"label": r["label"], "n": len(right), "top1": float(right.mean()), "kept": int(keep.sum()),
+                      "top1_kept": float(right[keep].mean()) if keep.any() else None})
+    by_clf = {r["clf"]: r for r in heads}
+    cleaned = []
+    for n, sub in layout.exclude_head_dirs(folder):
+        for r in head_rows(sub, kind="head without suspects"):
+            full = by_clf.get(r["clf"])
+            cleaned.append({"label": r["clf"], "excluded": n, "top1": r["top1"], "val_accuracy": r["val_accuracy"], "path": r["path"],
+                            "full_top1": full["top1"] if full else None, "full_val_accuracy": full["val_accuracy"] if full else None})
+    return leaks, cleaned
+
+
+def _image(root: str | None, path: str) -> np.ndarray | None:
+    try:
+        return np.asarray(load_rgb(Path(root or "") / path))
+    except (OSError, ValueError):
+        return None
+
+
+def _pair(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """Two images side by side at the same height, a white gap between."""
+    if a is None or b is None:
+        return None
+    from PIL import Image
+
+    h = max(a.shape[0], b.shape[0])
+    a, b = (np.asarray(Image.fromarray(x).resize((max(1, round(x.shape[1] * h / x.shape[0])), h))) for x in (a, b))
+    return np.concatenate([a, np.full((h, max(2, h // 12), 3), 255, np.uint8), b], axis=1)
+
+
+def audit_thumbnails(audit: dict, caches: dict, n: int) -> list[tuple[str, list[tuple[np.ndarray | None, str]]]]:
+    """The top ``n`` suspects of each kind, as (title, [(image, caption)]): given and suggested labels under each."""
+    with open(audit["files"]["label_issues"], newline="") as f:
+        issues = list(csv.DictReader(f))
+    suggested = {(r["split"], r["path"]): r["suggested"] for r in issues}
+    given: dict[tuple[str, str], str] = {}
+    for split, c in caches.items():
+        with read_cache(c["path"]) as cache:
+            given.update({(split, p): c["classes"][y] for p, y in zip(cache.paths, cache.labels.tolist())})
+    roots = {split: c.get("data_root") for split, c in caches.items()}
+
+    def labels(split: str, path: str) -> str:
+        s = suggested.get((split, path))
+        return f"{split}: {given.get((split, path), '?')}" + (f"\nsuggested: {s}" if s and s != given.get((split, path)) else "")
+
+    flagged = issues[:min(n, audit["label_issues"])]
+    label_items = [(_image(roots.get(r["split"]), r["path"]), f"given: {r['given']}\nsuggested: {r['suggested']}\nscore {float(r['score']):.3f}")
+                   for r in flagged]
+    with open(audit["files"]["duplicates"], newline="") as f:
+        pairs = [r for _, r in zip(range(n), csv.DictReader(f))]
+    dup_items = [(_pair(_image(roots.get(r["split_a"]), r["path_a"]), _image(roots.get(r["split_b"]), r["path_b"])),
+                  f"{r['split_a']}: {given.get((r['split_a'], r['path_a']), '?')} | {r['split_b']}: {given.get((r['split_b'], r['path_b']), '?')}"
+                  f"\n{r['kind']}, similarity {float(r['similarity']):.3f}") for r in pairs]
+    with open(audit["files"]["outliers"], newline="") as f:
+        far = [r for _, r in zip(range(n), csv.DictReader(f))]
+    out_items = [(_image(roots.get(r["split"]), r["path"]), f"{labels(r['split'], r['path'])}\nscore {float(r['score']):.3f}") for r in far]
+    return [("label issues, most suspect first (given -> suggested)", label_items),
+            ("duplicates, cross-split first", dup_items), ("outliers, most unusual first", out_items)]

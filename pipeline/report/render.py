@@ -81,6 +81,34 @@ def _finetuning(d: dict) -> list[Any]:
     return blocks
 
 
+def _audit(a: dict, figures: dict, captions: dict) -> list[Any]:
+    """What ``pipeline audit`` found, and the accuracy with and without acting on it."""
+    dup, head = a["duplicates"], a["head"]
+    pct = lambda n, total: f"{100 * n / total:.2f} %" if total else "–"  # noqa: E731
+    blocks: list[Any] = [
+        f"`pipeline audit` ranked the {a['labelled_images']:,} train and val images by cleanlab's label quality, from out-of-fold "
+        f"probabilities of the {head['clf']} head ({head['param']}={head['value']:g}, {a['config']['folds']}-fold). It flags "
+        f"**{a['label_issues']:,}** labels ({pct(a['label_issues'], a['labelled_images'])}) as likely wrong; the estimated label-noise "
+        f"rate is {_pct(a['noise_rate'])}.",
+        f"Duplicates: **{dup['exact']:,}** exact pairs (same file content) and **{dup['near']:,}** near pairs (cosine similarity of "
+        f"the features at least {a['threshold']:g}), {dup['cross_split']:,} of them across splits: **{a['leaked_test_images']:,}** test "
+        f"images also appear in train or val. Outliers: {a['outliers']:,} images beyond the far-out fence of the kNN distance.",
+    ]
+    if a.get("leaks"):
+        blocks += ["Test accuracy with and without the leaked test images (from each head's saved predictions):",
+                   _table(["head", "test top-1, every image", "without the leaked ones", "images kept"],
+                          [[r["label"], _pct(r["top1"]), _pct(r["top1_kept"]), f"{r['kept']:,} of {r['n']:,}"] for r in a["leaks"]])]
+    if a.get("cleaned"):
+        blocks += ["Heads fitted without the audit's most suspect train and val images (`fit-head --exclude label_issues.csv --top N`), "
+                   "against the same head fitted on every image:",
+                   _table(["head", "images left out", "test top-1", "on every image", "val acc.", "on every image"],
+                          [[r["label"], f"{r['excluded']:,}", _pct(r["top1"]), _pct(r["full_top1"]), _pct(r["val_accuracy"]),
+                            _pct(r["full_val_accuracy"])] for r in a["cleaned"]])]
+    if figures.get("audit"):
+        blocks.append((captions["audit"], figures["audit"]))
+    return blocks
+
+
 def sections(d: dict) -> Sections:
     """The report's content, as (title, blocks).
 
@@ -111,6 +139,9 @@ def sections(d: dict) -> Sections:
 
     if d["finetunes"]:
         out.append(("Fine-tuning", _finetuning(d)))
+
+    if d.get("audit"):
+        out.append(("Audit: labels, duplicates and outliers", _audit(d["audit"], figures, captions)))
 
     names = ("learning_curves", "confusion", "projection", "misclassified")
     out.append(("Figures", [(captions[name], figures[name]) for name in names if figures.get(name)]))
