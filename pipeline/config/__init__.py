@@ -1,0 +1,20 @@
+"""Settings: every option's name, type, default, allowed values and validation, in one place.
+
+This package imports nothing heavy, so the command line builds its help from it at once. One frozen dataclass per
+stage, composed from shared parts (``settings_file`` layers pipeline.toml over them): ``shared`` holds the allowed
+values and the dataset and backbone parts, ``stages`` the extraction, head, report and audit settings,
+``finetune`` the fine-tuning settings.
+"""
+
+from .finetune import FinetuneConfig
+from .shared import (
+    AUGMENTS, BACKBONE_AND_DATASET, CAPTURES, COMPRESSIONS, DTYPES, ENGINES, HEAD_INITS, HEAD_NAMES, NORMS, ON_ERROR, OPTIMIZERS, POOLS,
+    PREPROCESSING, PROJECTIONS, SCHEDULES, SPLITS, BackboneOptions, DatasetOptions, DatasetSpec,
+)
+from .stages import AuditConfig, ExtractConfig, HeadConfig, ReportConfig
+
+__all__ = [
+    "DatasetSpec", "DatasetOptions", "BackboneOptions", "ExtractConfig", "HeadConfig", "FinetuneConfig", "ReportConfig", "AuditConfig",
+    "SPLITS", "ON_ERROR", "DTYPES", "COMPRESSIONS", "ENGINES", "CAPTURES", "HEAD_NAMES", "POOLS", "PREPROCESSING",
+    "OPTIMIZERS", "SCHEDULES", "AUGMENTS", "HEAD_INITS", "NORMS", "PROJECTIONS", "BACKBONE_AND_DATASET",
+]
