@@ -530,7 +530,7 @@ def force_trials(work: Path, n: int, rng: np.random.Generator) -> Tally:
 AFTER_CHECK = """
 import sys, collections
 import pipeline.cache
-pipeline.cache.shutil.disk_usage = lambda path: collections.namedtuple("usage", "total used free")(2**40, 0, 2**40)
+pipeline.shards.shutil.disk_usage = lambda path: collections.namedtuple("usage", "total used free")(2**40, 0, 2**40)
 from pipeline.cli import cli
 cli(sys.argv[1:], prog_name="pipeline")
 """

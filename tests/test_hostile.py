@@ -155,7 +155,7 @@ def _flip_chunk(path: Path, name: str, chunk: int) -> None:
 
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline.cache, "_CHUNK_BYTES", 3 * 32 * 4)  # 3 rows of 32 float32 per chunk
+    monkeypatch.setattr(pipeline.shards, "_CHUNK_BYTES", 3 * 32 * 4)  # 3 rows of 32 float32 per chunk
 
 
 def test_a_flipped_byte_in_the_features_is_named_with_its_rows(small_chunks: None) -> None:
@@ -431,7 +431,7 @@ def test_a_small_file_declaring_a_huge_array_is_refused_before_allocating(n: int
 
 def test_features_larger_than_the_memory_available_are_not_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     c = make_caches(k=3, splits=("train",))
-    monkeypatch.setattr(pipeline.cache, "_available_memory", lambda: 1000)
+    monkeypatch.setattr(pipeline.cache, "available_memory", lambda: 1000)
     with read_cache(c.train) as cache, pytest.raises(ValueError, match=rf"features/{TAP} takes 7.5 KiB, more than the 1000 bytes of memory available; read it in blocks"):
         cache.features()
 

@@ -351,7 +351,7 @@ from collections import namedtuple
 import numpy as np
 import pipeline.cache
 from pipeline.files import DiskFullError
-pipeline.cache.shutil.disk_usage = lambda path: namedtuple("usage", "total used free")(2**40, 0, 2**40)
+pipeline.shards.shutil.disk_usage = lambda path: namedtuple("usage", "total used free")(2**40, 0, 2**40)
 X = np.random.default_rng(0).normal(size=(int(sys.argv[2]), 256)).astype(np.float32)
 try:
     pipeline.cache.write_features(sys.argv[1], X, np.arange(len(X)) % 3, ["a", "b", "c"], {"model": "m"}, block_rows=500)
@@ -391,7 +391,7 @@ def test_a_disk_that_fills_after_the_free_space_check_ends_in_one_line_not_a_cra
 def test_extract_on_a_disk_that_fills_after_the_check_resumes(image_folder: Path, tiny_disk: Callable[[int], Path]) -> None:
     disk = tiny_disk(1024)
     wrapper = ("import sys, collections, pipeline.cache\n"
-               "pipeline.cache.shutil.disk_usage = lambda p: collections.namedtuple('u', 'total used free')(2**40, 0, 2**40)\n"
+               "pipeline.shards.shutil.disk_usage = lambda p: collections.namedtuple('u', 'total used free')(2**40, 0, 2**40)\n"
                "from pipeline.cli import cli\ncli(sys.argv[1:], prog_name='pipeline')\n")
     args = ["extract", "--data", str(image_folder), *EXTRACT_ARGS, "--cache-dir", str(disk)]
     child = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, env=_env())
