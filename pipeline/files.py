@@ -12,7 +12,7 @@ import secrets
 import shutil
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -150,9 +150,8 @@ def _fsync_dir(folder: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass  # not every filesystem syncs directories
+        with suppress(OSError):  # not every filesystem syncs directories
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -274,11 +273,9 @@ def file_lock(target: str | os.PathLike, *, wait: float = 0.0) -> Iterator[Path]
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = _acquire(lock, target, wait)
     try:
-        try:
+        with suppress(OSError):  # a full disk: the lock holds all the same
             os.ftruncate(fd, 0)  # a killed writer's file may hold its id
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # who holds it, for the other writer's message
-        except OSError:
-            pass  # a full disk: the lock holds all the same
         with _held_guard:
             _held[key] = (me, 1)
         try:
