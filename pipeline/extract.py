@@ -127,7 +127,6 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
 
     def prepare() -> tuple:
         split = load_split(config.dataset, config.split)
-        refuse_unreadable(split, config.on_error, Path(config.cache_dir) / layout.slug(config.dataset.name))
         if len(split) == 0:
             raise ValueError(f"the {config.split} split of {root} has no images")
         backbone = load_backbone(config.model, config.weights, resize=config.resize, crop=config.crop, mean=config.mean, std=config.std)
@@ -165,6 +164,8 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
                 raise ValueError(f"{path} was made with other settings ({'; '.join(provenance.diff(old, settings))}); pass --force to overwrite it{resume}")
             # Kept until the new cache is complete and renamed over it: readers go on reading it meanwhile, and an
             # interrupted --force run leaves it as it was.
+        # Only when there is work to do: an up-to-date cache costs no scan of its images.
+        refuse_unreadable(split, config.on_error, Path(config.cache_dir) / layout.slug(config.dataset.name))
         if partial.exists() and not provenance.same(partial.settings(), settings):
             # A run that stopped before its first batch was saved holds nothing to lose: it is simply started over.
             if not force and partial.rows_done() > 0:
