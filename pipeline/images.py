@@ -106,7 +106,7 @@ def ignored_reason(name: str) -> str | None:
         return "hidden file"
     if name.lower() in _SYSTEM_FILES:
         return "system file"
-    suffix = Path(name).suffix.lower()
+    suffix = os.path.splitext(name)[1].lower()
     if suffix not in IMAGE_EXTENSIONS:
         return f"not an image file (extension {suffix or 'none'!r})"
     return None
