@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from sklearn.pipeline import Pipeline
 
-from .backbones import Preprocess, file_sha256, replace_classifier
+from .backbones import Preprocess, replace_classifier
+from .files import file_sha256
 from .files import atomic_write, file_lock, remove_stale_temps
 from .head_formats import TRUSTED_TYPES, UntrustedArtifactError, load_skops_head, load_torch_head, torch_load, torch_state
 from .validate import brief

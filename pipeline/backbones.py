@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -18,6 +17,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from .config import HEAD_INITS
+from .files import file_sha256
 
 __all__ = [
     "replace_classifier", "available_weights", "offline_weights",
@@ -213,12 +213,6 @@ def _load_strict(model: nn.Module, state: dict, source: str) -> None:
             f"{source} does not fit {type(model).__name__}: missing keys {result.missing_keys[:5]}, "
             f"unexpected keys {result.unexpected_keys[:5]}"
         )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file, read in blocks."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _preprocess_for(

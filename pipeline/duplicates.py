@@ -31,7 +31,7 @@ def content_hashes(root: str | os.PathLike | None, paths: Sequence[str], progres
     """The sha256 of each image file, ``root/path``; None for a file that cannot be read (or no ``root``)."""
     from tqdm.auto import tqdm
 
-    from .backbones import file_sha256
+    from .files import file_sha256
 
     out: list[str | None] = []
     for p in tqdm(paths, desc="hashing images", unit="file", disable=not progress, leave=False):

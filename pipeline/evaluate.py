@@ -15,13 +15,12 @@ from sklearn.metrics import balanced_accuracy_score, classification_report, conf
 
 from . import layout, provenance
 from .artifacts import artifact_path, is_finetuned, load_finetuned, load_head, read_meta, require_fields
-from .backbones import file_sha256
 from .cache import FeatureCache, read_cache
 from .config import DatasetSpec, ExtractConfig
 from .validate import expect_instance
 from .data import load_split
 from .extract import locate_cache
-from .files import atomic_write
+from .files import atomic_write, file_sha256
 from .fit import check_disjoint, load_split_features
 from .plots import plot_confusion
 from .predict import image_logits

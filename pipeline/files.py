@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import glob
+import hashlib
 import os
 import re
 import secrets
@@ -19,7 +20,7 @@ from typing import BinaryIO, Callable, Iterator
 from .layout import lock_file
 
 __all__ = ["DiskFullError", "BusyError", "atomic_target", "atomic_write", "disk_full", "is_disk_full", "file_lock", "reserve",
-           "temp_target", "remove_stale_temps"]
+           "temp_target", "remove_stale_temps", "file_sha256"]
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -321,3 +322,9 @@ def _busy_message(target: str | os.PathLike, fd: int) -> str:
     except (OSError, ValueError, IndexError):
         who = "another process"
     return f"{target} is being written by {who}; wait for it to finish (or stop it), then re-run"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file, read in blocks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

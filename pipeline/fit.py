@@ -15,7 +15,7 @@ from sklearn.pipeline import Pipeline
 
 from . import layout, provenance
 from .artifacts import feature_identity, save_head
-from .backbones import file_sha256
+from .files import file_sha256
 from .cache import FeatureCache, read_cache
 from .config import ExtractConfig, HeadConfig
 from .validate import expect_instance

@@ -176,6 +176,7 @@ def models_cmd(offline: bool) -> None:
 @friendly()
 def assets_cmd(weights: bool, fmnist: str | None, source: str | None) -> None:
     """Obtain the embedded default: MobileNetV2 ImageNet weights and Fashion-MNIST, offline where possible."""
+    import os
     from pathlib import Path
 
     from .. import assets
@@ -185,5 +186,5 @@ def assets_cmd(weights: bool, fmnist: str | None, source: str | None) -> None:
         click.echo(f"weights: {path} (sha256 ok)")
     if fmnist:
         root = assets.materialize_fashion_mnist(Path(fmnist), Path(source) if source else None)
-        counts = {s: sum(1 for _ in (root / s).rglob("*.png")) for s in ("train", "test")}
+        counts = {s: sum(len(files) for _, _, files in os.walk(root / s)) for s in ("train", "test")}
         click.echo(f"fashion-mnist: {root} ({counts['train']} train, {counts['test']} test images)")

@@ -17,7 +17,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import layout, provenance
-from ..backbones import file_sha256, resolve_weights, weights_label
+from ..backbones import resolve_weights, weights_label
+from ..files import file_sha256
 from ..config import BACKBONE_AND_DATASET, ExtractConfig, FinetuneConfig
 from ..extract import auto_workers
 from ..files import atomic_write, file_lock, remove_stale_temps

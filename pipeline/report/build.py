@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import layout, plots, provenance
-from ..backbones import file_sha256
+from ..files import file_sha256
 from ..config import ExtractConfig, ReportConfig
 from ..files import atomic_write
 from . import gather
