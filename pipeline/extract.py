@@ -227,6 +227,8 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
             "created": provenance.now(), "batch_size": config.batch_size,
             "world_size": group.world, "n_ignored": len(split.ignored), "images_per_s": done / seconds if seconds > 0 else 0.0,
         }
+        if provenance.COMMAND.get():
+            attrs["command"] = provenance.COMMAND.get()
         write_cache(
             partial, tap_names=[t.name for t in taps], paths=split.paths, labels=split.labels, classes=split.classes,
             rejected=[(r.path, r.reason) for r in split.rejected], attrs=attrs, compression=config.compression,

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import platform
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 from .files import atomic_write
 from .validate import brief
 
-__all__ = ["PIPELINE_VERSION", "versions", "now", "canonical", "same", "diff", "stamp", "read_record", "current_record", "write_history"]
+__all__ = ["PIPELINE_VERSION", "COMMAND", "versions", "now", "canonical", "same", "diff", "stamp", "read_record", "current_record", "write_history"]
 
 
 def _version(package: str) -> str | None:
@@ -33,6 +34,12 @@ def _version(package: str) -> str | None:
 PIPELINE_VERSION = _version("pipeline") or "0+unknown"
 # Versions read from installed metadata, so that stamping an artifact imports nothing heavy.
 _LIBRARIES = ("torch", "torchvision", "numpy", "h5py", "pillow", "scikit-learn", "joblib", "onnxruntime", "onnx", "skops", "skl2onnx", "cleanlab")
+
+
+# The command line being run, set by the CLI for the length of one command ("pipeline fit-head --clf svm"); None
+# when a stage is called from Python. Artifacts record it beside their inputs, and the report's "how to rerun" lists
+# the commands that made what it shows. It is not an input: the same work done from Python or the CLI is reused.
+COMMAND: ContextVar[str | None] = ContextVar("pipeline_command", default=None)
 
 
 def versions() -> dict[str, str]:
@@ -75,8 +82,8 @@ def diff(old: dict, new: dict) -> list[str]:
 
 
 def stamp(inputs: Any) -> dict[str, Any]:
-    """The provenance fields every artifact's metadata carries: ``inputs``, ``versions`` and ``created``."""
-    return {"inputs": canonical(inputs), "versions": versions(), "created": now()}
+    """The provenance fields every artifact's metadata carries: ``inputs``, ``versions``, ``created`` and ``command``."""
+    return {"inputs": canonical(inputs), "versions": versions(), "created": now(), "command": COMMAND.get()}
 
 
 def read_record(path: str | os.PathLike) -> dict | None:

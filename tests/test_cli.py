@@ -141,6 +141,33 @@ def test_extract_two_splits(image_folder: Path) -> None:
         assert len(c) == 9
 
 
+def test_run_does_several_commands_in_one_process_and_each_artifact_records_its_command(image_folder: Path) -> None:
+    extract_args = " ".join(["extract", "--data", str(image_folder), *TINY, "--split", "train", "--split", "val"])
+    fit_args = f"fit-head --data {image_folder} --weights none --clf logreg --grid 1"
+    out = ok(invoke("run", extract_args, fit_args))
+    assert out.startswith(f"$ pipeline {extract_args}\ntrain: ")
+    assert f"\n$ pipeline {fit_args}\n" in out
+    assert re.search(r"time per command:\n  extract +\d+\.\d s  --data .*\n  fit-head +\d+\.\d s  --data .*\n  total +\d+\.\d s\n$", out), out
+    with read_cache(TEST_CACHE.with_name("train.h5")) as c:
+        assert c.attrs["command"] == f"pipeline {extract_args}"
+    head = json.loads(TEST_CACHE.with_name("heads").joinpath("logreg.json").read_text())
+    assert head["command"] == f"pipeline {fit_args}"
+    from pipeline import extract
+
+    extract(ExtractConfig(data=str(image_folder), split="test", cache_dir="py", weights="none", crop=32, resize=36, engine="eager", workers=0, device="cpu"), progress=False)
+    with read_cache(next(Path("py").rglob("test.h5"))) as c:
+        assert "command" not in c.attrs  # called from Python: no command line to record
+
+
+def test_run_checks_every_command_first_and_stops_at_the_first_that_fails(image_folder: Path) -> None:
+    result = invoke("run", "compare", "extrac --split test")
+    assert result.exit_code == 2 and "'extrac --split test' is not a pipeline command (one of: assets, audit," in result.output
+    assert "$ pipeline" not in result.output  # nothing ran
+    result = invoke("run", f"fit-head --data {image_folder} --weights none --clf logreg", "compare")
+    assert result.exit_code == 1 and "Error: " in result.output and "$ pipeline compare" not in result.output
+    assert re.search(r"\n  total +\d+\.\d s; stopped: 'fit-head --data .*' failed\n$", result.output), result.output
+
+
 def test_output_writes_one_split_there_and_refuses_two(image_folder: Path) -> None:
     out = ok(_extract(image_folder, "--split", "test", "--output", "one.h5"))
     assert out.startswith("test: one.h5  9 images, 0 skipped, ")

@@ -370,6 +370,23 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused_unless_forced(image_fol
         finetune(small(image_folder, epochs=3, name="other"), progress=False)
 
 
+def test_unreadable_images_are_all_named_before_training_and_an_up_to_date_run_decodes_nothing(
+        image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train = sorted((image_folder / "train").rglob("*.png"))
+    for bad in train[:2]:
+        bad.write_bytes(bad.read_bytes()[:40])  # the header survives, the pixels do not
+    with pytest.raises(ValueError, match=re.escape(str(train[0])) + ".*" + re.escape(str(train[1]))):
+        finetune(small(image_folder, epochs=1), progress=False)
+    for bad in train[:2]:
+        bad.unlink()
+    finetune(small(image_folder, epochs=1), progress=False)
+    verified: list[int] = []
+    real = pipeline.data.verify_images
+    monkeypatch.setattr(pipeline.data, "verify_images", lambda paths: verified.append(len(paths)) or real(paths))
+    assert finetune(small(image_folder, epochs=1), progress=False).status == "up-to-date"
+    assert verified == []
+
+
 @pytest.mark.parametrize("damage", [pytest.param("garbage", marks=pytest.mark.slow), "truncated"])
 def test_a_damaged_checkpoint_is_named_and_force_starts_over(image_folder: Path, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
     config = small(image_folder, epochs=2)

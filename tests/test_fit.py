@@ -661,7 +661,7 @@ def test_subset_head_and_finetune_subset_are_the_same_images(real: SimpleNamespa
     from pipeline.finetune.inputs import _part
 
     result = fit_head(HeadConfig(clf="logreg", grid=(1.0,), refine=0, subset=2, seed=5), real.source, out=real.root / "subset-head")
-    part, _ = _part("train", DatasetSpec(root=real.source.data), "train", 2, 5, "fail", None)
+    part, _ = _part("train", DatasetSpec(root=real.source.data), "train", 2, 5, None)
     assert json.loads(result.path.read_text())["subset"]["paths_sha256"] == paths_digest(part.paths)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -52,16 +52,21 @@ class _Part:
     fingerprint: str
 
 
-def _part(label: str, spec: DatasetSpec, split_name: str, per_class: int | None, seed: int, on_error: str, classes: list[str] | None) -> tuple[_Part, Split]:
+def _part(label: str, spec: DatasetSpec, split_name: str, per_class: int | None, seed: int, classes: list[str] | None) -> tuple[_Part, Split]:
     split = load_split(spec, split_name)
     root = Path(spec.root)
-    refuse_unreadable(split, on_error)
     if len(split) == 0:
         raise ValueError(f"the {split_name} split of {root} has no images")
     if classes is not None and split.classes != classes:
         raise ValueError(f"{label}: {root} has classes {split.classes[:10]}, the train split has {classes[:10]}")
     pick = stratified_subset(split.labels, per_class, seed)
     return _Part(label, root, [split.paths[i] for i in pick], split.labels[pick], split.fingerprint), split
+
+
+def refuse_unreadable_parts(parts: list[tuple[_Part, Split]], on_error: str) -> None:
+    """Under ``on_error="fail"``, refuse unreadable images among those the phases read (a subset reads only its own)."""
+    for part, split in parts:
+        refuse_unreadable(replace(split, paths=part.paths, labels=part.labels, sizes=[]), on_error)
 
 
 def _parse_target(target: str, dataset: DatasetSpec) -> tuple[str, DatasetSpec, str]:

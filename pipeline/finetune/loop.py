@@ -25,7 +25,7 @@ from ..files import atomic_write, file_lock, remove_stale_temps
 from ..recipes import RECIPES
 from ..runtime import Runtime, resolve_runtime
 from .freeze import set_train_mode
-from .inputs import _loader, _parse_target, _Part, _part, train_transform
+from .inputs import _loader, _parse_target, _Part, _part, refuse_unreadable_parts, train_transform
 from .lpft import build_model
 from .optim import build_optimizer, build_scheduler, param_groups
 
@@ -194,18 +194,20 @@ def _finetune(config: FinetuneConfig | None, source: ExtractConfig | None, held:
     config = resolve_init_head(config or FinetuneConfig(), source)
     say = log or (lambda line: None)
     spec = config.dataset
-    train, train_split = _part("train", spec, "train", config.subset, config.seed, config.on_error, None)
+    train, train_split = _part("train", spec, "train", config.subset, config.seed, None)
     classes = train_split.classes
     present = np.unique(train.labels)
     if len(present) < 2:
         raise ValueError(f"the train split of {train.root} has a single class; a classifier needs two or more")
-    val, _ = _part("val", spec, "val", config.eval_subset, config.seed, config.on_error, classes)
+    val, val_split = _part("val", spec, "val", config.eval_subset, config.seed, classes)
+    read = [(train, train_split), (val, val_split)]  # what the run reads, checked for unreadable images once there is work
     targets = []
     for t in config.targets:
         label, tspec, tsplit = _parse_target(t, spec)
         if label in [p.label for p in targets]:
             raise ValueError(f"--target {t} is given twice")
-        targets.append(_part(label, tspec, tsplit, config.eval_subset, config.seed, config.on_error, classes)[0])
+        read.append(_part(label, tspec, tsplit, config.eval_subset, config.seed, classes))
+        targets.append(read[-1][0])
 
     model, backbone, layer = build_model(config, classes)
     runtime = resolve_runtime(config.device, config.amp)
@@ -234,6 +236,7 @@ def _finetune(config: FinetuneConfig | None, source: ExtractConfig | None, held:
                 return FinetuneResult(files.meta, out, "up-to-date", recorded["best_epoch"], recorded["val_accuracy"], recorded["seconds"], recorded["history"])
         elif not force:
             raise ValueError(f"{out} holds a run with other settings ({'; '.join(provenance.diff(old or {}, settings))}); pass --force to overwrite it, or --name for another run")
+    refuse_unreadable_parts(read, config.on_error)  # only now: an up-to-date run costs no decoding
     checkpoint = None
     if files.last.exists() and not files.meta.exists():
         saved = _read_checkpoint(files.last, force)  # None: damaged, and force starts over
