@@ -97,6 +97,10 @@ class BatchInputs:
         self.uint8 = uint8 and preprocess.crop <= preprocess.resize
         self.device_resize = self.uint8 and preprocess.interpolation == "bilinear"
         self._float = None if self.uint8 else preprocess.transform()
+        self._stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # mean and std by device, made once
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_stats": {}}  # DataLoader workers get no device tensors
 
     def transform(self, image: Image.Image) -> torch.Tensor:
         """One decoded RGB image as a CHW tensor: float32 normalised, or uint8 cropped, or uint8 as decoded when the
@@ -137,8 +141,10 @@ class BatchInputs:
                 x = torch.floor(torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False) + 0.5).clamp_(0, 255)
             left, top = centre_offsets(new_w, new_h, p.crop)
             x = x[..., top:top + p.crop, left:left + p.crop]
-        mean = torch.as_tensor(p.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-        std = torch.as_tensor(p.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+        key = str(x.device)
+        if key not in self._stats:  # a copy from the host waits for the device: once, not every batch
+            self._stats[key] = tuple(torch.as_tensor(v, dtype=torch.float32, device=x.device).view(-1, 1, 1) for v in (p.mean, p.std))
+        mean, std = self._stats[key]
         return (x / 255.0).sub_(mean).div_(std)
 
 
