@@ -34,7 +34,7 @@ SUBSET_HEADS ?= $(HEADS)
 REPORT_ARGS ?= --quality-bar 0.91
 AUDIT_ARGS ?=
 
-.PHONY: help all venv assets weights dataset chromium extract heads subset-heads finetune report audit test test-all bench faults clean distclean
+.PHONY: help all venv assets weights dataset chromium extract heads subset-heads finetune report audit test test-all bench bench-busy bench-gpu faults clean distclean
 
 help:  ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -90,7 +90,7 @@ test: $(STAMP) weights chromium  ## The default test run (fast, CPU; slow and GP
 test-all: $(STAMP) weights chromium  ## Every test, slow and GPU ones included where possible
 	$(BIN)/python -m pytest -q -m ''
 
-bench: assets  ## Benchmarks: extraction vs the naive loop, head fit times, larger-than-memory heads, HDF5 reads, fine-tuning
+bench: assets  ## Benchmarks: extraction vs the naive loop, head fit times, larger-than-memory heads, HDF5 reads, fine-tuning, a busy CPU
 	$(BIN)/python bench/extract_bench.py
 	$(BIN)/python bench/heads_bench.py
 	$(BIN)/python bench/stream_bench.py
@@ -99,6 +99,16 @@ bench: assets  ## Benchmarks: extraction vs the naive loop, head fit times, larg
 	$(BIN)/python bench/dist_bench.py --data $(DATA)
 	$(BIN)/python bench/tradeoff.py --data $(DATA)
 	$(BIN)/python bench/startup_bench.py
+	$(MAKE) bench-busy
+
+# Alone on the machine: the neighbours are the benchmark's own, and anything else running would be counted as one.
+BUSY_ARGS ?= --neighbours 2
+bench-busy: assets  ## Extraction img/s quiet and beside busy-looping processes, --parallel operators vs batches (BUSY_ARGS)
+	$(BIN)/python bench/busy_bench.py --data $(DATA) $(BUSY_ARGS)
+
+GPU_ARGS ?= --gpu-decode
+bench-gpu: $(STAMP)  ## ResNet-50 and MobileNetV2 extraction on the GPU from JPEG files, time per stage (on a CPU: shows the code path only)
+	$(BIN)/python bench/gpu_bench.py $(GPU_ARGS)
 
 faults: $(STAMP)  ## Fault injection: kill -9 extract, fit-head and finetune at random moments and save points (about 15 min)
 	$(BIN)/python bench/fault_inject.py

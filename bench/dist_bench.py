@@ -12,7 +12,6 @@ Usage: python bench/dist_bench.py [--data data/fashion-mnist] [--images 256] [--
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess
@@ -22,10 +21,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract_bench import subset  # noqa: E402
+from synthetic import natural_jpeg  # noqa: E402
 
 from pipeline import ExtractConfig, extract, load_backbone, read_cache, write_features  # noqa: E402
 from pipeline.cache import PartialRun, write_cache  # noqa: E402
@@ -75,14 +74,10 @@ def decode(tmp: Path, n: int = 100) -> dict:
     rng = np.random.default_rng(0)
     paths, kb = [], []
     for i in range(n):
-        small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-        img = np.asarray(Image.fromarray(small).resize((500, 375), Image.BICUBIC), dtype=np.float32)
-        img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "JPEG", quality=90)
+        jpeg = natural_jpeg(rng)
         paths.append(tmp / f"{i}.jpg")
-        paths[-1].write_bytes(buf.getvalue())
-        kb.append(len(buf.getvalue()) / 1024)
+        paths[-1].write_bytes(jpeg)
+        kb.append(len(jpeg) / 1024)
     import torch
 
     torch.set_num_threads(1)

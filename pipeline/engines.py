@@ -6,14 +6,17 @@ import importlib.util
 import os
 import tempfile
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
 
-from .config import ENGINES
-from .runtime import Runtime
+from .config import ENGINES, PARALLEL
+from .runtime import BatchInputs, Runtime
 from .taps import TapExtractor
+from .validate import check_choice
 
 __all__ = ["Engine", "EagerEngine", "OnnxEngine", "BatchRunner", "make_engine", "ENGINES", "ONNX_TOLERANCE"]
 
@@ -23,6 +26,7 @@ ONNX_TOLERANCE = 1e-4
 
 class Engine(Protocol):
     name: str
+    concurrency: int  # batches it may run at once, each from its own thread (BatchRunner keeps that many in flight)
 
     def __call__(self, x: torch.Tensor) -> list[np.ndarray]:
         """Features of one preprocessed batch, one float32 array per tap."""
@@ -32,25 +36,45 @@ class EagerEngine:
     """The reference: the torch module itself, on the runtime's device, fp32 or bf16 autocast per the switch."""
 
     name = "eager"
+    concurrency = 1
 
-    def __init__(self, extractor: TapExtractor, runtime: Runtime) -> None:
+    def __init__(self, extractor: TapExtractor, runtime: Runtime, inputs: BatchInputs | None = None) -> None:
         self.extractor = runtime.prepare(extractor)
         self.runtime = runtime
+        self.inputs = inputs
 
     def __call__(self, x: torch.Tensor) -> list[np.ndarray]:
-        with torch.inference_mode(), self.runtime.autocast():
-            outs = self.extractor(self.runtime.to_device(x))
+        with torch.inference_mode():
+            x = self.runtime.to_device(x, self.inputs)  # a uint8 batch is normalised in fp32, outside autocast
+            with self.runtime.autocast():
+                outs = self.extractor(x)
         return [o.float().cpu().numpy() for o in outs]
 
 
 class OnnxEngine:
-    """The extractor exported to ONNX with its hooks in place, run by ONNX Runtime's CPU provider."""
+    """The extractor exported to ONNX with its hooks in place, run by ONNX Runtime's CPU provider.
 
-    name = "onnx"
+    Args:
+        extractor: the tapped model.
+        example: a preprocessed batch (uint8 ones are finished by ``inputs``) to trace the export with.
+        threads: the cores to use; None takes torch's thread count.
+        parallel: ``operators``: one run at a time, every operator split over ``threads`` intra-op threads, which meet
+            at a barrier after each operator; ``batches``: one session with a single intra-op thread, run from
+            ``threads`` threads at once on different batches (ONNX Runtime's ``run`` may be called concurrently and
+            releases the GIL), so a thread whose core a busy neighbour takes delays its own batch and no other.
+        inputs: what finishes uint8 batches on the host.
+    """
 
-    def __init__(self, extractor: TapExtractor, example: torch.Tensor, threads: int | None = None) -> None:
+    def __init__(self, extractor: TapExtractor, example: torch.Tensor, threads: int | None = None, parallel: str = "operators",
+                 inputs: BatchInputs | None = None) -> None:
         import onnxruntime as ort
 
+        check_choice("parallel", parallel, PARALLEL)
+        cores = threads or max(1, torch.get_num_threads())
+        self.concurrency = cores if parallel == "batches" else 1
+        self.name = "onnx" if parallel == "operators" else "onnx-batches"
+        self.inputs = inputs
+        example = self._finished(example)
         n_out = len(extractor.taps)
         with tempfile.TemporaryDirectory(prefix="pipeline-onnx-") as tmp:
             path = os.path.join(tmp, "extractor.onnx")
@@ -63,14 +87,17 @@ class OnnxEngine:
                     dynamic_axes={"images": {0: "batch"}, **{f"tap{i}": {0: "batch"} for i in range(n_out)}},
                 )
             options = ort.SessionOptions()
-            options.intra_op_num_threads = threads or max(1, torch.get_num_threads())
+            options.intra_op_num_threads = cores if self.concurrency == 1 else 1
             options.inter_op_num_threads = 1
             # Idle threads sleep instead of spinning, leaving the cores to DataLoader workers between batches.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
+    def _finished(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inputs.finish(x) if self.inputs is not None else x
+
     def __call__(self, x: torch.Tensor) -> list[np.ndarray]:
-        outs = self.session.run(None, {"images": np.ascontiguousarray(x.numpy(), dtype=np.float32)})
+        outs = self.session.run(None, {"images": np.ascontiguousarray(self._finished(x).numpy(), dtype=np.float32)})
         return [np.asarray(o, dtype=np.float32) for o in outs]
 
 
@@ -78,16 +105,22 @@ def _max_rel_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.max(np.abs(x - y))) / max(1.0, float(np.max(np.abs(y)))) for x, y in zip(a, b))
 
 
-def make_engine(kind: str, extractor: TapExtractor, runtime: Runtime, example: torch.Tensor) -> Engine:
+def make_engine(kind: str, extractor: TapExtractor, runtime: Runtime, example: torch.Tensor, *, parallel: str = "operators",
+                inputs: BatchInputs | None = None) -> Engine:
     """Build the engine: ``eager``, ``onnx``, or ``auto`` (ONNX Runtime on a plain-fp32 CPU run when installed
     and when its features on ``example`` match eager within ``ONNX_TOLERANCE``; eager otherwise).
 
+    Args:
+        parallel: how ONNX Runtime uses the cores (:class:`OnnxEngine`); the eager engine ignores it.
+        inputs: what made the batches, needed for uint8 ones.
+
     Raises:
-        ValueError: ``onnx`` asked for where it cannot run, or an unknown engine.
+        ValueError: ``onnx`` asked for where it cannot run, or an unknown engine or parallel mode.
     """
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; expected one of {', '.join(ENGINES)}")
-    eager = EagerEngine(extractor, runtime)
+    check_choice("parallel", parallel, PARALLEL)
+    eager = EagerEngine(extractor, runtime, inputs)
     onnx_possible = runtime.device.type == "cpu" and not runtime.amp
     if kind == "eager" or (kind == "auto" and not onnx_possible):
         return eager
@@ -98,7 +131,7 @@ def make_engine(kind: str, extractor: TapExtractor, runtime: Runtime, example: t
             raise ValueError("--engine onnx needs onnx and onnxruntime: pip install 'pipeline[fast]'")
         return eager
     try:
-        fast = OnnxEngine(extractor, example)
+        fast = OnnxEngine(extractor, example, parallel=parallel, inputs=inputs)
         error = _max_rel_error(fast(example), eager(example))
     except Exception as e:
         if kind == "onnx":
@@ -116,34 +149,57 @@ def make_engine(kind: str, extractor: TapExtractor, runtime: Runtime, example: t
 class BatchRunner:
     """Run an engine over a loader of ``(positions, batch, bad)``: the one loop of extract, predict and evaluate.
 
-    Iterating yields ``(positions, features, bad)`` per batch, with ``features`` one array per tap (None when no
-    image of the batch could be read) and ``bad`` the ``(position, reason)`` of unreadable images. The engine is
-    built on the first readable batch, which it is checked against; ``engine`` names it afterwards.
+    Iterating yields ``(positions, features, bad)`` per batch, in the loader's order, with ``features`` one array per
+    tap (None when no image of the batch could be read) and ``bad`` the ``(position, reason)`` of unreadable images.
+    The engine is built on the first readable batch, which it is checked against; ``engine`` names it afterwards. An
+    engine that runs several batches at once (``parallel="batches"``) gets that many from a thread pool while the
+    loader makes the next; the results still come out in order.
 
     Args:
-        loader: yields what :func:`pipeline.data.collate_batch` makes.
+        loader: yields what :func:`pipeline.data.collate_batch` (or ``inputs.collate``) makes.
         extractor: the tapped model.
         kind: ``auto``, ``eager`` or ``onnx``.
         runtime: where and how the model runs.
         on_error: ``fail`` raises on the first batch with an unreadable image, naming it with ``name``; ``skip``
             passes them on in ``bad``.
         name: the path of an image by position, for messages.
+        parallel: how ONNX Runtime uses the cores: ``operators`` or ``batches`` (:class:`OnnxEngine`).
+        inputs: what made the batches (:meth:`Runtime.inputs`); needed when they are uint8.
     """
 
     def __init__(self, loader: Iterable, extractor: TapExtractor, kind: str, runtime: Runtime, *, on_error: str = "fail",
-                 name: Callable[[int], str] = str) -> None:
+                 name: Callable[[int], str] = str, parallel: str = "operators", inputs: BatchInputs | None = None) -> None:
         self.loader, self.extractor, self.kind, self.runtime = loader, extractor, kind, runtime
-        self.on_error, self.name = on_error, name
+        self.on_error, self.name, self.parallel, self.inputs = on_error, name, parallel, inputs
         self.engine: Engine | None = None
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, list[np.ndarray] | None, list[tuple[int, str]]]]:
-        for index, x, bad in self.loader:
-            if bad and self.on_error == "fail":
-                i, why = bad[0]
-                raise ValueError(f"{self.name(i)}: {why}; fix or remove the file, or pass --on-error skip")
-            features = None
-            if x is not None:
-                if self.engine is None:
-                    self.engine = make_engine(self.kind, self.extractor, self.runtime, x[:2])
-                features = self.engine(x)
-            yield index, features, bad
+        pending: deque[tuple[np.ndarray, Future | list[np.ndarray] | None, list[tuple[int, str]]]] = deque()
+        pool: ThreadPoolExecutor | None = None
+        try:
+            for index, x, bad in self.loader:
+                if bad and self.on_error == "fail":
+                    i, why = bad[0]
+                    raise ValueError(f"{self.name(i)}: {why}; fix or remove the file, or pass --on-error skip")
+                features: Future | list[np.ndarray] | None = None
+                if x is not None:
+                    if self.engine is None:
+                        self.engine = make_engine(self.kind, self.extractor, self.runtime, x[:2], parallel=self.parallel, inputs=self.inputs)
+                    if pool is None and self.engine.concurrency > 1:
+                        pool = ThreadPoolExecutor(self.engine.concurrency, thread_name_prefix="pipeline-engine")
+                    features = pool.submit(self.engine, x) if pool else self.engine(x)
+                pending.append((index, features, bad))
+                # One batch more than the threads, so that a thread that finishes finds the next batch waiting.
+                while len(pending) > (self.engine.concurrency if pool else 0):
+                    yield _done(pending.popleft())
+            while pending:
+                yield _done(pending.popleft())
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _done(item: tuple[np.ndarray, Future | list[np.ndarray] | None, list[tuple[int, str]]]) -> tuple[np.ndarray, list[np.ndarray] | None, list[tuple[int, str]]]:
+    """A pending batch with its features computed (waiting for them when a thread runs it)."""
+    index, features, bad = item
+    return index, features.result() if isinstance(features, Future) else features, bad

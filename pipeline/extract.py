@@ -18,7 +18,7 @@ from .backbones import WeightsUnavailableError, load_backbone
 from .cache import PartialRun, read_cache, write_cache
 from .config import ExtractConfig
 from .validate import expect_instance
-from .data import ImageDataset, collate_batch, load_split, refuse_unreadable
+from .data import ImageDataset, load_split, refuse_unreadable
 from .distributed import Group, process_group
 from .engines import BatchRunner
 from .files import file_lock, remove_stale_temps
@@ -188,9 +188,10 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
         batches = [list(range(a, min(a + config.batch_size, b))) for g0, b in gaps for a in range(g0, b, config.batch_size)]
         todo = sum(len(b) for b in batches)
         workers = auto_workers(runtime.device.type, group.local_world) if config.workers is None else config.workers
+        inputs = runtime.inputs(backbone.preprocess)  # float32 made here, or uint8 finished on the device
         loader = torch.utils.data.DataLoader(
-            ImageDataset(root, split.paths, backbone.preprocess.transform()),
-            batch_sampler=batches, num_workers=workers if batches else 0, collate_fn=collate_batch,
+            ImageDataset(root, split.paths, inputs.transform),
+            batch_sampler=batches, num_workers=workers if batches else 0, collate_fn=inputs.collate,
             pin_memory=runtime.pin_memory, prefetch_factor=4 if workers and batches else None, persistent_workers=False,
         )
         dtype = np.dtype(config.dtype)
@@ -200,7 +201,8 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
             total=hi - lo, initial=hi - lo - todo, unit="img", desc=desc, disable=not progress, dynamic_ncols=True, smoothing=0.1,
             mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not a flood
         ) as bar:
-            runner = BatchRunner(loader, extractor, config.engine, runtime, on_error=config.on_error, name=lambda i: str(root / split.paths[i]))
+            runner = BatchRunner(loader, extractor, config.engine, runtime, on_error=config.on_error, name=lambda i: str(root / split.paths[i]),
+                                 parallel=config.parallel, inputs=inputs)
             for batch, (index, features, bad) in zip(batches, runner):
                 pos, stop = batch[0], batch[-1] + 1
                 if features is not None:

@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "ImageInputs", "load_rgb", "scan_inputs", "find_images", "ignored_reason",
-           "unreadable_message", "verify_image", "verify_images", "broken_link", "resize_crop"]
+           "unreadable_message", "verify_image", "verify_images", "broken_link", "resize_crop", "resized_size",
+           "centre_offsets"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
@@ -233,6 +234,19 @@ def verify_images(paths: Sequence[str | os.PathLike], workers: int = 4) -> list[
     return [(i, why) for i, why in enumerate(reasons) if why is not None]
 
 
+def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """(width, height) once the short side is resized to ``resize``, the long side truncated as torchvision's
+    ``Resize(int)`` truncates it; the one rule for the host's resize and the device's."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(resize * long / short)
+    return (resize, new_long) if width <= height else (new_long, resize)
+
+
+def centre_offsets(width: int, height: int, crop: int) -> tuple[int, int]:
+    """(left, top) of the centre ``crop`` x ``crop`` square, rounded as torchvision's ``CenterCrop`` rounds them."""
+    return int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
+
+
 def resize_crop(image: Image.Image, resize: int, crop: int, interpolation: str = "bilinear") -> np.ndarray:
     """The eval-time geometry of :class:`pipeline.backbones.Preprocess` in PIL alone: the short side resized to
     ``resize``, then the centre ``crop`` x ``crop``, as a crop x crop x 3 uint8 array.
@@ -246,14 +260,10 @@ def resize_crop(image: Image.Image, resize: int, crop: int, interpolation: str =
         crop: the side of the centre crop; at most ``resize``.
         interpolation: torchvision's name of the mode: ``bilinear``, ``bicubic``, ``nearest``, ...
     """
-    w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = resize, int(resize * long / short)
-    size = (new_short, new_long) if w <= h else (new_long, new_short)
+    size = resized_size(*image.size, resize)
     if size != image.size:
         image = image.resize(size, _RESAMPLE[interpolation])
-    w, h = image.size
-    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    left, top = centre_offsets(*image.size, crop)
     return np.asarray(image.crop((left, top, left + crop, top + crop)), dtype=np.uint8)
 
 

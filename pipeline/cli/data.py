@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from ..config import COMPRESSIONS, DTYPES, ENGINES, ON_ERROR, SPLITS, ExtractConfig
+from ..config import COMPRESSIONS, DTYPES, ENGINES, ON_ERROR, PARALLEL, SPLITS, ExtractConfig
 from ..settings_file import CONFIG_FILE, load_config, settings_from, write_config
 from .options import backbone_options, cli_rank, config_option, dataset_options, friendly, runtime_options
 from .group import cli
@@ -85,6 +85,8 @@ def check_cmd(data: str, show: int, **options: Any) -> None:
 @click.option("--batch-size", type=click.IntRange(1), help=f"Images per forward pass.  [default: {_D.batch_size}]")
 @runtime_options("extract")
 @click.option("--engine", type=click.Choice(ENGINES), help=f"auto: ONNX Runtime for fp32 on the CPU when installed and equal to eager, else eager torch.  [default: {_D.engine}]")
+@click.option("--parallel", type=click.Choice(PARALLEL), help="How ONNX Runtime uses the cores: operators (each operator split over all of them) or "
+              f"batches (one single-threaded run per core, each on its own batch: no wait at every operator for a thread whose core a neighbour took).  [default: {_D.parallel}]")
 @click.option("--on-error", type=click.Choice(ON_ERROR), help=f"On an unreadable file: fail naming it, or skip it and record it.  [default: {_D.on_error}]")
 @click.option("--cache-dir", help=f"Root of the cache convention CACHE_DIR/<dataset>/<model>-<weights>/<taps>/<split>.h5.  [default: {_D.cache_dir}]")
 @click.option("--output", "-o", help="Write to this file instead of the convention (one split only).")

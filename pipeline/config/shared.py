@@ -10,7 +10,7 @@ from typing import Any
 from ..validate import check_at_least, check_types
 
 __all__ = [
-    "SPLITS", "ON_ERROR", "DTYPES", "COMPRESSIONS", "ENGINES", "CAPTURES", "HEAD_NAMES", "POOLS", "PREPROCESSING", "OPTIMIZERS",
+    "SPLITS", "ON_ERROR", "DTYPES", "COMPRESSIONS", "ENGINES", "PARALLEL", "CAPTURES", "HEAD_NAMES", "POOLS", "PREPROCESSING", "OPTIMIZERS",
     "SCHEDULES", "AUGMENTS", "HEAD_INITS", "NORMS", "PROJECTIONS", "DatasetSpec", "DatasetOptions", "BackboneOptions",
     "BACKBONE_AND_DATASET",
 ]
@@ -21,6 +21,9 @@ ON_ERROR = ("fail", "skip")
 DTYPES = ("float32", "float16")
 COMPRESSIONS = ("none", "gzip", "lzf")
 ENGINES = ("auto", "eager", "onnx")
+# How ONNX Runtime spreads a run over the cores: each operator split across threads (one barrier per operator), or
+# one single-threaded run per core, each on its own batch (no barrier: a core lost to a neighbour slows one batch).
+PARALLEL = ("operators", "batches")
 CAPTURES = ("input", "output")
 HEAD_NAMES = ("linear", "logreg", "svm", "svm-rbf", "tree", "extra-trees", "hgb", "knn")
 POOLS = ("avg", "max", "flatten")

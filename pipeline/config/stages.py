@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..validate import check_at_least, check_choice, check_types
 from .shared import (
-    CAPTURES, COMPRESSIONS, DTYPES, ENGINES, HEAD_NAMES, ON_ERROR, POOLS, PREPROCESSING, PROJECTIONS, SPLITS, BackboneOptions,
+    CAPTURES, COMPRESSIONS, DTYPES, ENGINES, HEAD_NAMES, ON_ERROR, PARALLEL, POOLS, PREPROCESSING, PROJECTIONS, SPLITS, BackboneOptions,
     DatasetOptions,
 )
 
@@ -28,6 +28,10 @@ class ExtractConfig(DatasetOptions, BackboneOptions):
         device: ``auto`` (cuda > mps > cpu), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         amp: the fast-path switch (bf16 autocast, channels_last, pinned memory); None means on for CUDA only.
         engine: ``auto``, ``eager`` or ``onnx`` (ONNX Runtime, CPU only).
+        parallel: how the ONNX Runtime engine uses the cores: ``operators`` (one run at a time, each operator split
+            over every core) or ``batches`` (one single-threaded run per core, each on its own batch: it degrades
+            with the CPU actually free on a busy machine instead of stalling at every operator). The eager engine
+            ignores it. Not part of a cache's identity: the features are the same either way.
         on_error: ``fail`` on the first unreadable file, or ``skip`` it and record it.
         cache_dir: root of the cache path convention.
         output: an explicit cache path instead of the convention.
@@ -43,6 +47,7 @@ class ExtractConfig(DatasetOptions, BackboneOptions):
     device: str = "auto"
     amp: bool | None = None
     engine: str = "auto"
+    parallel: str = "operators"  # the default until bench/busy_bench.py says otherwise; the CLI's help reads it from here
     on_error: str = "fail"
     cache_dir: str = "features"
     output: str | None = None
@@ -50,7 +55,7 @@ class ExtractConfig(DatasetOptions, BackboneOptions):
     def __post_init__(self) -> None:
         check_types(self)
         for name, choices in (("split", SPLITS), ("dtype", DTYPES), ("compression", COMPRESSIONS), ("engine", ENGINES),
-                              ("on_error", ON_ERROR), ("capture", CAPTURES)):
+                              ("parallel", PARALLEL), ("on_error", ON_ERROR), ("capture", CAPTURES)):
             check_choice(name, getattr(self, name), choices)
         check_at_least("batch_size", self.batch_size, 1)
         check_at_least("workers", self.workers, 0)
