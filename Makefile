@@ -39,7 +39,16 @@ AUDIT_ARGS ?=
 help:  ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-all: report  ## The main job end to end: assets, extract, heads, fine-tune, report (FULL=1: full-size fine-tune, for a GPU)
+# The stages of the main job, each one pipeline command; `make all` runs them in one process (`pipeline run`), so the
+# libraries are imported once and an up-to-date stage costs a check, and each stage's time is printed at the end.
+EXTRACT_CMD = extract $(SPLITS) $(EXTRACT_ARGS) --force
+HEADS_CMD = fit-head $(addprefix --clf ,$(HEADS)) $(HEAD_ARGS) --evaluate
+SUBSET_CMD = $(if $(FT_SUBSET),fit-head $(addprefix --clf ,$(SUBSET_HEADS)) $(HEAD_ARGS) --subset $(FT_SUBSET) --evaluate)
+FINETUNE_CMD = finetune --init-head $(FT_INIT) $(if $(FT_SUBSET),--subset $(FT_SUBSET)) --name $(FT_NAME) $(FT_ARGS) --force --evaluate
+REPORT_CMD = report $(REPORT_ARGS) --check
+
+all: assets chromium  ## The main job end to end: assets, extract, heads, fine-tune, report, with each stage's time (FULL=1: full-size fine-tune, for a GPU)
+	$(PIPELINE) run '$(EXTRACT_CMD)' '$(HEADS_CMD)' 'compare' $(if $(SUBSET_CMD),'$(SUBSET_CMD)') '$(FINETUNE_CMD)' '$(REPORT_CMD)'
 	@echo "make all: done; the report is reports/$(notdir $(DATA))/*/index.html (and index.md)"
 
 venv: $(STAMP)  ## Build the virtualenv with pinned torch/torchvision and the package
@@ -66,20 +75,19 @@ chromium:  ## Debian's chromium for the report's render check, installed when ro
 	  || echo "chromium is not installable here; the report's render check will be skipped"; fi
 
 extract: assets  ## Extract train/val/test features of the default dataset into features/ (reused when up to date)
-	$(PIPELINE) extract $(SPLITS) $(EXTRACT_ARGS) --force
+	$(PIPELINE) $(EXTRACT_CMD)
 
 heads: extract  ## Fit every head family on the cached features (val sweep) and evaluate each on test (reused when up to date)
-	$(PIPELINE) fit-head $(addprefix --clf ,$(HEADS)) $(HEAD_ARGS) --evaluate
-	$(PIPELINE) compare
+	$(PIPELINE) run '$(HEADS_CMD)' compare
 
 subset-heads: extract  ## The heads again on the fine-tune's FT_SUBSET images per class, for a like-for-like comparison
-	$(if $(FT_SUBSET),$(PIPELINE) fit-head $(addprefix --clf ,$(SUBSET_HEADS)) $(HEAD_ARGS) --subset $(FT_SUBSET) --evaluate,@true)
+	$(if $(SUBSET_CMD),$(PIPELINE) $(SUBSET_CMD),@true)
 
 finetune: heads subset-heads  ## LP-FT from the linear head, then evaluated on test (FT_SUBSET per class on a CPU; FULL=1 for all)
-	$(PIPELINE) finetune --init-head $(FT_INIT) $(if $(FT_SUBSET),--subset $(FT_SUBSET)) --name $(FT_NAME) $(FT_ARGS) --force --evaluate
+	$(PIPELINE) $(FINETUNE_CMD)
 
 report: finetune chromium  ## The report: reports/<dataset>/<model>-<weights>/index.html (self-contained) and index.md; checked in Chromium
-	$(PIPELINE) report $(REPORT_ARGS) --check
+	$(PIPELINE) $(REPORT_CMD)
 
 audit: extract  ## Wrong labels, duplicates (leakage across splits) and outliers on the cached features: <cache folder>/audit/ (not part of all; make report shows it)
 	$(PIPELINE) audit $(AUDIT_ARGS)

@@ -327,6 +327,11 @@ class ReportFiles:
     def screenshot(self) -> Path:
         return self.dir / "screenshot.png"
 
+    @property
+    def render_check(self) -> Path:
+        """What headless Chromium saw of ``index.html``, with the page's digest: reused while the page is unchanged."""
+        return self.dir / "render-check.json"
+
     def figure(self, name: str) -> Path:
         return self.dir / f"{name}.png"
 

@@ -6,6 +6,7 @@ train split and on a 3-per-class subset, and a two-epoch fine-tune of that subse
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -201,8 +202,10 @@ def test_a_report_needs_evaluated_heads(tmp_path: Path, monkeypatch: pytest.Monk
 @pytest.mark.skipif(find_chromium() is None, reason="no chromium on PATH")
 def test_the_page_renders_in_headless_chromium_and_a_broken_image_is_caught(run: SimpleNamespace, tmp_path: Path) -> None:
     html = run.root / run.result.html
-    seen = check_render(html, screenshot=tmp_path / "shot.png")
-    assert seen.ok and seen.images == 5 and seen.broken == [] and seen.height > 1000
+    seen = check_render(html, screenshot=tmp_path / "shot.png", record=tmp_path / "check.json")
+    assert seen.ok and seen.images == 5 and seen.broken == [] and seen.height > 1000 and not seen.reused
+    again = check_render(html, screenshot=tmp_path / "shot.png", record=tmp_path / "check.json", chromium="false")
+    assert again.reused and (again.images, again.height, again.screenshot) == (seen.images, seen.height, seen.screenshot)
     with Image.open(seen.screenshot) as shot:
         assert np.asarray(shot.convert("L")).std() > 10  # not a blank page
     broken = tmp_path / "broken.html"
@@ -212,6 +215,26 @@ def test_the_page_renders_in_headless_chromium_and_a_broken_image_is_caught(run:
     broken.write_text(text[:at] + "AAAA" + text[at + 200:])
     seen = check_render(broken)
     assert not seen.ok and len(seen.broken) == 1 and seen.broken[0].startswith("Confusion matrix")
+
+
+def test_a_render_check_is_reused_only_for_the_same_page_bytes_and_a_passed_check(tmp_path: Path) -> None:
+    page = tmp_path / "index.html"
+    page.write_text("<html><body><img alt='a' src='x.png'></body></html>")
+    record = tmp_path / "check.json"
+
+    def write(**fields: object) -> None:
+        base = {"page_sha256": hashlib.sha256(page.read_bytes()).hexdigest(), "images": 1, "broken": [], "height": 900, "screenshot": None}
+        record.write_text(json.dumps({**base, **fields}))
+
+    write()
+    assert check_render(page, chromium="false", record=record).reused  # "false" would fail: Chromium was not started
+    for stale in ({"page_sha256": "0" * 64}, {"broken": ["a"]}, {"images": 0}):
+        write(**stale)
+        with pytest.raises(RenderError, match="chromium could not render"):
+            check_render(page, chromium="false", record=record)
+    write(screenshot=str(tmp_path / "gone.png"))  # the screenshot asked for is not there any more
+    with pytest.raises(RenderError):
+        check_render(page, chromium="false", record=record, screenshot=tmp_path / "gone.png")
 
 
 def test_the_report_command(own: SimpleNamespace) -> None:

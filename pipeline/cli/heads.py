@@ -129,6 +129,7 @@ def compare_cmd(folder: str | None, config_file: str | None, **options: Any) -> 
 @friendly()
 def report_cmd(force: bool, check: bool, config_file: str | None, **options: Any) -> None:
     """Write the report of every head and fine-tune on a dataset and backbone: index.html (self-contained) and index.md."""
+    from ..layout import report_files
     from ..report import build_report, check_render, find_chromium
 
     source = cache_source(config_file, pop_cache_args(options))
@@ -144,10 +145,12 @@ def report_cmd(force: bool, check: bool, config_file: str | None, **options: Any
         if find_chromium() is None:
             click.echo("  render check skipped: no chromium on PATH (Debian: apt-get install chromium)")
             return
-        seen = check_render(result.html, screenshot=result.html.with_name("screenshot.png"))
+        files = report_files(result.html.parent)
+        seen = check_render(files.html, screenshot=files.screenshot, record=files.render_check)
         if not seen.ok:
             raise click.ClickException(f"{result.html}: {len(seen.broken)} of {seen.images} images did not render in Chromium: {seen.broken}")
-        click.echo(f"  rendered in headless Chromium: {seen.images} images, all decoded, page {seen.height} px tall -> {seen.screenshot}")
+        again = " (checked before; the page has not changed since)" if seen.reused else ""
+        click.echo(f"  rendered in headless Chromium{again}: {seen.images} images, all decoded, page {seen.height} px tall -> {seen.screenshot}")
 
 
 @cli.command("predict")

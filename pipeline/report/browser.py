@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import atomic_write, file_sha256
+
 __all__ = ["RenderCheck", "RenderError", "find_chromium", "check_render"]
 
 
@@ -27,6 +29,7 @@ class RenderCheck:
     broken: list[str]
     height: int
     screenshot: Path | None
+    reused: bool = False
 
     @property
     def ok(self) -> bool:
@@ -55,7 +58,7 @@ def _run(command: list[str], page: Path, timeout: float) -> subprocess.Completed
 
 
 def check_render(page: str | os.PathLike, *, chromium: str | None = None, screenshot: str | os.PathLike | None = None,
-                 timeout: float = 120) -> RenderCheck:
+                 timeout: float = 120, record: str | os.PathLike | None = None) -> RenderCheck:
     """Open ``page`` in headless Chromium and report whether every image decoded.
 
     A copy of the page with a small probe script is loaded (the report itself carries no script); Chromium dumps
@@ -66,11 +69,19 @@ def check_render(page: str | os.PathLike, *, chromium: str | None = None, screen
         chromium: the browser's executable; None looks for one on PATH.
         screenshot: where to save a full-page PNG; None for none.
         timeout: seconds each Chromium run may take.
+        record: a JSON file keeping the result with the page's sha256. A passed check recorded there for these
+            very bytes (and its screenshot, where one is asked for) is returned with ``reused`` set, without
+            starting Chromium (a few seconds); a new result is written there.
 
     Raises:
         FileNotFoundError: no Chromium on PATH, or no ``page``.
         RenderError: Chromium failed or timed out, its output carries no probe result, or it wrote no screenshot.
     """
+    digest = file_sha256(page)
+    if record is not None:
+        old = _recorded(Path(record), digest, screenshot)
+        if old is not None:
+            return old
     chromium = chromium or find_chromium()
     if chromium is None:
         raise FileNotFoundError("no chromium on PATH (Debian: apt-get install chromium); the render check needs it")
@@ -93,4 +104,24 @@ def check_render(page: str | os.PathLike, *, chromium: str | None = None, screen
             _run([*base, f"--screenshot={shot}", f"--window-size=1200,{height}", page.as_uri()], page, timeout)
             if not shot.is_file():
                 raise RenderError(f"chromium wrote no screenshot of {page} to {shot}")
-    return RenderCheck(int(seen["images"]), list(seen["broken"]), int(seen["height"]), shot)
+    result = RenderCheck(int(seen["images"]), list(seen["broken"]), int(seen["height"]), shot)
+    if record is not None:
+        fields = {"page_sha256": digest, "images": result.images, "broken": result.broken, "height": result.height,
+                  "screenshot": None if shot is None else str(shot)}
+        atomic_write(Path(record), lambda f: f.write(json.dumps(fields, indent=1).encode()))
+    return result
+
+
+def _recorded(record: Path, digest: str, screenshot: str | os.PathLike | None) -> RenderCheck | None:
+    """The passed check recorded for the page with this digest, or None (none, another page, a failure, no screenshot)."""
+    try:
+        seen = json.loads(record.read_text())
+        check = RenderCheck(int(seen["images"]), list(seen["broken"]), int(seen["height"]),
+                            None if seen["screenshot"] is None else Path(seen["screenshot"]), reused=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if seen.get("page_sha256") != digest or not check.ok:
+        return None
+    if screenshot is not None and (check.screenshot != Path(screenshot).resolve() or not check.screenshot.is_file()):
+        return None
+    return check
