@@ -20,7 +20,7 @@ _EXPORTS = {
     "AuditConfig": "config", "DatasetSpec": "config", "ExtractConfig": "config", "FinetuneConfig": "config", "HeadConfig": "config", "ReportConfig": "config",
     "load_split": "data",
     "compare": "evaluate", "evaluate": "evaluate",
-    "ExtractResult": "extract", "extract": "extract",
+    "ExtractResult": "extract", "extract": "extract", "extract_splits": "extract",
     "export": "export",
     "finetune": "finetune",
     "fit_head": "fit",

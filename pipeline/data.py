@@ -27,6 +27,7 @@ __all__ = [
     "UnreadableImageError",
     "ImageDataset",
     "load_split",
+    "load_splits",
     "load_rgb",
     "collate_batch",
     "stratified_subset",
@@ -304,57 +305,88 @@ def load_split(spec: DatasetSpec, split: str) -> Split:
     Returns:
         The split, with paths relative to ``spec.root``.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    return load_splits(spec, [split])[split]
+
+
+def load_splits(spec: DatasetSpec, splits: Sequence[str]) -> dict[str, Split]:
+    """Several splits of a dataset, as :func:`load_split` makes them, with each folder (or the CSV) scanned once:
+    train and the val carved from it share one scan of ``train/``."""
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     root = Path(spec.root)
     if not root.is_dir():
         raise ValueError(f"dataset folder {root} not found")
-    carved = None
-    ignored: list[Rejected] = []
-    if spec.labels_csv:
-        paths, labels, sizes, rejected, classes = _scan_csv(spec)
-        if not paths:
-            more = f" (and {len(rejected) - 1} more)" if len(rejected) > 1 else ""
-            raise ValueError(f"{root / spec.labels_csv} lists no usable image: {rejected[0].path}: {rejected[0].reason}{more}")
-        y = np.asarray(labels, dtype=np.int64)
-        rest, test = _carve(y, spec.test_fraction, spec.split_seed, classes, "test")
-        members = {"test": test}
-        if split != "test":
-            train, val = _carve(y[rest], spec.val_fraction, spec.split_seed, classes, "val")
-            members.update(train=rest[train], val=rest[val])
-        carved = {"from": spec.labels_csv, "test_fraction": spec.test_fraction, "val_fraction": spec.val_fraction, "seed": spec.split_seed}
-    else:
-        has_val = (root / "val").is_dir()
-        scan = split if (split == "test" or (split == "val" and has_val)) else "train"
-        if not (root / scan).is_dir():
-            raise ValueError(f"{root} has no {scan}/ folder (expected {root}/<split>/<class>/<image>)")
-        # train/ defines the classes of every split; a dataset without train/ takes the split's own.
-        class_dir = root / "train" if (root / "train").is_dir() else root / scan
-        classes = _class_folders(class_dir)
-        if not classes:
-            raise ValueError(f"{class_dir} has no class folders (expected {class_dir}/<class>/<image>)")
-        paths, labels, sizes, rejected, ignored = _scan_folder(root, scan, classes)
-        if scan == split and (split != "train" or has_val):
-            members = {split: np.arange(len(paths))}
-        else:
-            if not paths:
-                raise ValueError(f"{root / scan} has no usable image to carve a val split from")
-            y = np.asarray(labels, dtype=np.int64)
-            train, val = _carve(y, spec.val_fraction, spec.split_seed, classes, "val")
-            members = {"train": train, "val": val}
-            carved = {"from": "train", "val_fraction": spec.val_fraction, "seed": spec.split_seed}
-    pick = members[split]
-    return Split(
-        name=split,
-        root=root,
-        paths=[paths[i] for i in pick],
-        labels=np.asarray([labels[i] for i in pick], dtype=np.int64),
-        classes=list(classes),
-        rejected=rejected,
-        ignored=ignored,
-        carved=carved,
-        sizes=[sizes[i] for i in pick],
-    )
+    scans: dict[str, _Scan] = {}
+    out = {}
+    test_only = all(split == "test" for split in splits)  # a CSV's test alone does not need val carved
+    for split in splits:
+        key = "csv" if spec.labels_csv else _folder_of(root, split)
+        if key not in scans:
+            scans[key] = _scan_csv_splits(spec, test_only) if spec.labels_csv else _scan_folder_splits(spec, key)
+        scan = scans[key]
+        pick = scan.members[split]
+        out[split] = Split(
+            name=split, root=root, paths=[scan.paths[i] for i in pick],
+            labels=np.asarray([scan.labels[i] for i in pick], dtype=np.int64), classes=list(scan.classes),
+            rejected=scan.rejected, ignored=scan.ignored, carved=scan.carved, sizes=[scan.sizes[i] for i in pick],
+        )
+    return out
+
+
+@dataclass
+class _Scan:
+    """One scan of a folder or CSV file, and the members (positions) of each split it holds."""
+
+    paths: list[str]
+    labels: list[int]
+    sizes: list[int]
+    rejected: list[Rejected]
+    ignored: list[Rejected]
+    classes: list[str]
+    members: dict[str, np.ndarray]
+    carved: dict | None
+
+
+def _folder_of(root: Path, split: str) -> str:
+    """The folder a split's images are in: its own, or train/ for a val carved from it."""
+    return split if (split == "test" or (split == "val" and (root / "val").is_dir())) else "train"
+
+
+def _scan_csv_splits(spec: DatasetSpec, test_only: bool) -> _Scan:
+    root = Path(spec.root)
+    paths, labels, sizes, rejected, classes = _scan_csv(spec)
+    if not paths:
+        more = f" (and {len(rejected) - 1} more)" if len(rejected) > 1 else ""
+        raise ValueError(f"{root / spec.labels_csv} lists no usable image: {rejected[0].path}: {rejected[0].reason}{more}")
+    y = np.asarray(labels, dtype=np.int64)
+    rest, test = _carve(y, spec.test_fraction, spec.split_seed, classes, "test")
+    members = {"test": test}
+    if not test_only:
+        train, val = _carve(y[rest], spec.val_fraction, spec.split_seed, classes, "val")
+        members.update(train=rest[train], val=rest[val])
+    carved = {"from": spec.labels_csv, "test_fraction": spec.test_fraction, "val_fraction": spec.val_fraction, "seed": spec.split_seed}
+    return _Scan(paths, labels, sizes, rejected, [], classes, members, carved)
+
+
+def _scan_folder_splits(spec: DatasetSpec, scan: str) -> _Scan:
+    root = Path(spec.root)
+    has_val = (root / "val").is_dir()
+    if not (root / scan).is_dir():
+        raise ValueError(f"{root} has no {scan}/ folder (expected {root}/<split>/<class>/<image>)")
+    # train/ defines the classes of every split; a dataset without train/ takes the split's own.
+    class_dir = root / "train" if (root / "train").is_dir() else root / scan
+    classes = _class_folders(class_dir)
+    if not classes:
+        raise ValueError(f"{class_dir} has no class folders (expected {class_dir}/<class>/<image>)")
+    paths, labels, sizes, rejected, ignored = _scan_folder(root, scan, classes)
+    if scan != "train" or has_val:
+        return _Scan(paths, labels, sizes, rejected, ignored, classes, {scan: np.arange(len(paths))}, None)
+    if not paths:
+        raise ValueError(f"{root / scan} has no usable image to carve a val split from")
+    train, val = _carve(np.asarray(labels, dtype=np.int64), spec.val_fraction, spec.split_seed, classes, "val")
+    carved = {"from": "train", "val_fraction": spec.val_fraction, "seed": spec.split_seed}
+    return _Scan(paths, labels, sizes, rejected, ignored, classes, {"train": train, "val": val}, carved)
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -165,13 +165,15 @@ class BatchRunner:
         name: the path of an image by position, for messages.
         parallel: how ONNX Runtime uses the cores: ``operators`` or ``batches`` (:class:`OnnxEngine`).
         inputs: what made the batches (:meth:`Runtime.inputs`); needed when they are uint8.
+        engine: an engine built by an earlier runner over the same ``extractor`` and settings, used as it is.
     """
 
     def __init__(self, loader: Iterable, extractor: TapExtractor, kind: str, runtime: Runtime, *, on_error: str = "fail",
-                 name: Callable[[int], str] = str, parallel: str = "operators", inputs: BatchInputs | None = None) -> None:
+                 name: Callable[[int], str] = str, parallel: str = "operators", inputs: BatchInputs | None = None,
+                 engine: Engine | None = None) -> None:
         self.loader, self.extractor, self.kind, self.runtime = loader, extractor, kind, runtime
         self.on_error, self.name, self.parallel, self.inputs = on_error, name, parallel, inputs
-        self.engine: Engine | None = None
+        self.engine: Engine | None = engine
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, list[np.ndarray] | None, list[tuple[int, str]]]]:
         pending: deque[tuple[np.ndarray, Future | list[np.ndarray] | None, list[tuple[int, str]]]] = deque()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,14 +20,14 @@ from .backbones import WeightsUnavailableError, load_backbone
 from .cache import PartialRun, read_cache, write_cache
 from .config import ExtractConfig
 from .validate import expect_instance
-from .data import ImageDataset, load_split, refuse_unreadable
+from .data import ImageDataset, Split, load_split, load_splits, refuse_unreadable
 from .distributed import Group, process_group
 from .engines import BatchRunner
 from .files import file_lock, remove_stale_temps
 from .runtime import Runtime, resolve_runtime
 from .taps import TapExtractor, resolve_taps
 
-__all__ = ["ExtractConfig", "ExtractResult", "extract", "extract_cache_path", "locate_cache", "auto_workers"]
+__all__ = ["ExtractConfig", "ExtractResult", "extract", "extract_splits", "extract_cache_path", "locate_cache", "auto_workers"]
 
 
 @dataclass
@@ -46,6 +48,7 @@ class ExtractResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     n_computed: int = 0
     ignored: list[tuple[str, str]] = field(default_factory=list)
+    split: str = ""
 
 
 def auto_workers(device_type: str, ranks_on_node: int = 1) -> int:
@@ -71,16 +74,21 @@ def locate_cache(config: ExtractConfig) -> Path:
     Raises:
         ValueError: an unknown model, weights name or tap.
     """
-    import torchvision
-
     from .backbones import resolve_weights, weights_label
 
     weights = weights_label(resolve_weights(config.model, config.weights))
+    return extract_cache_path(config, weights, list(_tap_slugs(config.model, tuple(config.layers), config.capture)))
+
+
+@functools.lru_cache(maxsize=16)
+def _tap_slugs(model_name: str, layers: tuple[str, ...], capture: str) -> tuple[str, ...]:
+    """The taps' path components of a model, from its module tree alone (built on the meta device, about 0.1 s;
+    fit-head and evaluate ask once per head)."""
+    import torchvision
 
     with torch.device("meta"):  # the module tree only: no memory, no weights
-        model = torchvision.models.get_model(config.model, weights=None)
-    taps = resolve_taps(model, config.layers, config.capture)
-    return extract_cache_path(config, weights, [t.slug for t in taps])
+        model = torchvision.models.get_model(model_name, weights=None)
+    return tuple(t.slug for t in resolve_taps(model, list(layers), capture))
 
 
 def extract(config: ExtractConfig | None = None, *, force: bool = False, progress: bool = True) -> ExtractResult:
@@ -111,27 +119,83 @@ def extract(config: ExtractConfig | None = None, *, force: bool = False, progres
     """
     config = ExtractConfig() if config is None else config
     expect_instance("extract's config", config, ExtractConfig)
+    with ExitStack() as stack:
+        return _extract_one(config, _Shared(config, None, stack), force=force, progress=progress)
+
+
+def extract_splits(config: ExtractConfig | None = None, splits: Sequence[str] = ("train", "val", "test"), *, force: bool = False,
+                   progress: bool = True, done: Callable[[ExtractResult], Any] | None = None) -> list[ExtractResult]:
+    """:func:`extract` for several splits of one dataset, in order, sharing what they can: the dataset is scanned once
+    (train and a val carved from it share a scan), and the backbone, its hooks and its engine (an ONNX export and
+    check takes seconds) are built once. ``config.split`` is ignored; ``done`` is called with each split's result
+    as soon as it is finished."""
+    config = ExtractConfig() if config is None else config
+    expect_instance("extract's config", config, ExtractConfig)
+    if config.output and len(splits) > 1:
+        raise ValueError("output names one file: extract one split with it")
+    with ExitStack() as stack:
+        shared = _Shared(config, list(splits), stack)
+        results = []
+        for split in splits:
+            results.append(_extract_one(replace(config, split=split), shared, force=force, progress=progress))
+            if done is not None:
+                done(results[-1])
+        return results
+
+
+class _Shared:
+    """What the extractions of one call share: the scanned splits, the backbone and its taps, the hooked model and
+    the engine. With one split (``splits`` None) it simply makes them."""
+
+    def __init__(self, config: ExtractConfig, splits: list[str] | None, stack: ExitStack) -> None:
+        self.config, self.splits, self.stack = config, splits, stack
+        self._scanned: dict | None = None
+        self.backbone: Any = None
+        self.taps: list = []
+        self.extractor: TapExtractor | None = None
+        self.engine: Any = None
+
+    def split(self, config: ExtractConfig) -> Split:
+        if self.splits is None:
+            return load_split(config.dataset, config.split)
+        if self._scanned is None:
+            self._scanned = load_splits(config.dataset, self.splits)
+        return self._scanned[config.split]
+
+    def model(self, config: ExtractConfig) -> tuple[Any, list]:
+        if self.backbone is None:
+            self.backbone = load_backbone(config.model, config.weights, resize=config.resize, crop=config.crop, mean=config.mean, std=config.std)
+            self.taps = resolve_taps(self.backbone.model, config.layers, config.capture)
+        return self.backbone, self.taps
+
+    def hooked(self) -> TapExtractor:
+        """The model with its taps' hooks, held until the last split is done."""
+        if self.extractor is None:
+            self.extractor = self.stack.enter_context(TapExtractor(self.backbone.model, self.taps))
+        return self.extractor
+
+
+def _extract_one(config: ExtractConfig, shared: _Shared, *, force: bool, progress: bool) -> ExtractResult:
     runtime = resolve_runtime(config.device, config.amp)
     group, device = process_group(runtime.device)
     runtime = replace(runtime, device=device)
     with ExitStack() as held:  # rank 0 locks the cache from the start of its work to the end
-        return _extract(config, runtime, group, held, force=force, progress=progress and group.is_main)
+        return _extract(config, runtime, group, held, shared, force=force, progress=progress and group.is_main)
 
 
 # What a rank may fail with and the other ranks must hear about (anything else is a bug, and torchrun's to stop).
 _ERRORS = (ValueError, TypeError, OSError, WeightsUnavailableError)
 
 
-def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitStack, *, force: bool, progress: bool) -> ExtractResult:
+def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitStack, shared: _Shared, *, force: bool,
+             progress: bool) -> ExtractResult:
     root = Path(config.data)
 
     def prepare() -> tuple:
-        split = load_split(config.dataset, config.split)
+        split = shared.split(config)
         if len(split) == 0:
             raise ValueError(f"the {config.split} split of {root} has no images")
-        backbone = load_backbone(config.model, config.weights, resize=config.resize, crop=config.crop, mean=config.mean, std=config.std)
-        taps = resolve_taps(backbone.model, config.layers, config.capture)
-        return split, backbone, taps
+        return (split, *shared.model(config))
 
     split, backbone, taps = group.agree(prepare, _ERRORS)
     path = extract_cache_path(config, backbone.weights, [t.slug for t in taps])
@@ -158,7 +222,7 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
             except ValueError:
                 old, n_old, skipped_old = {"file": "unreadable or not a complete cache"}, 0, []
             if provenance.same(old, settings):  # force discards caches of other settings only; an up-to-date one is kept
-                return ExtractResult(path, "up-to-date", n_old, len(skipped_old), skipped=skipped_old)
+                return ExtractResult(path, "up-to-date", n_old, len(skipped_old), skipped=skipped_old, split=config.split)
             if not force:
                 resume = " (and to finish the interrupted run that began to)" if provenance.same(partial.settings(), settings) else ""
                 raise ValueError(f"{path} was made with other settings ({'; '.join(provenance.diff(old, settings))}); pass --force to overwrite it{resume}")
@@ -197,12 +261,12 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
         dtype = np.dtype(config.dtype)
         desc = f"extract {config.split}" + (f" (rank 0 of {group.world}, rows {lo}-{hi - 1})" if group.distributed else "")
         t0 = time.perf_counter()
-        with TapExtractor(backbone.model, taps) as extractor, tqdm(
+        with tqdm(
             total=hi - lo, initial=hi - lo - todo, unit="img", desc=desc, disable=not progress, dynamic_ncols=True, smoothing=0.1,
             mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not a flood
         ) as bar:
-            runner = BatchRunner(loader, extractor, config.engine, runtime, on_error=config.on_error, name=lambda i: str(root / split.paths[i]),
-                                 parallel=config.parallel, inputs=inputs)
+            runner = BatchRunner(loader, shared.hooked(), config.engine, runtime, on_error=config.on_error, name=lambda i: str(root / split.paths[i]),
+                                 parallel=config.parallel, inputs=inputs, engine=shared.engine)
             for batch, (index, features, bad) in zip(batches, runner):
                 pos, stop = batch[0], batch[-1] + 1
                 if features is not None:
@@ -211,6 +275,7 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
                     feats = [np.zeros((0,), dtype) for _ in taps]
                 partial.write(pos, stop, feats, index, bad)
                 bar.update(stop - pos)
+        shared.engine = runner.engine or shared.engine
         return todo, time.perf_counter() - t0, runner.engine.name if runner.engine else ""
 
     ranks = group.gather(group.agree(run, _ERRORS))  # also the barrier: every block is on disk after it
@@ -239,6 +304,6 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
             skipped, n_rows = cache.skipped, len(cache)
         status = "resumed" if opened else "extracted"
         return ExtractResult(path, status, n_rows, len(skipped), seconds, attrs["images_per_s"], engine_name, skipped, n_computed=done,
-                             ignored=[(r.path, r.reason) for r in split.ignored])
+                             ignored=[(r.path, r.reason) for r in split.ignored], split=config.split)
 
     return group.broadcast(group.agree(finish if group.is_main else lambda: None, _ERRORS))

@@ -549,3 +549,27 @@ def test_fingerprint_follows_labels(image_folder: Path) -> None:
     moved = _fingerprint(image_folder)
     os.replace(image_folder / "test" / "bee" / "009.png", image_folder / "test" / "ant" / "002.png")
     assert moved != base and _fingerprint(image_folder) == base
+
+
+@pytest.mark.parametrize("layout", ["carved val", "own val", "csv"])
+def test_several_splits_at_once_equal_one_at_a_time_with_each_folder_scanned_once(tmp_path: Path, layout: str,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.data
+
+    counts = {"train": 8, "test": 3} if layout != "own val" else {"train": 8, "val": 3, "test": 3}
+    root = make_image_folder(tmp_path / "ds", counts)
+    spec = DatasetSpec(root=str(root))
+    if layout == "csv":
+        rows = [f"{p.relative_to(root / 'train').as_posix()[:-4]},{p.parent.name}" for p in sorted((root / "train").rglob("*.png"))]
+        (root / "labels.csv").write_text("id,breed\n" + "\n".join(rows) + "\n")
+        spec = DatasetSpec(root=str(root), labels_csv="labels.csv", extension=".png")
+    alone = {s: load_split(spec, s) for s in ("train", "val", "test")}
+    scanned: list[str] = []
+    real_folder, real_csv = pipeline.data._scan_folder, pipeline.data._scan_csv
+    monkeypatch.setattr(pipeline.data, "_scan_folder", lambda r, scan, c: scanned.append(scan) or real_folder(r, scan, c))
+    monkeypatch.setattr(pipeline.data, "_scan_csv", lambda sp: scanned.append("csv") or real_csv(sp))
+    together = pipeline.data.load_splits(spec, ["train", "val", "test"])
+    for s, one in alone.items():
+        assert (together[s].paths, together[s].labels.tolist(), together[s].fingerprint, together[s].carved) == \
+               (one.paths, one.labels.tolist(), one.fingerprint, one.carved)
+    assert sorted(scanned) == {"carved val": ["test", "train"], "own val": ["test", "train", "val"], "csv": ["csv"]}[layout]

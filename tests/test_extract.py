@@ -222,3 +222,32 @@ def test_python_api_and_cli_share_defaults(image_folder: Path) -> None:
     assert result.status == "up-to-date"
     assert result.path == Path("features/ds/mobilenet_v2-none/classifier-input/train.h5")
     assert f"train: {result.path}" in run.output
+
+
+@pytest.mark.parametrize("engine", ["eager", "onnx"])
+def test_several_splits_share_one_backbone_and_engine_and_equal_one_split_at_a_time(image_folder: Path, engine: str,
+                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    engines, extract_module = importlib.import_module("pipeline.engines"), importlib.import_module("pipeline.extract")
+    separate = ExtractConfig(data=str(image_folder), cache_dir="one", **tiny(engine=engine))
+    for split in ("train", "val", "test"):
+        extract(ExtractConfig(**{**separate.__dict__, "split": split}), progress=False)
+    built = {"backbone": 0, "engine": 0}
+
+    def counting(name: str, real: object) -> object:
+        def call(*args: object, **kwargs: object) -> object:
+            built[name] += 1
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(extract_module, "load_backbone", counting("backbone", extract_module.load_backbone))
+    monkeypatch.setattr(engines, "make_engine", counting("engine", engines.make_engine))
+    together = pipeline.extract_splits(ExtractConfig(data=str(image_folder), cache_dir="all", **tiny(engine=engine)), progress=False)
+    assert [r.split for r in together] == ["train", "val", "test"] and all(r.status == "extracted" for r in together)
+    assert built == {"backbone": 1, "engine": 1}
+    for result in together:
+        mine = Path("one") / result.path.relative_to("all")
+        with read_cache(result.path) as a, read_cache(mine) as b:
+            assert a.paths == b.paths and a.attrs["settings"] == b.attrs["settings"]
+            np.testing.assert_array_equal(a.features(a.taps[0]), b.features(b.taps[0]))

@@ -101,23 +101,23 @@ def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, p
     Under `torchrun --nproc-per-node N -m pipeline extract ...` the ranks share the work (NCCL on GPUs, gloo
     on CPUs) and rank 0 writes the one cache.
     """
-    from ..extract import extract
+    from ..extract import extract_splits
 
     config = load_config(config_file)
     chosen = splits or (config.get("extract", {}).get("split"),)
     if (options.get("output") or config.get("extract", {}).get("output")) and len(chosen) > 1:
         raise click.BadParameter("--output takes one --split", param_hint="--output")
-    for split in chosen:
-        settings = settings_from(ExtractConfig, config, "extract", {**options, "split": split}, source=config_file or CONFIG_FILE)
-        result = extract(settings, force=force, progress=progress)
+    settings = [settings_from(ExtractConfig, config, "extract", {**options, "split": split}, source=config_file or CONFIG_FILE) for split in chosen]
+
+    def say(result: Any) -> None:
         if cli_rank():  # under torchrun, rank 0 speaks for all ranks
-            continue
+            return
         if result.status == "up-to-date":
-            click.echo(f"{settings.split}: {result.path} is up to date ({result.n_images} images); nothing to do")
+            click.echo(f"{result.split}: {result.path} is up to date ({result.n_images} images); nothing to do")
         else:
             resumed = f", resumed: {result.n_computed} computed" if result.status == "resumed" else ""
             click.echo(
-                f"{settings.split}: {result.path}  {result.n_images} images, {result.n_skipped} skipped, "
+                f"{result.split}: {result.path}  {result.n_images} images, {result.n_skipped} skipped, "
                 f"{result.images_per_s:.1f} img/s ({result.engine}{resumed})"
             )
         if result.ignored:
@@ -127,6 +127,9 @@ def extract_cmd(splits: tuple[str, ...], config_file: str | None, force: bool, p
             click.echo(f"  skipped {path}: {why}")
         if len(result.skipped) > 20:
             click.echo(f"  ... {len(result.skipped) - 20} more skipped files are listed in the cache (pipeline info)")
+
+    # One backbone, one engine and one scan of the dataset for all the splits.
+    extract_splits(settings[0], [s.split for s in settings], force=force, progress=progress, done=say)
 
 
 @cli.command("layers")
