@@ -22,10 +22,16 @@ from .validate import expect_instance
 from .data import stratified_subset
 from .extract import locate_cache
 from .files import file_lock, remove_stale_temps
-from .heads import HEADS, build_head
+from .heads import HEADS, build_head, decision_logits, has_probabilities
+from .stats import fit_temperature
 from .sweep import run_sweep, run_sweep_streaming
 
 __all__ = ["HeadConfig", "FitResult", "fit_head", "locate_head", "load_split_features", "check_compatible", "check_disjoint", "paths_digest"]
+
+
+# Raised when a head's metadata gains what older heads lack (2: the temperature of its probabilities), so that those
+# are fitted again rather than reused without it. They still load and predict, with a temperature of 1.
+_RECORD = 2
 
 
 @dataclass
@@ -186,7 +192,8 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
             overlap = check_disjoint({"train": train, "val": val}, allow=allow_overlap, hint=(
                 "a hyper-parameter chosen on images the head was fitted on is not chosen at all; extract both splits with the same "
                 "--split-seed and --val-fraction, or pass --allow-overlap to fit anyway"))
-            inputs = {"config": asdict(config), "train": train.identity, "val": val.identity, "pipeline": provenance.PIPELINE_VERSION}
+            inputs = {"config": asdict(config), "train": train.identity, "val": val.identity, "pipeline": provenance.PIPELINE_VERSION,
+                      "record": _RECORD}
             if excluded is not None:  # which images were left out, not only how they were named
                 inputs["excluded"] = paths_digest([f"{split}\t{path}" for split, path in excluded])
             if not refit:
@@ -237,12 +244,14 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
             pipe = Pipeline([*pre.steps, ("clf", clf)])
             train_acc = float((clf.predict(Zt) == yt).mean())
         clf = pipe.steps[-1][1]
+        # Probabilities that mean the same for every head: those made from decision values get a temperature, chosen on val.
+        temperature = None if has_probabilities(pipe) else fit_temperature(decision_logits(pipe, Xv), np.searchsorted(clf.classes_, yv))
         seconds = time.perf_counter() - t0
         spec = HEADS[config.clf]
         val_acc = max(s["val_accuracy"] for s in sweep if "val_accuracy" in s)
         meta = {
             "clf": config.clf, "description": spec.description, "param": spec.param, "value": value, "val_accuracy": val_acc,
-            "train_accuracy": train_acc, "fit_seconds": seconds, "sweep": sweep, "streamed": stream,
+            "train_accuracy": train_acc, "temperature": temperature, "fit_seconds": seconds, "sweep": sweep, "streamed": stream,
             "config": asdict(config), "preprocessing": config.preprocessing or spec.preprocessing, "tap": tap, "classes": classes,
             "features": feature_identity(train_attrs), "extract_settings": train_attrs.get("settings", {}),
             "train_cache": {"path": str(train_path.resolve()), "dataset_fingerprint": train_attrs.get("dataset_fingerprint"), "rows": len(yt)},

@@ -29,6 +29,7 @@ __all__ = [
     "TorchLinearHead",
     "build_head",
     "has_probabilities",
+    "decision_logits",
     "head_probabilities",
     "PREPROCESSING",
     "POOLS",
@@ -310,20 +311,28 @@ def has_probabilities(pipe: Pipeline) -> bool:
     return hasattr(pipe.steps[-1][1], "predict_proba")
 
 
-def head_probabilities(pipe: Pipeline, X: np.ndarray) -> np.ndarray:
-    """Class probabilities of a head, N x classes: the one definition that predict and the exported ONNX model share.
+def decision_logits(pipe: Pipeline, X: np.ndarray) -> np.ndarray:
+    """The decision values of a head without ``predict_proba``, N x classes: what its probabilities are the softmax of.
 
-    ``predict_proba`` where the estimator has it. Otherwise the softmax of its decision values; with two classes
-    the one decision value d (positive for the second class) gives softmax([0, d]), the logistic rule. These are
-    scores made to sum to one, not calibrated probabilities; their argmax is the head's prediction either way.
+    With two classes the one decision value d (positive for the second class) becomes [0, d], the logistic rule.
+    """
+    d = np.asarray(pipe.decision_function(X), dtype=np.float64)
+    return np.stack([np.zeros_like(d), d], axis=1) if d.ndim == 1 else d.reshape(len(d), -1)
+
+
+def head_probabilities(pipe: Pipeline, X: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities of a head, N x classes: the one definition that predict, evaluate and the exported ONNX model share.
+
+    ``predict_proba`` where the estimator has it. Otherwise ``softmax(decision_logits / temperature)``, with the
+    temperature fit-head chose on val (:func:`pipeline.stats.fit_temperature`) so that an SVM's probabilities mean
+    what a logistic regression's do; 1, for heads saved before temperatures were kept, makes them scores that merely
+    sum to one. Their argmax is the head's prediction either way.
     """
     if has_probabilities(pipe):
         return np.asarray(pipe.predict_proba(X), dtype=np.float64)
-    d = np.asarray(pipe.decision_function(X), dtype=np.float64)
-    z = np.stack([np.zeros_like(d), d], axis=1) if d.ndim == 1 else d.reshape(len(d), -1)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    from .stats import softmax
+
+    return softmax(decision_logits(pipe, X), temperature)
 
 
 class _CappedPCA(TransformerMixin, BaseEstimator):

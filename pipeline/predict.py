@@ -96,7 +96,7 @@ def predict(
             for i, why in bad:
                 rows[i] = {"path": paths[i], "error": why}
             if features is not None:
-                rows.update(prediction_rows(index, [paths[i] for i in index], head_probabilities(art.pipeline, features[which]), art.classes))
+                rows.update(prediction_rows(index, [paths[i] for i in index], head_probabilities(art.pipeline, features[which], art.temperature), art.classes))
     return found.rows(rows), art.classes
 
 

@@ -490,7 +490,7 @@ def test_finetune_evaluate_and_predict_commands(image_folder: Path) -> None:
     assert again.startswith("runs/ds/resnet18-none/finetune/model.json is up to date (best epoch ") and again.strip().endswith("; nothing to do")
 
     model = RUN / "finetune/model.json"
-    assert re.search(r"(^|img/s\]|\n)finetune: test top-1 [01]\.\d{4}, balanced accuracy", _ok(_run("evaluate", model)))  # after the progress bar
+    assert re.search(r"(^|img/s\]|\n)finetune: test top-1 [01]\.\d{4} \(95 % CI [01]\.\d{4}-[01]\.\d{4}\), balanced accuracy [01]\.\d{4}, ECE ", _ok(_run("evaluate", model)))  # after the progress bar
     assert _ok(_run("predict", image_folder / "test", "--head", model, "-o", "p.csv")).strip().splitlines()[-1] == "9 images predicted, 0 skipped -> p.csv"
     with open("p.csv", newline="") as f:
         assert list(next(csv.reader(f))) == ["path", "label", "score", "error", "p_ant", "p_bee", "p_cat"]
