@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, top_k_accuracy_score
 
-from . import layout, provenance, stats
+from . import caveats, layout, provenance, stats
 from .artifacts import artifact_path, is_finetuned, load_finetuned, load_head, read_meta, require_fields
 from .backbones import file_sha256
 from .cache import FeatureCache, read_cache
@@ -29,8 +29,8 @@ from .predict import image_logits
 
 __all__ = ["evaluate", "compare", "load_predictions"]
 
-# Raised when the metrics gain what older evaluations lack (2: the confidence interval and the calibration error), so
-# that those are made again rather than reused without it.
+# Raised when the metrics gain what older evaluations lack (2: the confidence interval, the calibration error and the
+# warnings), so that those are made again rather than reused without them.
 _RECORD = 2
 
 
@@ -157,6 +157,7 @@ def _report(metrics: dict, y: np.ndarray, pred: np.ndarray, probabilities: np.nd
     labels = list(range(len(classes)))
     metrics["top1_ci"] = list(stats.wilson_interval(int((pred == y).sum()), len(y)))
     metrics["ece"] = stats.expected_calibration_error(probabilities, y)
+    metrics["warnings"] = caveats.few_images(y, classes, "test")
     if len(classes) > 5:
         metrics["top5"] = float(top_k_accuracy_score(y, probabilities, k=5, labels=labels))
     metrics["per_class"] = classification_report(y, pred, labels=labels, target_names=classes, output_dict=True, zero_division=0)
@@ -254,6 +255,7 @@ def compare(folder: str | os.PathLike | None = None, source: ExtractConfig | Non
             "balanced_accuracy": test.get("balanced_accuracy"), "fit_seconds": meta["fit_seconds"],
             "param": meta["param"], "value": meta["value"], "preprocessing": meta["preprocessing"], "path": str(meta_path),
             "config": meta.get("config", {}), "subset": meta.get("subset"), "n_test": test.get("n"),
+            "warnings": [*meta.get("warnings", []), *test.get("warnings", [])],
         })
     if not rows:
         raise ValueError(f"no heads in {folder}; fit one with pipeline fit-head")

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from . import layout, provenance
+from . import caveats, layout, provenance
 from .artifacts import feature_identity, save_head
 from .backbones import file_sha256
 from .cache import FeatureCache, read_cache
@@ -29,7 +29,7 @@ from .sweep import run_sweep, run_sweep_streaming
 __all__ = ["HeadConfig", "FitResult", "fit_head", "locate_head", "load_split_features", "check_compatible", "check_disjoint", "paths_digest"]
 
 
-# Raised when a head's metadata gains what older heads lack (2: the temperature of its probabilities), so that those
+# Raised when a head's metadata gains what older heads lack (2: the temperature of its probabilities, its warnings), so that those
 # are fitted again rather than reused without it. They still load and predict, with a temperature of 1.
 _RECORD = 2
 
@@ -39,7 +39,7 @@ class FitResult:
     """A fitted head: where it was saved, what was chosen, and the whole sweep.
 
     ``status`` is ``fitted``, or ``up-to-date`` when a head fitted with the same settings on the same caches
-    was found and reused.
+    was found and reused. ``warnings`` say where its numbers cannot mean much (:mod:`pipeline.caveats`).
     """
 
     path: Path
@@ -50,6 +50,7 @@ class FitResult:
     fit_seconds: float
     sweep: list[dict] = field(default_factory=list)
     status: str = "fitted"
+    warnings: list[str] = field(default_factory=list)
 
 
 def locate_head(clf: str, subset: int | None = None, source: ExtractConfig | None = None) -> Path:
@@ -146,7 +147,8 @@ def _reusable(base: Path, inputs: dict) -> FitResult | None:
             return None
         if file_sha256(files.meta.with_name(meta["artifact"])) != meta["artifact_sha256"]:
             return None
-        return FitResult(files.meta, meta["clf"], meta["param"], meta["value"], meta["val_accuracy"], meta["fit_seconds"], meta["sweep"], "up-to-date")
+        return FitResult(files.meta, meta["clf"], meta["param"], meta["value"], meta["val_accuracy"], meta["fit_seconds"], meta["sweep"], "up-to-date",
+                         list(meta.get("warnings", [])))
     except (OSError, KeyError, TypeError):
         return None
 
@@ -249,6 +251,7 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         seconds = time.perf_counter() - t0
         spec = HEADS[config.clf]
         val_acc = max(s["val_accuracy"] for s in sweep if "val_accuracy" in s)
+        notes = [*caveats.few_images(yv, classes, "val"), *caveats.at_chance(train_acc, len(classes)), *caveats.tied_sweep(sweep, spec.param, value)]
         meta = {
             "clf": config.clf, "description": spec.description, "param": spec.param, "value": value, "val_accuracy": val_acc,
             "train_accuracy": train_acc, "temperature": temperature, "fit_seconds": seconds, "sweep": sweep, "streamed": stream,
@@ -256,7 +259,7 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
             "features": feature_identity(train_attrs), "extract_settings": train_attrs.get("settings", {}),
             "train_cache": {"path": str(train_path.resolve()), "dataset_fingerprint": train_attrs.get("dataset_fingerprint"), "rows": len(yt)},
             "val_cache": {"path": str(val_path.resolve()), "dataset_fingerprint": val_fingerprint, "rows": len(yv)}, "subset": subset,
-            "overlap": overlap,
+            "overlap": overlap, "warnings": notes,
             "excluded": None if excluded is None else {"images": len(excluded), "train": sum(s == "train" for s, _ in excluded),
                                                        "val": sum(s == "val" for s, _ in excluded), "list": config.exclude or "audit/label_issues.csv"},
             **provenance.stamp(inputs),
@@ -264,7 +267,7 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         path = save_head(pipe, meta, base)
         if config.clf == "linear":
             provenance.write_history(clf.history_, layout.head_files(base).history)
-    return FitResult(path, config.clf, spec.param, value, val_acc, seconds, sweep)
+    return FitResult(path, config.clf, spec.param, value, val_acc, seconds, sweep, warnings=notes)
 
 
 @contextmanager

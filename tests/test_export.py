@@ -40,7 +40,7 @@ from pipeline.predict import predict
 from .conftest import CLASSES, extracted, make_image_folder, single_threaded, working_in
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {"linear": 1e-4, "logreg": 1.0, "svm": 0.1, "svm-rbf": 1.0, "tree": 10, "extra-trees": 10, "hgb": 20, "knn": 3}
+SMALL = {"linear": 1e-3, "logreg": 1.0, "svm": 0.1, "svm-rbf": 1.0, "tree": 10, "extra-trees": 10, "hgb": 20, "knn": 3}
 LINEAR_FAMILY = ("linear", "logreg", "svm", "svm-rbf")
 
 

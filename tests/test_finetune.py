@@ -413,14 +413,14 @@ def heads(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         for model in ("mobilenet_v2", "resnet18"):
             source = ExtractConfig(data=str(data), cache_dir=str(root / "features"), **tiny(model=model))
             caches = {s: extract(replace(source, split=s), progress=False).path for s in ("train", "val", "test")}
-            out.linear[model] = fit_head(HeadConfig(clf="linear", grid=(1e-4,), refine=0, epochs=10), source, out=root / model / "linear").path
+            out.linear[model] = fit_head(HeadConfig(clf="linear", grid=(1e-3,), refine=0, epochs=10), source, out=root / model / "linear").path
             out.test[model] = caches["test"]
             if model == "mobilenet_v2":
                 out.logreg = fit_head(HeadConfig(clf="logreg", grid=(1.0,), refine=0), source, out=root / model / "logreg").path
                 spatial = replace(source, layers=("features.18",))
                 for s in ("train", "val"):
                     extract(replace(spatial, split=s), progress=False)
-                out.spatial = fit_head(HeadConfig(clf="linear", grid=(1e-4,), refine=0, epochs=2), spatial, out=root / model / "spatial").path
+                out.spatial = fit_head(HeadConfig(clf="linear", grid=(1e-3,), refine=0, epochs=2), spatial, out=root / model / "spatial").path
     torch.set_num_threads(n)
     return out
 

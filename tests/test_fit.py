@@ -146,7 +146,7 @@ def test_every_head_learns_separable_features(name: str) -> None:
 def test_linear_head_on_spatial_caches(pool: str) -> None:
     c = make_caches(k=3, d=16 * 2 * 2, spatial=(2, 2))
     assert c.X_train.shape == (60, 16, 2, 2)
-    result = fit_head(HeadConfig(clf="linear", grid=(1e-4,), refine=0, pool=pool), SOURCE)
+    result = fit_head(HeadConfig(clf="linear", grid=(1e-3,), refine=0, pool=pool), SOURCE)
     assert result.val_accuracy >= 0.9
     art = load_head(result.path)
     assert re.fullmatch(r"linear\.[0-9a-f]{16}\.pt", art.meta["artifact"]) and art.meta["config"]["pool"] == pool
@@ -213,7 +213,7 @@ def test_no_refinement_on_linear_scales_or_with_refine_0() -> None:
 
 def test_linear_head_sweep_records_best_epochs_and_history() -> None:
     c = make_caches(k=3)
-    result = _fit(c, "linear", grid=(1e-4, 1e-2))
+    result = _fit(c, "linear", grid=(1e-3, 1e-2))
     assert all(isinstance(row["best_epoch"], int) and row["best_epoch"] >= 1 for row in result.sweep)
     clf = load_head(result.path).pipeline.named_steps["clf"]
     history = CACHE_DIR / "heads" / "linear-history.csv"
@@ -559,7 +559,7 @@ def test_train_split_without_a_class() -> None:
 def test_compare_lists_every_head() -> None:
     make_caches(k=3)
     fits = {clf: fit_head(HeadConfig(clf=clf, grid=grid, refine=0), SOURCE) for clf, grid in
-            (("logreg", (0.1, 1.0)), ("knn", (1, 3)), ("linear", (1e-4,)))}
+            (("logreg", (0.1, 1.0)), ("knn", (1, 3)), ("linear", (1e-3,)))}
     m = evaluate(fits["knn"].path)
     rows = compare(source=SOURCE)
     assert sorted(r["clf"] for r in rows) == ["knn", "linear", "logreg"]

@@ -30,7 +30,7 @@ from pipeline.stats import mcnemar, wilson_interval
 
 from .conftest import extracted, single_threaded, working_in
 
-GRIDS = {"logreg": (1.0,), "linear": (1e-4,), "knn": (1, 3)}
+GRIDS = {"logreg": (1.0,), "linear": (1e-3,), "knn": (1, 3)}
 FIGURES = ["accuracy_vs_time.png", "confusion.png", "learning_curves.png", "misclassified.png", "projection.png"]
 
 
@@ -124,6 +124,16 @@ def test_the_report_shows_every_head_and_the_finetune_with_their_figures(run: Si
     assert (f"the cached head chosen on val ({head}) reaches {100 * test[head]:.2f} % (95 % CI {100 * lo:.2f}-{100 * hi:.2f} %) against a bar of 50.00 %: "
             f"{'met' if test[head] >= 0.5 else '**not met**'}") in md
     assert "t-SNE of 15 cached test features (5 per class)" in md  # what it shows: 30 asked, 5 test images per class
+
+    # The warnings fit-head and evaluate recorded, each once with the models it concerns.
+    recorded: dict[str, list[str]] = {}
+    labels = {**{h: clf for clf, h in run.heads.items()}, **{h.parent / "subset-3" / f"{clf}.json": f"{clf} (3/class)" for clf, h in run.heads.items()}}
+    for head, label in labels.items():
+        for w in json.loads(head.read_text())["warnings"] + _test_json(head)["warnings"]:
+            recorded.setdefault(w, []).append(label)
+    assert recorded, "the carved val split has fewer than 5 images per class: fit-head should have said so"
+    assert {w["warning"]: sorted(w["models"]) for w in data["warnings"]} == {w: sorted(m) for w, m in recorded.items()}
+    assert _md_rows(md, "Warnings") == {"warning": ["models"], **{w["warning"]: [", ".join(w["models"])] for w in data["warnings"]}}
 
     # Stage one: rows and throughput from the caches themselves.
     rows = _md_rows(md, "Stage one")

@@ -64,6 +64,7 @@ def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, 
                        f"nothing to do, --refit to fit again -> {result.path}")
         else:
             click.echo(f"{result.clf}: {result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}, fit {result.fit_seconds:.1f} s -> {result.path}")
+        print_warnings(result.warnings)
         if then_evaluate:
             print_metrics(evaluate(result.path, allow_overlap=allow_overlap))
 

@@ -15,7 +15,7 @@ from ..data import load_rgb, stratified_subset
 from ..evaluate import compare, load_predictions
 from ..extract import locate_cache
 
-__all__ = ["read_caches", "head_rows", "subset_head_rows", "finetune_rows", "chosen_on_val", "against_chosen", "linear_history", "confusion_matrix",
+__all__ = ["read_caches", "head_rows", "subset_head_rows", "finetune_rows", "chosen_on_val", "against_chosen", "warnings_of", "linear_history", "confusion_matrix",
            "projection_sample", "misclassified", "audit_summary", "audit_accuracies", "audit_thumbnails"]
 
 
@@ -105,7 +105,7 @@ def finetune_rows(runs_dir: Path, caches: dict) -> list[dict]:
             "val_accuracy": meta.get("val_accuracy"), "fit_seconds": meta.get("seconds"), "best_epoch": meta.get("best_epoch"),
             "epochs": config.get("epochs"), "subset": config.get("subset"), "init_head": meta.get("init_head"), "freeze": config.get("freeze"),
             "history": meta.get("history", []), "config": config, "n_test": test.get("n"), "runtime": meta.get("runtime"),
-            "top1_ci": test.get("top1_ci"), "ece": test.get("ece"),
+            "top1_ci": test.get("top1_ci"), "ece": test.get("ece"), "warnings": test.get("warnings", []),
         }
         out.append({**row, "top1_ci": _interval(row)})
     return out
@@ -157,6 +157,15 @@ def against_chosen(chosen: dict, others: list[dict]) -> list[dict]:
         out.append({"label": row["label"], "top1": row["top1"], "top1_ci": row.get("top1_ci"), "n": len(a), "only_chosen": only_chosen,
                     "only_other": only_other, "p": p, "within_noise": p >= 0.05})
     return out
+
+
+def warnings_of(rows: list[dict]) -> list[dict]:
+    """The warnings fit-head and evaluate recorded for these models, each once with the models it concerns (in order)."""
+    found: dict[str, list[str]] = {}
+    for row in rows:
+        for line in row.get("warnings") or []:
+            found.setdefault(line, []).append(row["label"])
+    return [{"warning": line, "models": labels} for line, labels in found.items()]
 
 
 def linear_history(head: dict) -> list[dict]:

@@ -143,6 +143,10 @@ def sections(d: dict) -> Sections:
     train = d["caches"]["train"]
     s = train["settings"]
     out: Sections = [("Summary", _summary(d))]
+    if d.get("warnings"):
+        out.append(("Warnings: where the numbers cannot mean much", [
+            "What fit-head and evaluate warned of, for the models below:",
+            _table(["warning", "models"], [[w["warning"], ", ".join(w["models"])] for w in d["warnings"]])]))
 
     stage1 = _table(["split", "images", "features", "dtype", "cache size", "throughput", "engine"], [
         [split, f"{c['rows']:,}", " x ".join(map(str, c["shape"])), c["dtype"], f"{c['bytes'] / 2**20:.1f} MiB",
