@@ -184,8 +184,8 @@ def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike |
     split = load_split(spec, "test")
     if len(split) == 0:
         raise ValueError(f"the test split of {spec.root} has no images")
-    inputs = {"head": _identity(meta_path, meta), "test": {"root": str(Path(spec.root).resolve()), "fingerprint": split.fingerprint, "rows": len(split)},
-              "record": _RECORD}
+    test = {"root": str(Path(spec.root).resolve()), "fingerprint": split.fingerprint, "rows": len(split)}
+    inputs = {"head": _identity(meta_path, meta), "test": test, "record": _RECORD}
     reused = None if force else _reusable(Path(path), inputs)
     if reused is not None:
         return reused

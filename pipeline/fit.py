@@ -147,8 +147,8 @@ def _reusable(base: Path, inputs: dict) -> FitResult | None:
             return None
         if file_sha256(files.meta.with_name(meta["artifact"])) != meta["artifact_sha256"]:
             return None
-        return FitResult(files.meta, meta["clf"], meta["param"], meta["value"], meta["val_accuracy"], meta["fit_seconds"], meta["sweep"], "up-to-date",
-                         list(meta.get("warnings", [])))
+        return FitResult(files.meta, meta["clf"], meta["param"], meta["value"], meta["val_accuracy"], meta["fit_seconds"], meta["sweep"],
+                         "up-to-date", list(meta.get("warnings", [])))
     except (OSError, KeyError, TypeError):
         return None
 
@@ -251,7 +251,8 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         seconds = time.perf_counter() - t0
         spec = HEADS[config.clf]
         val_acc = max(s["val_accuracy"] for s in sweep if "val_accuracy" in s)
-        notes = [*caveats.few_images(yv, classes, "val"), *caveats.at_chance(train_acc, len(classes)), *caveats.tied_sweep(sweep, spec.param, value)]
+        notes = [*caveats.few_images(yv, classes, "val"), *caveats.at_chance(train_acc, len(classes)),
+                 *caveats.tied_sweep(sweep, spec.param, value)]
         meta = {
             "clf": config.clf, "description": spec.description, "param": spec.param, "value": value, "val_accuracy": val_acc,
             "train_accuracy": train_acc, "temperature": temperature, "fit_seconds": seconds, "sweep": sweep, "streamed": stream,

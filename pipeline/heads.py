@@ -268,7 +268,8 @@ def _torch_linear(lr: float, seed: int) -> BaseEstimator:
 HEADS: dict[str, HeadSpec] = {
     h.name: h
     for h in (
-        HeadSpec("linear", _torch_linear, "lr", (1e-4, 1e-3, 1e-2, 1e-1), True, "standardize", "torch linear layer (AdamW), learning rate and best epoch on val"),
+        HeadSpec("linear", _torch_linear, "lr", (1e-4, 1e-3, 1e-2, 1e-1), True, "standardize",
+                 "torch linear layer (AdamW), learning rate and best epoch on val"),
         HeadSpec("logreg", _logreg, "C", (1e-4, 1e-3, 1e-2, 1e-1, 1.0), True, "standardize+pca", "scikit-learn LogisticRegression (lbfgs)"),
         HeadSpec("svm", _linear_svm, "C", (1e-4, 1e-3, 1e-2), True, "standardize+pca", "linear SVM (LinearSVC, Crammer-Singer multi-class)"),
         HeadSpec("svm-rbf", _rbf_svm, "C", (1.0, 10.0), True, "standardize+pca", "RBF-kernel SVM (SVC)"),

@@ -201,6 +201,7 @@ def test_the_contract_and_the_metadata(real: SimpleNamespace) -> None:
     assert (meta["model"], meta["weights"], meta["tap"]) == ("mobilenet_v2", "none", "classifier:input")
     assert (meta["resize"], meta["crop"], meta["interpolation"]) == ("36", "32", "bilinear")
     assert meta["probabilities"].startswith("softmax of the decision values") and meta["format"] == "pipeline-onnx"
+    assert f"over the temperature {head_meta['temperature']:.6g}" in meta["probabilities"]  # the one fitted on val
     assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
     # Normalisation is in the graph: raw uint8 pixels of any batch size go in.
     m = load_onnx_model(model)

@@ -285,6 +285,12 @@ def test_the_report_command(own: SimpleNamespace) -> None:
         assert "render check skipped: no chromium on PATH" in result.output
 
 
+def _metrics_line(m: dict) -> str:
+    lo, hi = m["top1_ci"]
+    return (f"test top-1 {m['top1']:.4f} (95 % CI {lo:.4f}-{hi:.4f}), balanced accuracy {m['balanced_accuracy']:.4f}, "
+            f"ECE {m['ece']:.4f} on 15 images")
+
+
 def test_subset_heads_and_lp_ft_from_the_command_line(own: SimpleNamespace) -> None:
     Path("pipeline.toml").write_text(f'[extract]\ndata = "{own.source.data}"\nweights = "none"\ncache_dir = "{own.source.cache_dir}"\n'
                                      'crop = 32\nresize = 36\n')
@@ -293,7 +299,7 @@ def test_subset_heads_and_lp_ft_from_the_command_line(own: SimpleNamespace) -> N
     with single_threaded():
         r = invoke("fit-head", "--clf", "logreg", "--grid", "0.5", "--refine", "0", "--subset", "2")
         assert r.exit_code == 0, r.output
-        assert r.output.strip().endswith(f"-> {heads / 'subset-2' / 'logreg.json'}")
+        assert r.stdout.strip().endswith(f"-> {heads / 'subset-2' / 'logreg.json'}")  # the warnings go to stderr
         assert json.loads((heads / "subset-2" / "logreg.json").read_text())["subset"]["rows"] == 6
         r = invoke("evaluate", "--clf", "logreg", "--subset", "2")
         assert r.exit_code == 0 and r.output.startswith("logreg: test top-1 ") and (heads / "subset-2" / "logreg-test.json").is_file()
@@ -301,12 +307,11 @@ def test_subset_heads_and_lp_ft_from_the_command_line(own: SimpleNamespace) -> N
         several = ["fit-head", "--clf", "logreg", "--clf", "knn", "--refine", "0", "--subset", "2", "--evaluate"]
         r = invoke(*several)
         assert r.exit_code == 0, r.output
-        results = [line for line in r.output.splitlines() if not line.startswith("  logreg C=") and not line.startswith("  knn n_neighbors=")]
+        results = [line for line in r.output.splitlines() if not line.startswith(("  logreg C=", "  knn n_neighbors=", "warning: "))]
         m = {clf: json.loads((heads / "subset-2" / f"{clf}-test.json").read_text()) for clf in ("logreg", "knn")}
         assert [line.split(":")[0] for line in results[::2]] == ["logreg", "knn"]
-        assert results[1::2] == [f"  test top-1 {m[c]['top1']:.4f}, balanced accuracy {m[c]['balanced_accuracy']:.4f} on 15 images -> "
-                                 f"{heads / 'subset-2' / f'{c}-test.json'}" for c in ("logreg", "knn")]
-        again = invoke(*several).output.splitlines()
+        assert results[1::2] == [f"  {_metrics_line(m[c])} -> {heads / 'subset-2' / f'{c}-test.json'}" for c in ("logreg", "knn")]
+        again = [line for line in invoke(*several).output.splitlines() if not line.startswith("warning: ")]
         assert [line.split(":")[0] + ": " + line.split(": ")[1][:10] for line in again[::2]] == ["logreg: up to date", "knn: up to date"]
         assert all(line.endswith("images (up to date) -> " + str(heads / "subset-2" / f"{c}-test.json")) for line, c in zip(again[1::2], ("logreg", "knn")))
         assert invoke("fit-head", "--clf", "logreg", "--clf", "knn", "-o", "x").exit_code == 2
@@ -318,6 +323,6 @@ def test_subset_heads_and_lp_ft_from_the_command_line(own: SimpleNamespace) -> N
         run_dir = Path("runs/ds/mobilenet_v2-none/cli-ft")
         assert json.loads((run_dir / "model.json").read_text())["init_head"] == str(heads / "subset-3" / "linear.json")
         m = json.loads((run_dir / "model-test.json").read_text())
-        assert f"  test top-1 {m['top1']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f} on 15 images -> " in r.output
+        assert f"  {_metrics_line(m)} -> " in r.output
         r = invoke(*args, "--init-head", "subset-9/linear")
         assert r.exit_code == 1 and "--init-head subset-9/linear: no head file of that name" in r.output

@@ -171,7 +171,8 @@ def predict_cmd(inputs: tuple[str, ...], head: str | None, onnx_model: str | Non
     """Predict new images (files or folders) end to end: backbone, tap and head, or an exported model.
 
     Each image gets the most probable class and every class's probability: predict_proba, or for heads without
-    it (the SVMs) the softmax of their decision values, as the exported model computes them. A table of the first
+    it (the SVMs) the softmax of their decision values over a temperature fitted on val, as the exported model
+    computes them. A table of the first
     rows is printed; every row is written to --output.
     """
     from ..predict import predict, write_predictions

@@ -12,8 +12,8 @@ import click
 from ..config import ExtractConfig
 from ..settings_file import CONFIG_FILE, load_config, settings_from
 
-__all__ = ["dataset_options", "backbone_options", "runtime_options", "cache_options", "config_option", "friendly", "cli_rank", "cache_source", "pop_cache_args", "metrics_text",
-           "print_metrics", "print_warnings"]
+__all__ = ["dataset_options", "backbone_options", "runtime_options", "cache_options", "config_option", "friendly", "cli_rank",
+           "cache_source", "pop_cache_args", "metrics_text", "print_metrics", "print_warnings"]
 
 
 def cli_rank() -> int:

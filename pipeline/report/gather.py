@@ -15,7 +15,8 @@ from ..data import load_rgb, stratified_subset
 from ..evaluate import compare, load_predictions
 from ..extract import locate_cache
 
-__all__ = ["read_caches", "head_rows", "subset_head_rows", "finetune_rows", "chosen_on_val", "against_chosen", "warnings_of", "linear_history", "confusion_matrix",
+__all__ = ["read_caches", "head_rows", "subset_head_rows", "finetune_rows", "chosen_on_val", "against_chosen", "warnings_of",
+           "linear_history", "confusion_matrix",
            "projection_sample", "misclassified", "audit_summary", "audit_accuracies", "audit_thumbnails"]
 
 

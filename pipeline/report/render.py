@@ -75,7 +75,8 @@ def _finetuning(d: dict) -> list[Any]:
         rows = [[ft["label"], _pct(ft["top1"]), _ci(ft), _pct(ft["balanced_accuracy"]), _pct(ft["val_accuracy"]), _secs(ft["fit_seconds"]),
                  f"best epoch {ft['best_epoch']} of {ft['epochs']}, freeze {ft['freeze']}" + (", from a linear probe (LP-FT)" if ft.get("init_head") else "")]]
         if best_same:
-            rows.append([f"best cached head, same images ({best_same['label']})", _pct(best_same["top1"]), _ci(best_same), _pct(best_same["balanced_accuracy"]),
+            rows.append([f"best cached head, same images ({best_same['label']})", _pct(best_same["top1"]), _ci(best_same),
+                         _pct(best_same["balanced_accuracy"]),
                          _pct(best_same["val_accuracy"]), _secs(best_same["fit_seconds"]), f"{best_same['param']}={best_same['value']:g}, chosen on val"])
         for r in same:
             if r is not best_same:
