@@ -103,9 +103,9 @@ def main() -> None:
         results["cache_mb"] = size_mb
         common = {"train_cache": str(train), "val_cache": str(val), "refine": 0, "epochs": args.epochs, "block_mb": args.block_mb}
         runs = [
-            ("linear", "in memory", 0, {"clf": "linear", "grid": [1e-4], "stream": False}),
-            ("linear", "in memory", args.cap_mb, {"clf": "linear", "grid": [1e-4], "stream": False}),
-            ("linear", "streamed", args.cap_mb, {"clf": "linear", "grid": [1e-4], "stream": True}),
+            ("linear", "in memory", 0, {"clf": "linear", "grid": [1e-3], "stream": False}),
+            ("linear", "in memory", args.cap_mb, {"clf": "linear", "grid": [1e-3], "stream": False}),
+            ("linear", "streamed", args.cap_mb, {"clf": "linear", "grid": [1e-3], "stream": True}),
             ("logreg", "streamed", args.cap_mb, {"clf": "logreg", "grid": [1.0], "stream": True}),
         ]
         for clf, mode, cap, kw in runs:

@@ -49,6 +49,21 @@ class HeadArtifact:
     def classes(self) -> list[str]:
         return list(self.meta["classes"])
 
+    @property
+    def temperature(self) -> float:
+        """The temperature its probabilities are taken at (:func:`pipeline.heads.head_probabilities`): the one fitted on
+        val for a head without ``predict_proba``; 1 for the others, and for heads saved before temperatures were kept.
+
+        Raises:
+            ValueError: a recorded temperature that is not a positive number.
+        """
+        t = self.meta.get("temperature")
+        if t is None:
+            return 1.0
+        if not isinstance(t, _NUMBER) or isinstance(t, bool) or not 0 < t < float("inf"):
+            raise ValueError(f"{self.path}: the field 'temperature' should be a positive number, found {brief(t)}")
+        return float(t)
+
     def check_features(self, cache_attrs: dict) -> None:
         """Refuse features from another backbone, weights, tap or preprocessing than the head was fitted on."""
         mine = self.meta["features"]

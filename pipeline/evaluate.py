@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, classification_report, confusion_matrix, top_k_accuracy_score
 
-from . import layout, provenance
+from . import caveats, layout, provenance, stats
 from .artifacts import artifact_path, is_finetuned, load_finetuned, load_head, read_meta, require_fields
 from .cache import FeatureCache, read_cache
 from .config import DatasetSpec, ExtractConfig
@@ -22,21 +22,15 @@ from .data import load_split
 from .extract import locate_cache
 from .files import atomic_write, file_sha256
 from .fit import check_disjoint, load_split_features
+from .heads import head_probabilities
 from .plots import plot_confusion
 from .predict import image_logits
 
-__all__ = ["evaluate", "compare", "scores", "load_predictions"]
+__all__ = ["evaluate", "compare", "load_predictions"]
 
-
-def scores(pipe, X: np.ndarray) -> np.ndarray | None:
-    """Class scores for top-k: probabilities where the head has them, else decision values; None for neither."""
-    for method in ("predict_proba", "decision_function"):
-        if hasattr(pipe, method):
-            try:
-                return np.asarray(getattr(pipe, method)(X))
-            except AttributeError:  # e.g. SVC without probability=True
-                continue
-    return None
+# Raised when the metrics gain what older evaluations lack (2: the confidence interval, the calibration error and the
+# warnings), so that those are made again rather than reused without them.
+_RECORD = 2
 
 
 def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = None, source: ExtractConfig | None = None, *,
@@ -58,7 +52,9 @@ def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = Non
             chosen on, with a warning (recorded in the metrics).
 
     Returns:
-        The metrics: top-1, top-5 (more than 5 classes), balanced accuracy, per-class report, confusion matrix.
+        The metrics: top-1 with its 95 % Wilson interval (``top1_ci``), top-5 (more than 5 classes), balanced accuracy,
+        the expected calibration error of the probabilities ``pipeline predict`` gives (``ece``), per-class report,
+        confusion matrix.
 
     Raises:
         ValueError: a test cache that shares images with the head's train or val cache (unless ``allow_overlap``),
@@ -75,7 +71,7 @@ def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = Non
         test_cache = locate_cache(replace(source, split="test")) if source else layout.sibling_cache(train_path, "test")
     with read_cache(test_cache) as cache:
         overlap = _check_unseen(meta_path, meta, cache, allow_overlap)
-        inputs = {"head": _identity(meta_path, meta), "test": cache.identity}
+        inputs = {"head": _identity(meta_path, meta), "test": cache.identity, "record": _RECORD}
         reused = None if force else _reusable(Path(head), inputs)
         if reused is not None:
             return reused
@@ -94,7 +90,8 @@ def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = Non
         "param": art.meta.get("param"), "value": art.meta.get("value"), **({"overlap": overlap} if overlap else {}),
         **provenance.stamp(inputs),
     }
-    return _report(metrics, y, pred, (lambda: scores(art.pipeline, X)), classes, art.path, art.meta["clf"], paths, root)
+    probabilities = head_probabilities(art.pipeline, X, art.temperature)
+    return _report(metrics, y, pred, probabilities, classes, art.path, art.meta["clf"], paths, root)
 
 
 def _check_unseen(meta_path: Path, meta: dict, test: FeatureCache, allow: bool) -> list[str]:
@@ -152,14 +149,16 @@ def load_predictions(head: str | os.PathLike) -> dict:
         return {"y": z["y"], "pred": z["pred"], "paths": [str(p) for p in z["paths"]], "root": str(z["root"])}
 
 
-def _report(metrics: dict, y: np.ndarray, pred: np.ndarray, class_scores, classes: list[str], path: Path, name: str,
+def _report(metrics: dict, y: np.ndarray, pred: np.ndarray, probabilities: np.ndarray, classes: list[str], path: Path, name: str,
             paths: list[str], root: str) -> dict:
-    """Add top-5, the per-class report and the confusion matrix to ``metrics``; write the JSON, PNG and predictions beside ``path``."""
+    """Add top-1's confidence interval, top-5, the calibration error, the per-class report and the confusion matrix to
+    ``metrics``; write the JSON, PNG and predictions beside ``path``."""
     labels = list(range(len(classes)))
+    metrics["top1_ci"] = list(stats.wilson_interval(int((pred == y).sum()), len(y)))
+    metrics["ece"] = stats.expected_calibration_error(probabilities, y)
+    metrics["warnings"] = caveats.few_images(y, classes, "test")
     if len(classes) > 5:
-        s = class_scores()
-        if s is not None:
-            metrics["top5"] = float(top_k_accuracy_score(y, s, k=5, labels=labels))
+        metrics["top5"] = float(top_k_accuracy_score(y, probabilities, k=5, labels=labels))
     metrics["per_class"] = classification_report(y, pred, labels=labels, target_names=classes, output_dict=True, zero_division=0)
     cm = confusion_matrix(y, pred, labels=labels)
     metrics["confusion_matrix"] = cm.tolist()
@@ -184,7 +183,8 @@ def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike |
     split = load_split(spec, "test")
     if len(split) == 0:
         raise ValueError(f"the test split of {spec.root} has no images")
-    inputs = {"head": _identity(meta_path, meta), "test": {"root": str(Path(spec.root).resolve()), "fingerprint": split.fingerprint, "rows": len(split)}}
+    test = {"root": str(Path(spec.root).resolve()), "fingerprint": split.fingerprint, "rows": len(split)}
+    inputs = {"head": _identity(meta_path, meta), "test": test, "record": _RECORD}
     reused = None if force else _reusable(Path(path), inputs)
     if reused is not None:
         return reused
@@ -192,6 +192,8 @@ def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike |
     if split.classes != fm.classes:
         raise ValueError(f"the test split of {spec.root} has classes {split.classes[:10]}, the model was trained on {fm.classes[:10]}")
     positions, logits, bad = image_logits(fm, spec.root, split.paths, progress=True)
+    if len(positions) == 0:
+        raise ValueError(f"none of the {len(split)} test images of {spec.root} could be read; there is nothing to score")
     y = split.labels[positions]
     pred = logits.argmax(1)
     metrics = {
@@ -200,7 +202,7 @@ def _evaluate_finetuned(path: str | os.PathLike, test_cache: str | os.PathLike |
         "balanced_accuracy": float(balanced_accuracy_score(y, pred)), "val_accuracy": fm.meta.get("val_accuracy"),
         "fit_seconds": fm.meta.get("seconds"), "best_epoch": fm.meta.get("best_epoch"), **provenance.stamp(inputs),
     }
-    return _report(metrics, y, pred, lambda: logits, fm.classes, fm.path, f"finetune {fm.meta['model']}",
+    return _report(metrics, y, pred, stats.softmax(logits), fm.classes, fm.path, f"finetune {fm.meta['model']}",
                    [split.paths[i] for i in positions], str(Path(spec.root).resolve()))
 
 
@@ -219,7 +221,8 @@ def _recorded_dataset(meta_path: Path, meta: dict) -> DatasetSpec:
 
 
 def compare(folder: str | os.PathLike | None = None, source: ExtractConfig | None = None) -> list[dict]:
-    """One row per head fitted on a cache: val and test accuracy, fit time, chosen hyper-parameter.
+    """One row per head fitted on a cache: val and test accuracy (with its 95 % interval, ``top1_ci``), fit time,
+    chosen hyper-parameter.
 
     Rows are ranked by val accuracy, the criterion every choice is made on; test accuracy is reported beside it.
     A metadata file that cannot be read is named in a warning and left out; one that is read but lacks a field the
@@ -246,10 +249,12 @@ def compare(folder: str | os.PathLike | None = None, source: ExtractConfig | Non
         # A head file that is readable but lacks what the table shows is an error, not a row quietly left out.
         require_fields(meta_path, meta, ("clf", "val_accuracy", "fit_seconds", "param", "value", "preprocessing"))
         rows.append({
-            "clf": meta["clf"], "val_accuracy": meta["val_accuracy"], "top1": test.get("top1"), "top5": test.get("top5"),
+            "clf": meta["clf"], "val_accuracy": meta["val_accuracy"], "top1": test.get("top1"), "top1_ci": test.get("top1_ci"),
+            "top5": test.get("top5"), "ece": test.get("ece"),
             "balanced_accuracy": test.get("balanced_accuracy"), "fit_seconds": meta["fit_seconds"],
             "param": meta["param"], "value": meta["value"], "preprocessing": meta["preprocessing"], "path": str(meta_path),
             "config": meta.get("config", {}), "subset": meta.get("subset"), "n_test": test.get("n"),
+            "warnings": [*meta.get("warnings", []), *test.get("warnings", [])],
         })
     if not rows:
         raise ValueError(f"no heads in {folder}; fit one with pipeline fit-head")

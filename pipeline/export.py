@@ -114,10 +114,11 @@ def _head_graph(path: str | os.PathLike, weights: str | None) -> tuple[onnx.Mode
     if fitted is not None and tuple(fitted) != shapes[0]:
         raise ValueError(f"{art.path}: the backbone's tap {art.meta['tap']} gives features of shape {shapes[0]}, the head was fitted on {tuple(fitted)}")
     try:
-        head = head_model(art.pipeline, shapes[0], len(art.classes))
+        head = head_model(art.pipeline, shapes[0], len(art.classes), art.temperature)
     except ValueError as e:
         raise ValueError(f"{art.path}: the {clf} head cannot be exported: {e}") from None
-    probabilities = "predict_proba" if has_probabilities(art.pipeline) else "softmax of the decision values (two classes: softmax([0, d]))"
+    probabilities = ("predict_proba" if has_probabilities(art.pipeline) else
+                     f"softmax of the decision values over the temperature {art.temperature:.6g} (two classes: softmax([0, d] / T))")
     props = _props(art.classes, backbone.name, backbone.weights, backbone.weights_sha256, art.meta["tap"], clf, art.meta, pre.to_dict(), probabilities)
     return _join(graph, head, FEATURES), art.path, props
 

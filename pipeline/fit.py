@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from sklearn.pipeline import Pipeline
 
-from . import layout, provenance
+from . import caveats, layout, provenance
 from .artifacts import feature_identity, save_head
 from .files import file_sha256
 from .cache import FeatureCache, read_cache
@@ -22,10 +22,16 @@ from .validate import expect_instance
 from .data import stratified_subset
 from .extract import locate_cache
 from .files import file_lock, remove_stale_temps
-from .heads import HEADS, build_head
+from .heads import HEADS, build_head, decision_logits, has_probabilities
+from .stats import fit_temperature
 from .sweep import run_sweep, run_sweep_streaming
 
 __all__ = ["HeadConfig", "FitResult", "fit_head", "locate_head", "load_split_features", "check_compatible", "check_disjoint", "paths_digest"]
+
+
+# Raised when a head's metadata gains what older heads lack (2: the temperature of its probabilities, its warnings), so that those
+# are fitted again rather than reused without it. They still load and predict, with a temperature of 1.
+_RECORD = 2
 
 
 @dataclass
@@ -33,7 +39,7 @@ class FitResult:
     """A fitted head: where it was saved, what was chosen, and the whole sweep.
 
     ``status`` is ``fitted``, or ``up-to-date`` when a head fitted with the same settings on the same caches
-    was found and reused.
+    was found and reused. ``warnings`` say where its numbers cannot mean much (:mod:`pipeline.caveats`).
     """
 
     path: Path
@@ -44,6 +50,7 @@ class FitResult:
     fit_seconds: float
     sweep: list[dict] = field(default_factory=list)
     status: str = "fitted"
+    warnings: list[str] = field(default_factory=list)
 
 
 def locate_head(clf: str, subset: int | None = None, source: ExtractConfig | None = None) -> Path:
@@ -140,7 +147,8 @@ def _reusable(base: Path, inputs: dict) -> FitResult | None:
             return None
         if file_sha256(files.meta.with_name(meta["artifact"])) != meta["artifact_sha256"]:
             return None
-        return FitResult(files.meta, meta["clf"], meta["param"], meta["value"], meta["val_accuracy"], meta["fit_seconds"], meta["sweep"], "up-to-date")
+        return FitResult(files.meta, meta["clf"], meta["param"], meta["value"], meta["val_accuracy"], meta["fit_seconds"], meta["sweep"],
+                         "up-to-date", list(meta.get("warnings", [])))
     except (OSError, KeyError, TypeError):
         return None
 
@@ -186,7 +194,8 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
             overlap = check_disjoint({"train": train, "val": val}, allow=allow_overlap, hint=(
                 "a hyper-parameter chosen on images the head was fitted on is not chosen at all; extract both splits with the same "
                 "--split-seed and --val-fraction, or pass --allow-overlap to fit anyway"))
-            inputs = {"config": asdict(config), "train": train.identity, "val": val.identity, "pipeline": provenance.PIPELINE_VERSION}
+            inputs = {"config": asdict(config), "train": train.identity, "val": val.identity, "pipeline": provenance.PIPELINE_VERSION,
+                      "record": _RECORD}
             if excluded is not None:  # which images were left out, not only how they were named
                 inputs["excluded"] = paths_digest([f"{split}\t{path}" for split, path in excluded])
             if not refit:
@@ -237,17 +246,21 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
             pipe = Pipeline([*pre.steps, ("clf", clf)])
             train_acc = float((clf.predict(Zt) == yt).mean())
         clf = pipe.steps[-1][1]
+        # Probabilities that mean the same for every head: those made from decision values get a temperature, chosen on val.
+        temperature = None if has_probabilities(pipe) else fit_temperature(decision_logits(pipe, Xv), np.searchsorted(clf.classes_, yv))
         seconds = time.perf_counter() - t0
         spec = HEADS[config.clf]
         val_acc = max(s["val_accuracy"] for s in sweep if "val_accuracy" in s)
+        notes = [*caveats.few_images(yv, classes, "val"), *caveats.at_chance(train_acc, len(classes)),
+                 *caveats.tied_sweep(sweep, spec.param, value)]
         meta = {
             "clf": config.clf, "description": spec.description, "param": spec.param, "value": value, "val_accuracy": val_acc,
-            "train_accuracy": train_acc, "fit_seconds": seconds, "sweep": sweep, "streamed": stream,
+            "train_accuracy": train_acc, "temperature": temperature, "fit_seconds": seconds, "sweep": sweep, "streamed": stream,
             "config": asdict(config), "preprocessing": config.preprocessing or spec.preprocessing, "tap": tap, "classes": classes,
             "features": feature_identity(train_attrs), "extract_settings": train_attrs.get("settings", {}),
             "train_cache": {"path": str(train_path.resolve()), "dataset_fingerprint": train_attrs.get("dataset_fingerprint"), "rows": len(yt)},
             "val_cache": {"path": str(val_path.resolve()), "dataset_fingerprint": val_fingerprint, "rows": len(yv)}, "subset": subset,
-            "overlap": overlap,
+            "overlap": overlap, "warnings": notes,
             "excluded": None if excluded is None else {"images": len(excluded), "train": sum(s == "train" for s, _ in excluded),
                                                        "val": sum(s == "val" for s, _ in excluded), "list": config.exclude or "audit/label_issues.csv"},
             **provenance.stamp(inputs),
@@ -255,7 +268,7 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         path = save_head(pipe, meta, base)
         if config.clf == "linear":
             provenance.write_history(clf.history_, layout.head_files(base).history)
-    return FitResult(path, config.clf, spec.param, value, val_acc, seconds, sweep)
+    return FitResult(path, config.clf, spec.param, value, val_acc, seconds, sweep, warnings=notes)
 
 
 @contextmanager

@@ -3,7 +3,7 @@
 A head's graph takes the tapped features (``features``, N x D or N x C x H x W, float32) and gives
 ``probabilities`` (N x classes, float32) and ``label`` (N, int64, the index of the most probable class), with the
 definition of :func:`pipeline.heads.head_probabilities`: ``predict_proba`` where the estimator has it, else the
-softmax of its decision values. skl2onnx converts the scikit-learn steps; :class:`~pipeline.heads.SpatialPool`,
+softmax of its decision values over the head's temperature. skl2onnx converts the scikit-learn steps; :class:`~pipeline.heads.SpatialPool`,
 ``_CappedPCA`` and :class:`~pipeline.heads.TorchLinearHead` get converters registered here, and
 HistGradientBoostingClassifier and KNeighborsClassifier get fixed ones for each conversion (skl2onnx 1.20's fail
 on protobuf 7, and ignore kNN's distance weights).
@@ -176,13 +176,15 @@ def _knn_convert(scope: Any, operator: Any, container: Any) -> None:
 _FIXED_CONVERTERS = {HistGradientBoostingClassifier: _hgb_convert, KNeighborsClassifier: _knn_convert}
 
 
-def head_model(pipe: Pipeline, feature_shape: Sequence[int], n_classes: int) -> onnx.ModelProto:
+def head_model(pipe: Pipeline, feature_shape: Sequence[int], n_classes: int, temperature: float = 1.0) -> onnx.ModelProto:
     """The ONNX graph of a fitted head: ``features`` in, ``probabilities`` and ``label`` out.
 
     Args:
         pipe: the head's Pipeline, as :func:`pipeline.artifacts.load_head` returns it.
         feature_shape: the shape of one row of features (``(D,)`` or ``(C, H, W)``).
         n_classes: the number of classes; the estimator's ``classes_`` must be ``0 .. n_classes - 1``.
+        temperature: what the decision values of a head without ``predict_proba`` are divided by before their
+            softmax (:attr:`pipeline.artifacts.HeadArtifact.temperature`).
 
     Raises:
         ValueError: a head whose classes are not the class indices, or that skl2onnx cannot convert.
@@ -207,7 +209,7 @@ def head_model(pipe: Pipeline, feature_shape: Sequence[int], n_classes: int) -> 
     scores = _PREFIX + model.graph.output[1].name
     model.ir_version = IR_VERSION
     model = compose.add_prefix(model, _PREFIX)
-    post = _scores_to_outputs(has_probabilities(pipe), n_classes, 1 if isinstance(clf, SGDClassifier) else 0)
+    post = _scores_to_outputs(has_probabilities(pipe), n_classes, 1 if isinstance(clf, SGDClassifier) else 0, temperature)
     return compose.merge_models(model, post, io_map=[(scores, "out_scores")], outputs=["probabilities", "label"])
 
 
@@ -216,29 +218,34 @@ def _allowed_options(estimator: Any) -> set[str]:
     return set(get_converter(alias).get_allowed_options() or ()) if alias else set()
 
 
-def _scores_to_outputs(probabilities: bool, n_classes: int, column: int) -> onnx.ModelProto:
+def _scores_to_outputs(probabilities: bool, n_classes: int, column: int, temperature: float) -> onnx.ModelProto:
     """``out_scores`` (the estimator's probabilities, or its decision values) to the contract's two outputs.
 
     Args:
-        probabilities: whether the scores are probabilities already; else their softmax is taken.
+        probabilities: whether the scores are probabilities already; else the softmax of the scores over
+            ``temperature`` is taken.
         n_classes: the number of classes.
         column: with two classes and decision values, the column of ``out_scores`` holding d.
+        temperature: what decision values are divided by before the softmax.
     """
     nodes, constants = [], []
     if probabilities:
         nodes.append(helper.make_node("Cast", ["out_scores"], ["probabilities"], to=TensorProto.FLOAT))
-    elif n_classes == 2:
-        # One decision value d, for the second class: p = softmax([0, d]), logistic regression's rule. skl2onnx 1.20
-        # writes d as [d] (LinearSVC), [d, -d] (SVC) or [-d, d] (SGDClassifier); tests/test_export.py checks each.
-        constants = [numpy_helper.from_array(np.array([column], np.int64), "out_column"), numpy_helper.from_array(np.float32(0), "out_zero")]
-        nodes += [
-            helper.make_node("Gather", ["out_scores", "out_column"], ["out_d"], axis=1),
-            helper.make_node("Mul", ["out_d", "out_zero"], ["out_z"]),
-            helper.make_node("Concat", ["out_z", "out_d"], ["out_pair"], axis=1),
-            helper.make_node("Softmax", ["out_pair"], ["probabilities"], axis=1),
-        ]
     else:
-        nodes.append(helper.make_node("Softmax", ["out_scores"], ["probabilities"], axis=1))
+        constants.append(numpy_helper.from_array(np.float32(temperature), "out_temperature"))
+        if n_classes == 2:
+            # One decision value d, for the second class: p = softmax([0, d]), logistic regression's rule. skl2onnx 1.20
+            # writes d as [d] (LinearSVC), [d, -d] (SVC) or [-d, d] (SGDClassifier); tests/test_export.py checks each.
+            constants += [numpy_helper.from_array(np.array([column], np.int64), "out_column"), numpy_helper.from_array(np.float32(0), "out_zero")]
+            nodes += [
+                helper.make_node("Gather", ["out_scores", "out_column"], ["out_d"], axis=1),
+                helper.make_node("Mul", ["out_d", "out_zero"], ["out_z"]),
+                helper.make_node("Concat", ["out_z", "out_d"], ["out_logits"], axis=1),
+            ]
+        else:
+            nodes.append(helper.make_node("Identity", ["out_scores"], ["out_logits"]))
+        nodes += [helper.make_node("Div", ["out_logits", "out_temperature"], ["out_tempered"]),
+                  helper.make_node("Softmax", ["out_tempered"], ["probabilities"], axis=1)]
     nodes.append(helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0))
     graph = helper.make_graph(
         nodes, "outputs",

@@ -96,7 +96,8 @@ def predict(
             for i, why in bad:
                 rows[i] = {"path": paths[i], "error": why}
             if features is not None:
-                rows.update(prediction_rows(index, [paths[i] for i in index], head_probabilities(art.pipeline, features[which]), art.classes))
+                probabilities = head_probabilities(art.pipeline, features[which], art.temperature)
+                rows.update(prediction_rows(index, [paths[i] for i in index], probabilities, art.classes))
     return found.rows(rows), art.classes
 
 

@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.linear_model import SGDClassifier
 from sklearn.preprocessing import StandardScaler
 
-from .heads import SpatialPool, TorchLinearHead
+from .heads import HEADS, SpatialPool
 
 __all__ = ["STREAMING_HEADS", "block_rows_for", "minibatches", "streaming_scaler", "fit_streaming"]
 
@@ -96,7 +96,8 @@ def fit_streaming(
     """Fit one streaming head for one value of its hyper-parameter.
 
     Args:
-        clf_name: ``linear`` (value: weight decay), ``logreg`` or ``svm`` (value: C, mapped to SGD's alpha = 1 / (C n)).
+        clf_name: ``linear`` (value: its swept hyper-parameter, as in memory), ``logreg`` or ``svm`` (value: C, mapped to
+            SGD's alpha = 1 / (C n)).
         value: the swept hyper-parameter.
         source: N x ... features, sliceable by rows.
         labels: N labels, in memory.
@@ -109,7 +110,7 @@ def fit_streaming(
         batch_size: minibatch size.
     """
     if clf_name == "linear":
-        head = TorchLinearHead(weight_decay=value, epochs=epochs, batch_size=batch_size, random_state=seed)
+        head = HEADS["linear"].make(value, seed).set_params(epochs=epochs, batch_size=batch_size)
         n_features = eval_set[0].shape[1]
         return head.fit_stream(
             lambda rng: minibatches(source, labels, rng, block_rows=block_rows, batch_size=batch_size, transform=transform),

@@ -13,7 +13,7 @@ from pipeline.cli import cli
 __all__ = ["SMALL", "child_env", "error", "invoke", "ok", "small_value", "usage_error"]
 
 # Small values of each head's swept hyper-parameter: fast and deterministic, independent of the default grids.
-SMALL = {"linear": 1e-4, "logreg": 1.0, "svm": 0.1, "svm-rbf": 1.0, "tree": 10, "extra-trees": 10, "hgb": 20, "knn": 3}
+SMALL = {"linear": 1e-3, "logreg": 1.0, "svm": 0.1, "svm-rbf": 1.0, "tree": 10, "extra-trees": 10, "hgb": 20, "knn": 3}
 
 
 def small_value(name: str) -> float:

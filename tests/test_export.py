@@ -40,7 +40,7 @@ from pipeline.predict import predict
 from .conftest import CLASSES, extracted, make_image_folder, single_threaded, working_in
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {"linear": 1e-4, "logreg": 1.0, "svm": 0.1, "svm-rbf": 1.0, "tree": 10, "extra-trees": 10, "hgb": 20, "knn": 3}
+SMALL = {"linear": 1e-3, "logreg": 1.0, "svm": 0.1, "svm-rbf": 1.0, "tree": 10, "extra-trees": 10, "hgb": 20, "knn": 3}
 LINEAR_FAMILY = ("linear", "logreg", "svm", "svm-rbf")
 
 
@@ -103,9 +103,23 @@ def test_probabilities_of_heads_without_predict_proba_are_the_softmax_of_decisio
     pipe = build_head("svm", 0.1, pca=8).fit(X, y)
     d = pipe.decision_function(new)
     np.testing.assert_allclose(head_probabilities(pipe, new), np.exp(d) / np.exp(d).sum(1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(head_probabilities(pipe, new, 2.0), np.exp(d / 2) / np.exp(d / 2).sum(1, keepdims=True), rtol=1e-6)
     pipe = build_head("svm-rbf", 1.0, pca=8).fit(X[y < 2], y[y < 2])
     d = pipe.decision_function(new)  # one value, positive for the second class: p = softmax([0, d])
     np.testing.assert_allclose(head_probabilities(pipe, new)[:, 1], 1 / (1 + np.exp(-d)), rtol=1e-6)
+    np.testing.assert_allclose(head_probabilities(pipe, new, 0.5)[:, 1], 1 / (1 + np.exp(-2 * d)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("name", ["svm", "svm-rbf", "sgd-hinge"])
+def test_a_head_graph_divides_decision_values_by_the_heads_temperature(name: str, k: int) -> None:
+    X, y, new = _blobs(k)
+    pipe = _sgd("hinge") if name == "sgd-hinge" else build_head(name, SMALL[name], pca=8)
+    pipe.fit(X, y)
+    probabilities, _ = _session(head_model(pipe, (16,), k, temperature=0.3)).run(None, {FEATURES: new})
+    expected = head_probabilities(pipe, new, 0.3)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert np.abs(expected - head_probabilities(pipe, new)).max() > 0.05  # the temperature changed them
 
 
 def test_a_head_skl2onnx_cannot_convert_is_refused_by_name() -> None:
@@ -187,6 +201,7 @@ def test_the_contract_and_the_metadata(real: SimpleNamespace) -> None:
     assert (meta["model"], meta["weights"], meta["tap"]) == ("mobilenet_v2", "none", "classifier:input")
     assert (meta["resize"], meta["crop"], meta["interpolation"]) == ("36", "32", "bilinear")
     assert meta["probabilities"].startswith("softmax of the decision values") and meta["format"] == "pipeline-onnx"
+    assert f"over the temperature {head_meta['temperature']:.6g}" in meta["probabilities"]  # the one fitted on val
     assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
     # Normalisation is in the graph: raw uint8 pixels of any batch size go in.
     m = load_onnx_model(model)

@@ -430,14 +430,14 @@ def heads(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         for model in ("mobilenet_v2", "resnet18"):
             source = ExtractConfig(data=str(data), cache_dir=str(root / "features"), **tiny(model=model))
             caches = {s: extract(replace(source, split=s), progress=False).path for s in ("train", "val", "test")}
-            out.linear[model] = fit_head(HeadConfig(clf="linear", grid=(1e-4,), refine=0, epochs=10), source, out=root / model / "linear").path
+            out.linear[model] = fit_head(HeadConfig(clf="linear", grid=(1e-3,), refine=0, epochs=10), source, out=root / model / "linear").path
             out.test[model] = caches["test"]
             if model == "mobilenet_v2":
                 out.logreg = fit_head(HeadConfig(clf="logreg", grid=(1.0,), refine=0), source, out=root / model / "logreg").path
                 spatial = replace(source, layers=("features.18",))
                 for s in ("train", "val"):
                     extract(replace(spatial, split=s), progress=False)
-                out.spatial = fit_head(HeadConfig(clf="linear", grid=(1e-4,), refine=0, epochs=2), spatial, out=root / model / "spatial").path
+                out.spatial = fit_head(HeadConfig(clf="linear", grid=(1e-3,), refine=0, epochs=2), spatial, out=root / model / "spatial").path
     torch.set_num_threads(n)
     return out
 
@@ -507,7 +507,7 @@ def test_finetune_evaluate_and_predict_commands(image_folder: Path) -> None:
     assert again.startswith("runs/ds/resnet18-none/finetune/model.json is up to date (best epoch ") and again.strip().endswith("; nothing to do")
 
     model = RUN / "finetune/model.json"
-    assert re.search(r"(^|img/s\]|\n)finetune: test top-1 [01]\.\d{4}, balanced accuracy", _ok(_run("evaluate", model)))  # after the progress bar
+    assert re.search(r"(^|img/s\]|\n)finetune: test top-1 [01]\.\d{4} \(95 % CI [01]\.\d{4}-[01]\.\d{4}\), balanced accuracy [01]\.\d{4}, ECE ", _ok(_run("evaluate", model)))  # after the progress bar
     assert _ok(_run("predict", image_folder / "test", "--head", model, "-o", "p.csv")).strip().splitlines()[-1] == "9 images predicted, 0 skipped -> p.csv"
     with open("p.csv", newline="") as f:
         assert list(next(csv.reader(f))) == ["path", "label", "score", "error", "p_ant", "p_bee", "p_cat"]

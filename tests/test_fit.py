@@ -27,8 +27,9 @@ from pipeline.evaluate import compare, evaluate
 from pipeline.data import stratified_subset
 from pipeline.evaluate import load_predictions
 from pipeline.fit import HeadConfig, fit_head, paths_digest
-from pipeline.heads import HEADS
+from pipeline.heads import HEADS, head_probabilities
 from pipeline.predict import predict, write_predictions
+from pipeline.stats import expected_calibration_error, wilson_interval
 
 from .conftest import CLASSES, make_image_folder, tiny, working_in
 from .helpers import error, invoke, ok, small_value, usage_error
@@ -145,7 +146,7 @@ def test_every_head_learns_separable_features(name: str) -> None:
 def test_linear_head_on_spatial_caches(pool: str) -> None:
     c = make_caches(k=3, d=16 * 2 * 2, spatial=(2, 2))
     assert c.X_train.shape == (60, 16, 2, 2)
-    result = fit_head(HeadConfig(clf="linear", grid=(1e-4,), refine=0, pool=pool), SOURCE)
+    result = fit_head(HeadConfig(clf="linear", grid=(1e-3,), refine=0, pool=pool), SOURCE)
     assert result.val_accuracy >= 0.9
     art = load_head(result.path)
     assert re.fullmatch(r"linear\.[0-9a-f]{16}\.pt", art.meta["artifact"]) and art.meta["config"]["pool"] == pool
@@ -212,7 +213,7 @@ def test_no_refinement_on_linear_scales_or_with_refine_0() -> None:
 
 def test_linear_head_sweep_records_best_epochs_and_history() -> None:
     c = make_caches(k=3)
-    result = _fit(c, "linear", grid=(1e-4, 1e-2))
+    result = _fit(c, "linear", grid=(1e-3, 1e-2))
     assert all(isinstance(row["best_epoch"], int) and row["best_epoch"] >= 1 for row in result.sweep)
     clf = load_head(result.path).pipeline.named_steps["clf"]
     history = CACHE_DIR / "heads" / "linear-history.csv"
@@ -454,6 +455,9 @@ def test_evaluate_metrics_match_sklearn(clf: str) -> None:
     assert m["per_class"]["c6"]["support"] == 20
     assert m["per_class"]["c2"]["recall"] == pytest.approx(m["confusion_matrix"][2][2] / 8)
     assert m["val_accuracy"] == art.meta["val_accuracy"] and m["value"] == art.meta["value"]
+    # The 95 % interval of top-1, and the calibration error of the probabilities predict gives (at the head's temperature).
+    assert m["top1_ci"] == list(wilson_interval(int((pred == y).sum()), 73)) and m["top1_ci"][0] < m["top1"] < m["top1_ci"][1]
+    assert m["ece"] == pytest.approx(expected_calibration_error(head_probabilities(art.pipeline, X, art.temperature), y))
 
     saved = json.loads((CACHE_DIR / "heads" / f"{clf}-test.json").read_text())
     assert m["json"] == str(CACHE_DIR / "heads" / f"{clf}-test.json")
@@ -471,8 +475,9 @@ def test_evaluate_metrics_match_sklearn(clf: str) -> None:
         assert img.format == "PNG" and min(img.size) > 100
 
     out = ok(invoke("evaluate", head))
-    assert out.splitlines()[0] == (f"{clf}: test top-1 {m['top1']:.4f}, top-5 {m['top5']:.4f}, "
-                                   f"balanced accuracy {m['balanced_accuracy']:.4f} on 73 images")
+    lo, hi = m["top1_ci"]
+    assert out.splitlines()[0] == (f"{clf}: test top-1 {m['top1']:.4f} (95 % CI {lo:.4f}-{hi:.4f}), top-5 {m['top5']:.4f}, "
+                                   f"balanced accuracy {m['balanced_accuracy']:.4f}, ECE {m['ece']:.4f} on 73 images")
     assert f"metrics {m['json']}" in out and f"confusion matrix {png}" in out
 
 
@@ -504,7 +509,7 @@ def test_evaluate_without_top5_for_five_classes_or_fewer() -> None:
     assert "top5" not in m and m["top1"] >= 0.9 and m["n"] == 20
     assert "top5" not in json.loads(Path(m["json"]).read_text())
     out = ok(invoke("evaluate", head, "--test-cache", c.test))
-    assert "top-5" not in out and out.startswith(f"logreg: test top-1 {m['top1']:.4f}, balanced accuracy")
+    assert "top-5" not in out and out.startswith(f"logreg: test top-1 {m['top1']:.4f} (95 % CI ")
 
 
 def test_evaluate_refuses_a_tampered_head(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -554,7 +559,7 @@ def test_train_split_without_a_class() -> None:
 def test_compare_lists_every_head() -> None:
     make_caches(k=3)
     fits = {clf: fit_head(HeadConfig(clf=clf, grid=grid, refine=0), SOURCE) for clf, grid in
-            (("logreg", (0.1, 1.0)), ("knn", (1, 3)), ("linear", (1e-4,)))}
+            (("logreg", (0.1, 1.0)), ("knn", (1, 3)), ("linear", (1e-3,)))}
     m = evaluate(fits["knn"].path)
     rows = compare(source=SOURCE)
     assert sorted(r["clf"] for r in rows) == ["knn", "linear", "logreg"]
@@ -566,21 +571,22 @@ def test_compare_lists_every_head() -> None:
         assert r["param"] == fit.param and r["value"] == fit.value and r["path"] == str(fit.path)
         assert r["preprocessing"] == meta["preprocessing"] and r["config"] == meta["config"] and r["subset"] is None
         if r["clf"] == "knn":
-            assert r["top1"] == m["top1"] and r["balanced_accuracy"] == m["balanced_accuracy"]
+            assert r["top1"] == m["top1"] and r["balanced_accuracy"] == m["balanced_accuracy"] and r["top1_ci"] == m["top1_ci"]
         else:
-            assert r["top1"] is None and r["top5"] is None
+            assert r["top1"] is None and r["top5"] is None and r["top1_ci"] is None
     key = [r["top1"] if r["top1"] is not None else r["val_accuracy"] for r in rows]
     assert key == sorted(key, reverse=True)
 
     out = ok(invoke("compare", "--data", "ds", "--weights", "none")).splitlines()
-    assert out[0].split() == ["head", "test", "top-1", "top-5", "bal.", "acc", "val", "acc", "fit", "s", "chosen"]
+    assert out[0].split() == ["head", "test", "top-1", "95", "%", "CI", "top-5", "bal.", "acc", "val", "acc", "fit", "s", "chosen"]
     assert len(out) == 4
     for r, line in zip(rows, out[1:]):
         cells = line.split()
         assert cells[0] == r["clf"]
-        assert cells[4] == f"{r['val_accuracy']:.4f}" and cells[5] == f"{r['fit_seconds']:.1f}"
-        assert cells[6] == f"{r['param']}={r['value']:g}" and cells[7] == f"({r['preprocessing']})"
+        assert cells[5] == f"{r['val_accuracy']:.4f}" and cells[6] == f"{r['fit_seconds']:.1f}"
+        assert cells[7] == f"{r['param']}={r['value']:g}" and cells[8] == f"({r['preprocessing']})"
         assert cells[1] == (f"{r['top1']:.4f}" if r["top1"] is not None else "-")
+        assert cells[2] == (f"{r['top1_ci'][0]:.4f}-{r['top1_ci'][1]:.4f}" if r["top1"] is not None else "-")
     assert ok(invoke("compare", CACHE_DIR / "heads")) == "\n".join(out) + "\n"
 
 
@@ -592,6 +598,8 @@ def test_fit_head_command() -> None:
     out = ok(invoke("fit-head", "--data", "ds", "--weights", "none", "--clf", "knn", "--grid", "1,3", "--refine", "0")).splitlines()
     head = CACHE_DIR / "heads" / "knn.json"
     meta = json.loads(head.read_text())
+    # Both values are right on every val image: a tie, said last, on stderr.
+    assert out.pop().startswith("warning: every n_neighbors of the sweep (1, 3) gave the same val accuracy 100.00%")
     assert [line.split()[:2] for line in out[:-1]] == [["knn", "n_neighbors=1"], ["knn", "n_neighbors=3"]]  # live, one per value
     assert out[-1].startswith(f"knn: n_neighbors={meta['value']}, val accuracy {meta['val_accuracy']:.4f}, fit ")
     assert out[-1].endswith(f" s -> {head}")
@@ -689,7 +697,8 @@ def test_end_to_end_extract_fit_evaluate_predict(real: SimpleNamespace) -> None:
     cache_opts = ["--data", real.data, "--weights", "none", "--cache-dir", real.root / "features"]
     out = ok(invoke("fit-head", *cache_opts, "--clf", "logreg", "--grid", "1", "--refine", "0", "-o", "e2e"))
     head = Path("e2e.json")
-    assert out.splitlines()[-1].endswith("-> e2e.json")
+    # One val image per class, carved from ten: fit-head says so after the head's line.
+    assert out.splitlines()[-2].endswith("-> e2e.json") and out.splitlines()[-1].startswith("warning: the val split has fewer than 5")
     meta = json.loads(head.read_text())
     assert meta["train_cache"]["path"] == str(real.caches["train"]) and meta["classes"] == list(CLASSES)
 
@@ -816,10 +825,13 @@ def test_predict_with_a_two_class_svm(real: SimpleNamespace) -> None:
     assert "bee" in expected, "the head should tell the classes apart, or this test shows nothing"
     rows, _ = predict(head, [real.data / "test" / "ant", real.data / "test" / "bee"])
     assert [r["label"] for r in rows] == expected
-    # A head without predict_proba: probabilities are the softmax of its decision value d, softmax([0, d]).
-    d = load_head(head).pipeline.decision_function(_cached(real, images))
+    # A head without predict_proba: probabilities are the softmax of its decision value d over the temperature
+    # fitted on val, softmax([0, d] / T).
+    art = load_head(head)
+    d, t = art.pipeline.decision_function(_cached(real, images)), art.temperature
+    assert t == art.meta["temperature"] != 1
     p_bee = np.array([r["probabilities"]["bee"] for r in rows])
-    np.testing.assert_allclose(p_bee, 1 / (1 + np.exp(-d)), atol=1e-6)
+    np.testing.assert_allclose(p_bee, 1 / (1 + np.exp(-d / t)), atol=1e-6)
     assert all(set(r["probabilities"]) == {"ant", "bee"} and r["score"] == max(r["probabilities"].values()) for r in rows)
 
 

@@ -21,15 +21,17 @@ from PIL import Image
 
 from pipeline import extract, read_cache
 from pipeline.cli import cli
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import evaluate, load_predictions
 from pipeline.finetune import FinetuneConfig, finetune
 from pipeline.fit import HeadConfig, fit_head
 from pipeline import layout
 from pipeline.report import ReportConfig, RenderError, build_report, check_render, find_chromium
 
+from pipeline.stats import mcnemar, wilson_interval
+
 from .conftest import extracted, single_threaded, working_in
 
-GRIDS = {"logreg": (1.0,), "linear": (1e-4,), "knn": (1, 3)}
+GRIDS = {"logreg": (1.0,), "linear": (1e-3,), "knn": (1, 3)}
 FIGURES = ["accuracy_vs_time.png", "confusion.png", "learning_curves.png", "misclassified.png", "projection.png"]
 
 
@@ -97,7 +99,9 @@ def test_the_report_shows_every_head_and_the_finetune_with_their_figures(run: Si
 
     for clf, head in run.heads.items():
         m = _test_json(head)
-        assert rows[clf][:2] == [f"{100 * m['top1']:.2f} %", f"{100 * m['balanced_accuracy']:.2f} %"]
+        lo, hi = m["top1_ci"]
+        assert (lo, hi) == wilson_interval(round(m["top1"] * m["n"]), m["n"])
+        assert rows[clf][:3] == [f"{100 * m['top1']:.2f} %", f"{100 * lo:.2f}-{100 * hi:.2f} %", f"{100 * m['balanced_accuracy']:.2f} %"]
         assert f"<td>{clf}</td><td>{100 * m['top1']:.2f} %</td>" in page
     ft_metrics = _test_json(run.ft.path)
     rows = _md_rows(md, "Fine-tuning")
@@ -117,9 +121,20 @@ def test_the_report_shows_every_head_and_the_finetune_with_their_figures(run: Si
     assert result.best == data["best"]
     head = data["best_head"]["label"]
     assert val[head] == max(v for k, v in val.items() if k in run.heads) and data["best_head"]["top1"] == test[head]
-    assert (f"the cached head chosen on val ({head}) reaches {100 * test[head]:.2f} % against a bar of 50.00 %: "
+    lo, hi = data["best_head"]["top1_ci"]
+    assert (f"the cached head chosen on val ({head}) reaches {100 * test[head]:.2f} % (95 % CI {100 * lo:.2f}-{100 * hi:.2f} %) against a bar of 50.00 %: "
             f"{'met' if test[head] >= 0.5 else '**not met**'}") in md
     assert "t-SNE of 15 cached test features (5 per class)" in md  # what it shows: 30 asked, 5 test images per class
+
+    # The warnings fit-head and evaluate recorded, each once with the models it concerns.
+    recorded: dict[str, list[str]] = {}
+    labels = {**{h: clf for clf, h in run.heads.items()}, **{h.parent / "subset-3" / f"{clf}.json": f"{clf} (3/class)" for clf, h in run.heads.items()}}
+    for head, label in labels.items():
+        for w in json.loads(head.read_text())["warnings"] + _test_json(head)["warnings"]:
+            recorded.setdefault(w, []).append(label)
+    assert recorded, "the carved val split has fewer than 5 images per class: fit-head should have said so"
+    assert {w["warning"]: sorted(w["models"]) for w in data["warnings"]} == {w: sorted(m) for w, m in recorded.items()}
+    assert _md_rows(md, "Warnings") == {"warning": ["models"], **{w["warning"]: [", ".join(w["models"])] for w in data["warnings"]}}
 
     # Stage one: rows and throughput from the caches themselves.
     rows = _md_rows(md, "Stage one")
@@ -153,11 +168,51 @@ def test_the_best_model_is_chosen_on_val_not_on_test(own: SimpleNamespace) -> No
     assert result.best["label"] == "logreg" and result.best["val_accuracy"] == 0.9 and result.best["top1"] == 0.2
     md = result.markdown.read_text()
     assert "Best model, chosen on val accuracy (90.00 %): **logreg**, test top-1 **20.00 %**" in md
-    assert "the cached head chosen on val (logreg) reaches 20.00 % against a bar of 50.00 %: **not met**" in md
+    assert "the cached head chosen on val (logreg) reaches 20.00 % (95 % CI " in md and "against a bar of 50.00 %: **not met**" in md
     data = json.loads(layout.report_files(result.html.parent).data.read_text())
     assert data["best_head"]["label"] == "logreg"
     assert "best cached head, same images (linear (3/class))" in _md_rows(md, "Fine-tuning")
     assert list(_md_rows(md, "Stage two"))[1:] == ["logreg", "linear", "knn"]  # listed by val
+
+
+def _set_answers(path: Path, right: np.ndarray | None = None, rename: bool = False) -> None:
+    """Rewrite a model's saved test predictions: right exactly where ``right`` says, or with one image renamed."""
+    preds = layout.evaluation_files(path).predictions
+    with np.load(preds) as z:
+        saved = {k: z[k] for k in z.files}
+    if right is not None:
+        saved["pred"] = np.where(right, saved["y"], (saved["y"] + 1) % 3)
+    if rename:
+        saved["paths"] = np.array(["elsewhere.png", *saved["paths"][1:]])
+    np.savez(preds, **saved)
+
+
+def test_the_report_says_which_differences_from_the_chosen_head_are_within_the_noise(own: SimpleNamespace) -> None:
+    # Made-up answers on the 15 test images: the chosen head (logreg, best on val) wrong on all, linear right on all,
+    # knn as logreg; the fine-tune's predictions name another image.
+    for clf, val in {"logreg": 0.9, "linear": 0.5, "knn": 0.4}.items():
+        _edit(own.heads[clf], val_accuracy=val)
+    _set_answers(own.heads["logreg"], np.zeros(15, bool))
+    _set_answers(own.heads["linear"], np.ones(15, bool))
+    _set_answers(own.heads["knn"], np.zeros(15, bool))
+    _set_answers(own.ft.path, rename=True)
+    with single_threaded():
+        result = build_report(own.source, own.config, force=True)
+    noise = {r["label"]: r for r in json.loads(layout.report_files(result.html.parent).data.read_text())["noise"]}
+    assert set(noise) == {"linear", "knn", "logreg (3/class)", "linear (3/class)", "knn (3/class)", "fine-tune lp-ft (3/class)"}
+    assert noise["linear"]["only_other"] == 15 and noise["linear"]["only_chosen"] == 0
+    assert noise["linear"]["p"] == pytest.approx(2 / 2**15) and not noise["linear"]["within_noise"]
+    assert noise["knn"]["p"] == 1.0 and noise["knn"]["within_noise"]
+    assert noise["fine-tune lp-ft (3/class)"]["why"] == "not scored on the same test images"
+    for clf in GRIDS:  # the subset heads' own answers, paired image by image with the chosen head's
+        theirs = load_predictions(own.heads[clf].parent / "subset-3" / f"{clf}.json")
+        assert noise[f"{clf} (3/class)"]["p"] == pytest.approx(mcnemar(np.zeros(15, bool), theirs["y"] == theirs["pred"]))
+    md = result.markdown.read_text()
+    rows = _md_rows(md, "Differences from the chosen head")
+    assert rows["linear"][2:] == ["15", "0", f"{2 / 2**15:.3g}", "**better**"]
+    assert rows["knn"][2:] == ["0", "0", "1", "within the noise"]
+    assert rows["fine-tune lp-ft (3/class)"][2:] == ["–", "–", "–", "not scored on the same test images"]
+    assert "Against the head chosen on val (logreg, test top-1 " in md and "on the same 15 test images" in md
 
 
 def test_a_failed_render_is_an_os_error_for_the_command_line(run: SimpleNamespace, tmp_path: Path) -> None:
@@ -179,7 +234,7 @@ def test_the_report_is_reused_until_something_it_shows_changes(own: SimpleNamesp
         assert build_report(own.source, own.config).status == "written"
         evaluate(own.heads["knn"])
         assert build_report(own.source, own.config).status == "written"
-        assert _md_rows(html.with_name("index.md").read_text(), "Stage two")["knn"][5] == "n_neighbors=2"
+        assert _md_rows(html.with_name("index.md").read_text(), "Stage two")["knn"][6] == "n_neighbors=2"
         assert build_report(own.source, replace(own.config, grid_images=4)).status == "written"
         assert build_report(own.source, own.config, force=True).status == "written"
 
@@ -253,6 +308,12 @@ def test_the_report_command(own: SimpleNamespace) -> None:
         assert "render check skipped: no chromium on PATH" in result.output
 
 
+def _metrics_line(m: dict) -> str:
+    lo, hi = m["top1_ci"]
+    return (f"test top-1 {m['top1']:.4f} (95 % CI {lo:.4f}-{hi:.4f}), balanced accuracy {m['balanced_accuracy']:.4f}, "
+            f"ECE {m['ece']:.4f} on 15 images")
+
+
 def test_subset_heads_and_lp_ft_from_the_command_line(own: SimpleNamespace) -> None:
     Path("pipeline.toml").write_text(f'[extract]\ndata = "{own.source.data}"\nweights = "none"\ncache_dir = "{own.source.cache_dir}"\n'
                                      'crop = 32\nresize = 36\n')
@@ -261,7 +322,7 @@ def test_subset_heads_and_lp_ft_from_the_command_line(own: SimpleNamespace) -> N
     with single_threaded():
         r = invoke("fit-head", "--clf", "logreg", "--grid", "0.5", "--refine", "0", "--subset", "2")
         assert r.exit_code == 0, r.output
-        assert r.output.strip().endswith(f"-> {heads / 'subset-2' / 'logreg.json'}")
+        assert r.stdout.strip().endswith(f"-> {heads / 'subset-2' / 'logreg.json'}")  # the warnings go to stderr
         assert json.loads((heads / "subset-2" / "logreg.json").read_text())["subset"]["rows"] == 6
         r = invoke("evaluate", "--clf", "logreg", "--subset", "2")
         assert r.exit_code == 0 and r.output.startswith("logreg: test top-1 ") and (heads / "subset-2" / "logreg-test.json").is_file()
@@ -269,12 +330,11 @@ def test_subset_heads_and_lp_ft_from_the_command_line(own: SimpleNamespace) -> N
         several = ["fit-head", "--clf", "logreg", "--clf", "knn", "--refine", "0", "--subset", "2", "--evaluate"]
         r = invoke(*several)
         assert r.exit_code == 0, r.output
-        results = [line for line in r.output.splitlines() if not line.startswith("  logreg C=") and not line.startswith("  knn n_neighbors=")]
+        results = [line for line in r.output.splitlines() if not line.startswith(("  logreg C=", "  knn n_neighbors=", "warning: "))]
         m = {clf: json.loads((heads / "subset-2" / f"{clf}-test.json").read_text()) for clf in ("logreg", "knn")}
         assert [line.split(":")[0] for line in results[::2]] == ["logreg", "knn"]
-        assert results[1::2] == [f"  test top-1 {m[c]['top1']:.4f}, balanced accuracy {m[c]['balanced_accuracy']:.4f} on 15 images -> "
-                                 f"{heads / 'subset-2' / f'{c}-test.json'}" for c in ("logreg", "knn")]
-        again = invoke(*several).output.splitlines()
+        assert results[1::2] == [f"  {_metrics_line(m[c])} -> {heads / 'subset-2' / f'{c}-test.json'}" for c in ("logreg", "knn")]
+        again = [line for line in invoke(*several).output.splitlines() if not line.startswith("warning: ")]
         assert [line.split(":")[0] + ": " + line.split(": ")[1][:10] for line in again[::2]] == ["logreg: up to date", "knn: up to date"]
         assert all(line.endswith("images (up to date) -> " + str(heads / "subset-2" / f"{c}-test.json")) for line, c in zip(again[1::2], ("logreg", "knn")))
         assert invoke("fit-head", "--clf", "logreg", "--clf", "knn", "-o", "x").exit_code == 2
@@ -286,6 +346,6 @@ def test_subset_heads_and_lp_ft_from_the_command_line(own: SimpleNamespace) -> N
         run_dir = Path("runs/ds/mobilenet_v2-none/cli-ft")
         assert json.loads((run_dir / "model.json").read_text())["init_head"] == str(heads / "subset-3" / "linear.json")
         m = json.loads((run_dir / "model-test.json").read_text())
-        assert f"  test top-1 {m['top1']:.4f}, balanced accuracy {m['balanced_accuracy']:.4f} on 15 images -> " in r.output
+        assert f"  {_metrics_line(m)} -> " in r.output
         r = invoke(*args, "--init-head", "subset-9/linear")
         assert r.exit_code == 1 and "--init-head subset-9/linear: no head file of that name" in r.output

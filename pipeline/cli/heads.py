@@ -8,7 +8,7 @@ import click
 
 from ..config import HEAD_NAMES, ON_ERROR, POOLS, PREPROCESSING, PROJECTIONS, HeadConfig, ReportConfig
 from ..settings_file import CONFIG_FILE, load_config, settings_from
-from .options import cache_options, cache_source, friendly, pop_cache_args, print_metrics
+from .options import cache_options, cache_source, friendly, metrics_text, pop_cache_args, print_metrics, print_warnings
 from .group import cli
 
 _H = HeadConfig()  # the library's defaults are the CLI's: help texts read them from here
@@ -64,6 +64,7 @@ def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, 
                        f"nothing to do, --refit to fit again -> {result.path}")
         else:
             click.echo(f"{result.clf}: {result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}, fit {result.fit_seconds:.1f} s -> {result.path}")
+        print_warnings(result.warnings)
         if then_evaluate:
             print_metrics(evaluate(result.path, allow_overlap=allow_overlap))
 
@@ -92,11 +93,11 @@ def evaluate_cmd(head: str | None, clf: str | None, test_cache: str | None, subs
     if head is None:
         head = str(locate_head(clf, subset, cache_source(config_file, options)))
     m = evaluate(head, test_cache, force=force, allow_overlap=allow_overlap)
-    top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
-    click.echo(f"{m['clf']}: test top-1 {m['top1']:.4f}{top5}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images")
+    click.echo(f"{m['clf']}: {metrics_text(m)}")
     click.echo(f"  metrics {m['json']}\n  confusion matrix {m['confusion_png']}")
     if m["status"] == "up-to-date":
         click.echo("  up to date: evaluated before on this test split; --force to evaluate again")
+    print_warnings(m.get("warnings", []))
 
 
 @cli.command("compare")
@@ -109,10 +110,11 @@ def compare_cmd(folder: str | None, config_file: str | None, **options: Any) -> 
 
     rows = compare(folder, None if folder else cache_source(config_file, options))
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    click.echo(f"{'head':<12} {'test top-1':>10} {'top-5':>7} {'bal. acc':>8} {'val acc':>8} {'fit s':>7}  chosen")
+    ci = lambda v: "-" if v is None else f"{v[0]:.4f}-{v[1]:.4f}"  # noqa: E731
+    click.echo(f"{'head':<12} {'test top-1':>10} {'95 % CI':>13} {'top-5':>7} {'bal. acc':>8} {'val acc':>8} {'fit s':>7}  chosen")
     for r in rows:
-        click.echo(f"{r['clf']:<12} {fmt(r['top1']):>10} {fmt(r['top5']):>7} {fmt(r['balanced_accuracy']):>8} {fmt(r['val_accuracy']):>8} "
-                   f"{r['fit_seconds']:>7.1f}  {r['param']}={r['value']:g} ({r['preprocessing']})")
+        click.echo(f"{r['clf']:<12} {fmt(r['top1']):>10} {ci(r['top1_ci']):>13} {fmt(r['top5']):>7} {fmt(r['balanced_accuracy']):>8} "
+                   f"{fmt(r['val_accuracy']):>8} {r['fit_seconds']:>7.1f}  {r['param']}={r['value']:g} ({r['preprocessing']})")
 
 
 @cli.command("report")
@@ -140,7 +142,9 @@ def report_cmd(force: bool, check: bool, config_file: str | None, **options: Any
     else:
         click.echo(f"report written in {result.seconds:.1f} s: {result.html} (and {result.markdown.name}, {len(result.figures)} figures)")
     if result.best:
-        click.echo(f"  best model: {result.best['label']} (chosen on val), test top-1 {result.best['top1']:.4f}")
+        ci = result.best.get("top1_ci")
+        click.echo(f"  best model: {result.best['label']} (chosen on val), test top-1 {result.best['top1']:.4f}"
+                   + (f" (95 % CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ""))
     if check:
         if find_chromium() is None:
             click.echo("  render check skipped: no chromium on PATH (Debian: apt-get install chromium)")
@@ -170,7 +174,8 @@ def predict_cmd(inputs: tuple[str, ...], head: str | None, onnx_model: str | Non
     """Predict new images (files or folders) end to end: backbone, tap and head, or an exported model.
 
     Each image gets the most probable class and every class's probability: predict_proba, or for heads without
-    it (the SVMs) the softmax of their decision values, as the exported model computes them. A table of the first
+    it (the SVMs) the softmax of their decision values over a temperature fitted on val, as the exported model
+    computes them. A table of the first
     rows is printed; every row is written to --output.
     """
     from ..predict import predict, write_predictions

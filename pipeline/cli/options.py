@@ -12,7 +12,8 @@ import click
 from ..config import ExtractConfig
 from ..settings_file import CONFIG_FILE, load_config, settings_from
 
-__all__ = ["dataset_options", "backbone_options", "runtime_options", "cache_options", "config_option", "friendly", "cli_rank", "cache_source", "pop_cache_args", "print_metrics"]
+__all__ = ["dataset_options", "backbone_options", "runtime_options", "cache_options", "config_option", "friendly", "cli_rank",
+           "cache_source", "pop_cache_args", "metrics_text", "print_metrics", "print_warnings"]
 
 
 def cli_rank() -> int:
@@ -133,9 +134,23 @@ def pop_cache_args(options: dict[str, Any]) -> dict[str, Any]:
     return {k: options.pop(k) for k in ("data", "model", "weights", "layers", "cache_dir") if k in options}
 
 
+def metrics_text(m: dict) -> str:
+    """An evaluation's test metrics in one line: top-1 with its 95 % interval, top-5, balanced accuracy, calibration error."""
+    top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
+    lo, hi = m["top1_ci"]
+    return (f"test top-1 {m['top1']:.4f} (95 % CI {lo:.4f}-{hi:.4f}){top5}, balanced accuracy {m['balanced_accuracy']:.4f}, "
+            f"ECE {m['ece']:.4f} on {m['n']} images")
+
+
+def print_warnings(lines: list[str]) -> None:
+    """Each of a result's warnings, once, on stderr: where its numbers cannot mean much."""
+    for line in lines:
+        click.echo(f"warning: {line}", err=True)
+
+
 def print_metrics(m: dict) -> None:
     """One line of an evaluation's test metrics, as fit-head --evaluate and finetune --evaluate print them."""
-    top5 = f", top-5 {m['top5']:.4f}" if "top5" in m else ""
     done = " (up to date)" if m["status"] == "up-to-date" else ""
-    click.echo(f"  test top-1 {m['top1']:.4f}{top5}, balanced accuracy {m['balanced_accuracy']:.4f} on {m['n']} images{done} -> {m['json']}")
+    click.echo(f"  {metrics_text(m)}{done} -> {m['json']}")
+    print_warnings(m.get("warnings", []))
 

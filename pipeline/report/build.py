@@ -20,7 +20,7 @@ from .render import render_html, render_markdown, sections
 __all__ = ["ReportResult", "build_report"]
 
 # The keys of a model's row that the report's record and result keep for it.
-_BEST_KEYS = ("label", "kind", "path", "val_accuracy", "top1", "balanced_accuracy")
+_BEST_KEYS = ("label", "kind", "path", "val_accuracy", "top1", "top1_ci", "balanced_accuracy")
 
 
 @dataclass
@@ -87,7 +87,7 @@ def _figures(files: layout.ReportFiles, caches: dict, heads: list[dict], subset_
     say("report: learning curves")
     linear = next((r for r in heads if r["clf"] == "linear"), None)
     finetune = gather.chosen_on_val(finetunes)
-    panels = [(f"linear head (weight decay {linear['value']:g})", gather.linear_history(linear)) if linear else ("", []),
+    panels = [(f"linear head ({linear['param']} {linear['value']:g})", gather.linear_history(linear)) if linear else ("", []),
               (finetune["label"], finetune["history"]) if finetune else ("", [])]
     figures["learning_curves"] = plots.plot_learning_curves(panels, files.figure("learning_curves"))
 
@@ -161,11 +161,14 @@ def build_report(source: ExtractConfig | None = None, config: ReportConfig | Non
     files.dir.mkdir(parents=True, exist_ok=True)
     best = gather.chosen_on_val(heads + finetunes)
     best_head = gather.chosen_on_val(heads)
+    others = [r for r in heads + [x for rows in subset_heads.values() for x in rows] + finetunes if r is not best_head]
+    noise = gather.against_chosen(best_head, others)
+    cautions = gather.warnings_of([best_head, *others])
     figures, captions = _figures(files, caches, heads, subset_heads, finetunes, best, config, audit, say)
     drawn = {k: v for k, v in figures.items() if v}
 
     data = {
-        "caches": caches, "heads": heads, "subset_heads": subset_heads, "finetunes": finetunes,
+        "caches": caches, "heads": heads, "subset_heads": subset_heads, "finetunes": finetunes, "noise": noise, "warnings": cautions,
         "best": {k: best.get(k) for k in _BEST_KEYS}, "best_head": {k: best_head.get(k) for k in _BEST_KEYS if k != "kind"},
         "audit": None if audit is None else {**{k: v for k, v in audit.items() if k not in ("inputs", "versions")}, "leaks": leaks, "cleaned": cleaned},
         "config": asdict(config), "figures": {k: str(v) for k, v in drawn.items()}, "pipeline": provenance.PIPELINE_VERSION,

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import layout, provenance
+from .. import layout, provenance, stats
 from ..cache import read_cache
 from ..config import SPLITS, ExtractConfig
 from ..data import load_rgb, stratified_subset
 from ..evaluate import compare, load_predictions
 from ..extract import locate_cache
 
-__all__ = ["read_caches", "head_rows", "subset_head_rows", "finetune_rows", "chosen_on_val", "linear_history", "confusion_matrix",
+__all__ = ["read_caches", "head_rows", "subset_head_rows", "finetune_rows", "chosen_on_val", "against_chosen", "warnings_of",
+           "linear_history", "confusion_matrix",
            "projection_sample", "misclassified", "audit_summary", "audit_accuracies", "audit_thumbnails"]
 
 
@@ -58,7 +59,17 @@ def head_rows(folder: Path, kind: str = "head") -> list[dict]:
         rows = compare(folder)
     except ValueError:
         return []
-    return [{**r, "name": r["clf"], "kind": kind, "label": _head_label(r["clf"], r.get("subset"))} for r in rows if r["top1"] is not None]
+    return [{**r, "name": r["clf"], "kind": kind, "label": _head_label(r["clf"], r.get("subset")), "top1_ci": _interval(r)}
+            for r in rows if r["top1"] is not None]
+
+
+def _interval(row: dict) -> list[float] | None:
+    """The 95 % interval of a row's test top-1: as its evaluation recorded it, else (an older evaluation) from its
+    top-1 and test size, which give back the count of right answers exactly."""
+    if row.get("top1_ci") is not None:
+        return row["top1_ci"]
+    n = row.get("n_test")
+    return None if not n else list(stats.wilson_interval(round(row["top1"] * n), n))
 
 
 def subset_head_rows(folder: Path) -> dict[str, list[dict]]:
@@ -89,13 +100,15 @@ def finetune_rows(runs_dir: Path, caches: dict) -> list[dict]:
         config = meta.get("config", {})
         name = meta_path.parent.name
         label = f"fine-tune {name}" + (f" ({config['subset']}/class)" if config.get("subset") else "")
-        out.append({
+        row = {
             "kind": "finetune", "name": f"finetune: {name}", "label": label,
             "path": str(meta_path), "top1": test["top1"], "top5": test.get("top5"), "balanced_accuracy": test["balanced_accuracy"],
             "val_accuracy": meta.get("val_accuracy"), "fit_seconds": meta.get("seconds"), "best_epoch": meta.get("best_epoch"),
             "epochs": config.get("epochs"), "subset": config.get("subset"), "init_head": meta.get("init_head"), "freeze": config.get("freeze"),
             "history": meta.get("history", []), "config": config, "n_test": test.get("n"), "runtime": meta.get("runtime"),
-        })
+            "top1_ci": test.get("top1_ci"), "ece": test.get("ece"), "warnings": test.get("warnings", []),
+        }
+        out.append({**row, "top1_ci": _interval(row)})
     return out
 
 
@@ -107,6 +120,53 @@ def _val(row: dict) -> float:
 def chosen_on_val(rows: list[dict]) -> dict | None:
     """The row with the best val accuracy (the first of equals), or None for no rows: every choice is made on val, never on test."""
     return max(rows, key=_val) if rows else None
+
+
+def _answers(row: dict) -> dict[str, tuple[int, bool]] | None:
+    """A model's saved test predictions by image (its resolved path): the true class and whether it was right."""
+    try:
+        preds = load_predictions(row["path"])
+    except ValueError:
+        return None
+    root = Path(preds["root"]).resolve()
+    return {str(root / p): (int(t), bool(t == q)) for p, t, q in zip(preds["paths"], preds["y"].tolist(), preds["pred"].tolist())}
+
+
+def against_chosen(chosen: dict, others: list[dict]) -> list[dict]:
+    """Whether each other model's test top-1 differs from the chosen one's by more than the noise: McNemar's exact test
+    on the per-image predictions both saved, when they scored the same test images with the same labels.
+
+    Returns:
+        Per other model: ``label``, ``top1``, ``top1_ci``, ``n``, ``only_chosen`` and ``only_other`` (the images only
+        one of the two got right), ``p`` and ``within_noise`` (p >= 0.05); or, where the two cannot be paired,
+        ``label`` and ``why``. Empty when the chosen model saved no predictions.
+    """
+    mine = _answers(chosen)
+    if mine is None:
+        return []
+    out = []
+    for row in others:
+        theirs = _answers(row)
+        if theirs is None or theirs.keys() != mine.keys() or any(theirs[k][0] != v[0] for k, v in mine.items()):
+            why = "no saved test predictions" if theirs is None else "not scored on the same test images"
+            out.append({"label": row["label"], "top1": row["top1"], "top1_ci": row.get("top1_ci"), "why": why})
+            continue
+        a = np.array([v[1] for v in mine.values()])
+        b = np.array([theirs[k][1] for k in mine])
+        only_chosen, only_other = stats.discordant_pairs(a, b)
+        p = stats.mcnemar(a, b)
+        out.append({"label": row["label"], "top1": row["top1"], "top1_ci": row.get("top1_ci"), "n": len(a), "only_chosen": only_chosen,
+                    "only_other": only_other, "p": p, "within_noise": p >= 0.05})
+    return out
+
+
+def warnings_of(rows: list[dict]) -> list[dict]:
+    """The warnings fit-head and evaluate recorded for these models, each once with the models it concerns (in order)."""
+    found: dict[str, list[str]] = {}
+    for row in rows:
+        for line in row.get("warnings") or []:
+            found.setdefault(line, []).append(row["label"])
+    return [{"warning": line, "models": labels} for line, labels in found.items()]
 
 
 def linear_history(head: dict) -> list[dict]:

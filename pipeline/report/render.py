@@ -21,6 +21,12 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.2f} %"
 
 
+def _ci(row: dict) -> str:
+    """A row's 95 % interval of test top-1, in percent."""
+    ci = row.get("top1_ci")
+    return "–" if ci is None else f"{100 * ci[0]:.2f}-{100 * ci[1]:.2f} %"
+
+
 def _secs(v: float | None) -> str:
     if v is None:
         return "–"
@@ -47,12 +53,13 @@ def _summary(d: dict) -> list[str]:
     ]
     if best:
         summary.append(f"Best model, chosen on val accuracy ({_pct(best['val_accuracy'])}): **{best['label']}**, test top-1 "
-                       f"**{_pct(best['top1'])}**, balanced accuracy {_pct(best['balanced_accuracy'])}. Every choice in this report "
+                       f"**{_pct(best['top1'])}** (95 % CI {_ci(best)}), balanced accuracy {_pct(best['balanced_accuracy'])}. Every choice in this report "
                        "is made on val; test is only reported.")
     if best_head and d["config"]["quality_bar"] is not None:
         bar = d["config"]["quality_bar"]
         met = "met" if best_head["top1"] >= bar else "**not met**"
-        summary.append(f"Quality bar: the cached head chosen on val ({best_head['label']}) reaches {_pct(best_head['top1'])} against a bar of "
+        summary.append(f"Quality bar: the cached head chosen on val ({best_head['label']}) reaches {_pct(best_head['top1'])} "
+                       f"(95 % CI {_ci(best_head)}) against a bar of "
                        f"{_pct(bar)}: {met}.")
     return summary
 
@@ -65,20 +72,38 @@ def _finetuning(d: dict) -> list[Any]:
         same = d["subset_heads"].get(str(n), []) if n else d["heads"]
         best_same = chosen_on_val(same)
         what = f"on {n} train images per class" if n else "on the whole train split"
-        rows = [[ft["label"], _pct(ft["top1"]), _pct(ft["balanced_accuracy"]), _pct(ft["val_accuracy"]), _secs(ft["fit_seconds"]),
+        rows = [[ft["label"], _pct(ft["top1"]), _ci(ft), _pct(ft["balanced_accuracy"]), _pct(ft["val_accuracy"]), _secs(ft["fit_seconds"]),
                  f"best epoch {ft['best_epoch']} of {ft['epochs']}, freeze {ft['freeze']}" + (", from a linear probe (LP-FT)" if ft.get("init_head") else "")]]
         if best_same:
-            rows.append([f"best cached head, same images ({best_same['label']})", _pct(best_same["top1"]), _pct(best_same["balanced_accuracy"]),
+            rows.append([f"best cached head, same images ({best_same['label']})", _pct(best_same["top1"]), _ci(best_same),
+                         _pct(best_same["balanced_accuracy"]),
                          _pct(best_same["val_accuracy"]), _secs(best_same["fit_seconds"]), f"{best_same['param']}={best_same['value']:g}, chosen on val"])
         for r in same:
             if r is not best_same:
-                rows.append([f"cached head, same images ({r['label']})", _pct(r["top1"]), _pct(r["balanced_accuracy"]),
+                rows.append([f"cached head, same images ({r['label']})", _pct(r["top1"]), _ci(r), _pct(r["balanced_accuracy"]),
                              _pct(r["val_accuracy"]), _secs(r["fit_seconds"]), f"{r['param']}={r['value']:g}"])
         blocks += [f"Fine-tuning {what}, against heads fitted on the cached features of the same images (drawn with the same seed), "
                    f"all evaluated on the same {ft.get('n_test') or 0:,} test images. Fine-tune time is the training on "
                    f"{ft.get('runtime')}; a head's is its fit on the cache.",
-                   _table(["model", "test top-1", "balanced acc.", "val acc.", "time", "notes"], rows)]
+                   _table(["model", "test top-1", "95 % CI", "balanced acc.", "val acc.", "time", "notes"], rows)]
     return blocks
+
+
+def _noise(d: dict) -> list[Any]:
+    """Which models' test accuracies differ from that of the head chosen on val by more than the noise."""
+    chosen, rows = d["best_head"], []
+    for r in d["noise"]:
+        if "p" not in r:
+            rows.append([r["label"], _pct(r["top1"]), _ci(r), "–", "–", "–", r["why"]])
+            continue
+        verdict = "within the noise" if r["within_noise"] else f"**{'better' if r['only_other'] > r['only_chosen'] else 'worse'}**"
+        rows.append([r["label"], _pct(r["top1"]), _ci(r), f"{r['only_other']:,}", f"{r['only_chosen']:,}", f"{r['p']:.3g}", verdict])
+    paired = [r for r in d["noise"] if "p" in r]
+    n = f" on the same {paired[0]['n']:,} test images" if paired else ""
+    return [f"Against the head chosen on val ({chosen['label']}, test top-1 {_pct(chosen['top1'])}, 95 % CI {_ci(chosen)}): McNemar's "
+            f"exact test on the images one model got right and the other wrong{n}. A difference with p >= 0.05 is within the noise "
+            "of a test split this size.",
+            _table(["model", "test top-1", "95 % CI", "right where the chosen head is wrong", "wrong where it is right", "p", "difference"], rows)]
 
 
 def _audit(a: dict, figures: dict, captions: dict) -> list[Any]:
@@ -119,6 +144,10 @@ def sections(d: dict) -> Sections:
     train = d["caches"]["train"]
     s = train["settings"]
     out: Sections = [("Summary", _summary(d))]
+    if d.get("warnings"):
+        out.append(("Warnings: where the numbers cannot mean much", [
+            "What fit-head and evaluate warned of, for the models below:",
+            _table(["warning", "models"], [[w["warning"], ", ".join(w["models"])] for w in d["warnings"]])]))
 
     stage1 = _table(["split", "images", "features", "dtype", "cache size", "throughput", "engine"], [
         [split, f"{c['rows']:,}", " x ".join(map(str, c["shape"])), c["dtype"], f"{c['bytes'] / 2**20:.1f} MiB",
@@ -128,14 +157,16 @@ def sections(d: dict) -> Sections:
         "The frozen backbone runs once per image; every head below trains on these cached arrays. Throughput is that of the "
         "run that completed the cache.", stage1]))
 
-    heads = _table(["head", "test top-1", "balanced acc.", "top-5", "val acc.", "fit time", "chosen", "preprocessing"], [
-        [r["label"], _pct(r["top1"]), _pct(r["balanced_accuracy"]), _pct(r.get("top5")), _pct(r["val_accuracy"]), _secs(r["fit_seconds"]),
+    heads = _table(["head", "test top-1", "95 % CI", "balanced acc.", "top-5", "val acc.", "fit time", "chosen", "preprocessing"], [
+        [r["label"], _pct(r["top1"]), _ci(r), _pct(r["balanced_accuracy"]), _pct(r.get("top5")), _pct(r["val_accuracy"]), _secs(r["fit_seconds"]),
          f"{r['param']}={r['value']:g}", r["preprocessing"]] for r in d["heads"]])
     figures, captions = d["figures"], d["captions"]
     out.append(("Stage two: heads on the cached features", [
         f"Each head family sweeps its hyper-parameter on the val split ({d['caches'].get('val', {}).get('rows', 0):,} images) and is "
         "evaluated once on test. Heads are listed by val accuracy. Fit time includes the whole sweep.", heads,
         (captions["accuracy_vs_time"], figures.get("accuracy_vs_time"))]))
+    if d.get("noise"):
+        out.append(("Differences from the chosen head: real or noise", _noise(d)))
 
     if d["finetunes"]:
         out.append(("Fine-tuning", _finetuning(d)))
