@@ -65,7 +65,7 @@ def extract_cache_path(config: ExtractConfig, weights: str, tap_slugs: list[str]
     """The cache path of a config: ``config.output`` or the convention under ``config.cache_dir``."""
     if config.output:
         return Path(config.output)
-    return layout.cache_path(config.cache_dir, config.dataset.name, config.model, weights, tap_slugs, config.split)
+    return layout.cache_path(config.cache_dir, layout.dataset_key(config.cache_dir, config.data), config.model, weights, tap_slugs, config.split)
 
 
 def locate_cache(config: ExtractConfig) -> Path:
@@ -212,6 +212,8 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
 
     def open_run() -> ExtractResult | bool:
         """On rank 0: the up-to-date result, or whether earlier work is resumed, with the partial run ready."""
+        if not config.output:
+            layout.claim_dataset(config.cache_dir, config.data)
         path.parent.mkdir(parents=True, exist_ok=True)
         held.enter_context(file_lock(path))
         remove_stale_temps(path)  # a final file that a killed run was writing
@@ -229,7 +231,7 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
             # Kept until the new cache is complete and renamed over it: readers go on reading it meanwhile, and an
             # interrupted --force run leaves it as it was.
         # Only when there is work to do: an up-to-date cache costs no scan of its images.
-        refuse_unreadable(split, config.on_error, Path(config.cache_dir) / layout.slug(config.dataset.name))
+        refuse_unreadable(split, config.on_error, Path(config.cache_dir) / layout.dataset_key(config.cache_dir, config.data))
         if partial.exists() and not provenance.same(partial.settings(), settings):
             # A run that stopped before its first batch was saved holds nothing to lose: it is simply started over.
             if not force and partial.rows_done() > 0:

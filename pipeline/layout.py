@@ -19,10 +19,15 @@ whole disk layout reads from this one page::
     .../<taps>/audit/summary.json                                       its counts and settings (written last: marks it complete)
     reports/<dataset>/<model>-<weights>/index.html, index.md            the report (report.json marks it complete)
     .<name>.lock beside a cache, a head's .json or a run folder          held by the one process writing it
+    features/<dataset>/.dataset-root (and in runs/, reports/)          the dataset folder that owns <dataset> there
+
+``<dataset>`` is the dataset folder's name; a second folder of the same name gets ``<name>-<8 hex digits>``
+(:func:`dataset_key`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -33,7 +38,7 @@ __all__ = [
     "FEATURES_FORMAT", "FEATURES_FORMAT_VERSION", "HEAD_FORMAT", "FINETUNED_FORMAT", "FINETUNED_FORMAT_VERSION",
     "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION",
     "HeadFiles", "EvaluationFiles", "RunFiles", "ReportFiles", "AuditFiles",
-    "slug", "cache_path", "partial_dir", "dataset_caches", "unreadable_list", "sibling_cache", "heads_dir", "head_base", "head_files", "head_metadata",
+    "DATASET_CLAIM", "dataset_key", "claim_dataset", "slug", "cache_path", "partial_dir", "dataset_caches", "unreadable_list", "sibling_cache", "heads_dir", "head_base", "head_files", "head_metadata",
     "subset_head_dirs", "exclude_head_dirs", "evaluation_files", "export_path", "run_dir", "run_files", "run_metadata", "report_dir", "report_files",
     "lock_file", "audit_dir", "audit_files",
 ]
@@ -53,6 +58,44 @@ _PathLike = str | os.PathLike
 def slug(text: str) -> str:
     """A path component for any name: runs of characters other than letters, digits and ``._+-`` become ``-``."""
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")
+
+
+# ---------------------------------------------------------------- datasets
+
+# In a dataset's folder under features/, runs/ or reports/: the dataset folder that first used that name there.
+DATASET_CLAIM = ".dataset-root"
+
+
+def dataset_key(top: _PathLike, root: _PathLike) -> str:
+    """The path component of the dataset folder ``root`` under ``top`` (``features``, ``runs`` or ``reports``).
+
+    The folder's name, unless another folder of the same name (``~/a/photos`` and ``~/b/photos``) claimed that
+    name under ``top`` first (:func:`claim_dataset`): then the name and 8 hex digits of the sha256 of the
+    resolved path, ``photos-1f3a9c2e``. Every reader and writer asks this, so each finds its own files.
+    """
+    resolved = Path(root).resolve()
+    base = slug(resolved.name) or "dataset"
+    try:
+        owner = (Path(top) / base / DATASET_CLAIM).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return base  # unclaimed: the first writer claims it
+    if owner == str(resolved):
+        return base
+    return f"{base}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
+
+
+def claim_dataset(top: _PathLike, root: _PathLike) -> Path:
+    """Claim the name :func:`dataset_key` gives ``root`` under ``top`` (before writing there); returns the folder."""
+    folder = Path(top) / dataset_key(top, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    claim = folder / DATASET_CLAIM
+    if not claim.exists():
+        try:
+            with open(claim, "x", encoding="utf-8") as f:  # exclusive: of two first writers, one claims it
+                f.write(f"{Path(root).resolve()}\n")
+        except FileExistsError:
+            pass
+    return folder
 
 
 # ---------------------------------------------------------------- stage one: feature caches

@@ -96,14 +96,33 @@ def test_info_on_a_cache_imports_no_torch(tmp_path: Path) -> None:
     assert "3 images" in run.stdout and run.stdout.splitlines()[-1] == "False False"
 
 
-@pytest.mark.parametrize("env", [{}, {"TORCH_HOME": "/opt/th"}, {"XDG_CACHE_HOME": "/var/xdg"}, {"TORCH_HOME": "~/th", "XDG_CACHE_HOME": "/x"}])
-def test_the_weights_folder_is_found_as_torch_finds_it_without_importing_torch(env: dict) -> None:
-    script = ("import sys\nfrom pipeline.assets import hub_dir\nmine = str(hub_dir())\nloaded = 'torch' in sys.modules\n"
-              "import torch\nprint(loaded, mine == torch.hub.get_dir(), mine)")
-    base = {k: v for k, v in child_env().items() if k not in ("TORCH_HOME", "XDG_CACHE_HOME")}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**base, **env}, timeout=120)
+_HUB = """
+import json, os, sys
+from pipeline.assets import hub_dir
+envs = [{}, {"TORCH_HOME": "/opt/th"}, {"XDG_CACHE_HOME": "/var/xdg"}, {"TORCH_HOME": "~/th", "XDG_CACHE_HOME": "/x"}]
+def use(env):
+    for k in ("TORCH_HOME", "XDG_CACHE_HOME"):
+        os.environ.pop(k, None)
+    os.environ.update(env)
+mine = []
+for env in envs:
+    use(env)
+    mine.append(str(hub_dir()))
+loaded = "torch" in sys.modules
+import torch
+theirs = []
+for env in envs:
+    use(env)
+    theirs.append(torch.hub.get_dir())
+print(json.dumps({"loaded": loaded, "mine": mine, "theirs": theirs}))
+"""
+
+
+def test_the_weights_folder_is_found_as_torch_finds_it_without_importing_torch() -> None:
+    run = _fresh_python("-c", _HUB)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split()[:2] == ["False", "True"], run.stdout
+    seen = json.loads(run.stdout)
+    assert not seen["loaded"] and seen["mine"] == seen["theirs"] and len(set(seen["mine"])) == 4
 
 
 def test_the_head_registry_and_the_cli_choices_name_the_same_heads() -> None:

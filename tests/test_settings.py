@@ -139,3 +139,42 @@ def test_the_audit_section_is_read_and_checked(tmp_path):
     config, source = _toml(tmp_path, "[audit]\nthreshhold = 0.9\n")
     with pytest.raises(ValueError, match=r"\[audit\] .*unknown setting\(s\) \['threshhold'\] \(did you mean threshold\?\)"):
         settings_from(AuditConfig, config, "audit", {}, source=source)
+
+
+def test_two_folders_with_the_same_name_keep_their_own_caches_heads_runs_and_reports(tmp_path):
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from pipeline import layout
+    from pipeline.cli import cli
+    from pipeline.finetune.loop import run_dir
+    from tests.conftest import make_image_folder
+
+    a = make_image_folder(tmp_path / "a" / "photos", {"train": 10, "test": 2})
+    b = make_image_folder(tmp_path / "b" / "photos", {"train": 11, "test": 3}, seed=1)
+    tiny = ["--weights", "none", "--crop", "32", "--resize", "36", "--batch-size", "4", "--workers", "0", "--engine", "eager", "--device", "cpu"]
+    runner = CliRunner()
+    outputs = {}
+    for data in (a, b):  # the second is neither refused ("made with other settings") nor mixed with the first
+        result = runner.invoke(cli, ["extract", "--data", str(data), *tiny, "--split", "train", "--split", "val", "--split", "test", "--no-progress"])
+        assert result.exit_code == 0, result.output
+        outputs[data] = result.output
+        result = runner.invoke(cli, ["fit-head", "--data", str(data), "--weights", "none", "--clf", "logreg", "--refine", "0", "--evaluate"])
+        assert result.exit_code == 0, result.output
+    second = f"photos-{hashlib.sha256(str(b.resolve()).encode()).hexdigest()[:8]}"
+    assert "features/photos/mobilenet_v2-none/classifier-input/train.h5  27 images" in outputs[a]  # 30 minus the carved val
+    assert f"features/{second}/mobilenet_v2-none/classifier-input/train.h5  29 images" in outputs[b]
+    assert Path("features/photos/.dataset-root").read_text().strip() == str(a.resolve())
+    for key, data in (("photos", a), (second, b)):
+        head = json.loads(Path(f"features/{key}/mobilenet_v2-none/classifier-input/heads/logreg.json").read_text())
+        assert head["train_cache"]["path"].startswith(str(Path("features", key).resolve()))
+        assert layout.dataset_key("features", data) == key
+    # A fine-tune and a report of b claim their own names under runs/ and reports/ (b is first there, so plain).
+    from pipeline.config import FinetuneConfig
+
+    assert run_dir(FinetuneConfig(data=str(b), weights="none")).parts[:2] == ("runs", "photos")
+    layout.claim_dataset("runs", b)
+    assert run_dir(FinetuneConfig(data=str(a), weights="none")).parts[:2] == ("runs", f"photos-{hashlib.sha256(str(a.resolve()).encode()).hexdigest()[:8]}")

@@ -50,7 +50,7 @@ class FinetuneResult:
 def run_dir(config: FinetuneConfig) -> Path:
     """Where a fine-tune writes: ``OUTPUT_DIR/<dataset>/<model>-<weights>/<name>/``."""
     weights = weights_label(resolve_weights(config.model, config.weights))
-    return layout.run_dir(config.output_dir, config.dataset.name, config.model, weights, config.name)
+    return layout.run_dir(config.output_dir, layout.dataset_key(config.output_dir, config.data), config.model, weights, config.name)
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -221,6 +221,7 @@ def _finetune(config: FinetuneConfig | None, source: ExtractConfig | None, held:
         "target_fingerprints": {p.label: p.fingerprint for p in targets}, "init_head_sha256": init_sha,
     })
     files = layout.run_files(out)
+    layout.claim_dataset(config.output_dir, config.data)
     out.parent.mkdir(parents=True, exist_ok=True)
     held.enter_context(file_lock(out))
     for p in (files.meta, files.model, files.last, files.history):

@@ -151,13 +151,17 @@ def build_report(source: ExtractConfig | None = None, config: ReportConfig | Non
     leaks, cleaned = gather.audit_accuracies(audit, heads, folder) if audit else ([], [])
 
     s = caches["train"]["settings"]
-    files = layout.report_files(layout.report_dir(config.out_dir, s.get("dataset", "dataset"), s.get("model"), s.get("weights")))
+    root = caches["train"].get("data_root")
+    key = layout.dataset_key(config.out_dir, root) if root else s.get("dataset", "dataset")
+    files = layout.report_files(layout.report_dir(config.out_dir, key, s.get("model"), s.get("weights")))
     inputs = _inputs(caches, heads, subset_heads, finetunes, config, audit, cleaned)
     if not force:
         old = provenance.current_record(files.data, inputs, files.html, files.markdown)
         if old is not None:
             return ReportResult(files.html, files.markdown, "up-to-date", old.get("best"), 0.0)
 
+    if root:
+        layout.claim_dataset(config.out_dir, root)
     files.dir.mkdir(parents=True, exist_ok=True)
     best = gather.chosen_on_val(heads + finetunes)
     best_head = gather.chosen_on_val(heads)

@@ -88,7 +88,8 @@ def finetune_rows(runs_dir: Path, caches: dict) -> list[dict]:
     s = train["settings"]
     root = str(Path(train["data_root"]).resolve()) if train.get("data_root") else None
     out = []
-    for meta_path in layout.run_metadata(runs_dir, s.get("dataset", ""), s.get("model", ""), s.get("weights", "")):
+    key = layout.dataset_key(runs_dir, root) if root else s.get("dataset", "")
+    for meta_path in layout.run_metadata(runs_dir, key, s.get("model", ""), s.get("weights", "")):
         meta = provenance.read_record(meta_path)
         if meta is None or meta.get("format") != layout.FINETUNED_FORMAT or meta.get("model") != s.get("model"):
             continue
