@@ -74,21 +74,25 @@ class Split:
 # ---------------------------------------------------------------- scanning
 
 
-def refuse_unreadable(split: Split, on_error: str, list_dir: str | os.PathLike | None = None) -> None:
+def refuse_unreadable(split: Split, on_error: str, list_dir: str | os.PathLike | None = None, kinds: dict[str, int] | None = None) -> None:
     """Under ``on_error="fail"``, refuse a split with unreadable files, naming every one of them in one go.
 
     The files refused by name (empty, broken links...) and those whose header or PNG checksums are broken
     (:func:`~pipeline.images.verify_image`, about 1 % of extraction's time) are all found before any work, so one run
     names them all; the message shows the first ten, and ``list_dir`` (when given) gets the full list in
-    ``unreadable-<split>.txt``.
+    ``unreadable-<split>.txt``. Where ``kinds`` is given, the headers are read under any ``on_error``, and the
+    images decoded unlike a plain RGB conversion are counted in it (:func:`~pipeline.images.decoding_kind`).
 
     Raises:
         ValueError: the split has unreadable files and ``on_error`` is ``fail``.
     """
+    if on_error != "fail" and kinds is None:
+        return
+    broken = verify_images([split.root / p for p in split.paths], kinds=kinds)
     if on_error != "fail":
         return
     bad = [(str(split.root / r.path), r.reason) for r in split.rejected]
-    bad += [(str(split.root / split.paths[i]), why) for i, why in verify_images([split.root / p for p in split.paths])]
+    bad += [(str(split.root / split.paths[i]), why) for i, why in broken]
     if not bad:
         return
     listed = ""

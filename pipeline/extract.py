@@ -209,6 +209,7 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
     settings["preprocess"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings["preprocess"].items()}
     partial = PartialRun(path)
+    decoded: dict[str, int] = {}  # images decoded unlike a plain RGB conversion, by kind (16-bit, float, transparent)
 
     def open_run() -> ExtractResult | bool:
         """On rank 0: the up-to-date result, or whether earlier work is resumed, with the partial run ready."""
@@ -231,7 +232,7 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
             # Kept until the new cache is complete and renamed over it: readers go on reading it meanwhile, and an
             # interrupted --force run leaves it as it was.
         # Only when there is work to do: an up-to-date cache costs no scan of its images.
-        refuse_unreadable(split, config.on_error, Path(config.cache_dir) / layout.dataset_key(config.cache_dir, config.data))
+        refuse_unreadable(split, config.on_error, Path(config.cache_dir) / layout.dataset_key(config.cache_dir, config.data), kinds=decoded)
         if partial.exists() and not provenance.same(partial.settings(), settings):
             # A run that stopped before its first batch was saved holds nothing to lose: it is simply started over.
             if not force and partial.rows_done() > 0:
@@ -298,6 +299,7 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
         }
         if provenance.COMMAND.get():
             attrs["command"] = provenance.COMMAND.get()
+        attrs["decoding"] = decoded  # the header scan before the work saw every image of the split, resumed or not
         write_cache(
             partial, tap_names=[t.name for t in taps], paths=split.paths, labels=split.labels, classes=split.classes,
             rejected=[(r.path, r.reason) for r in split.rejected], attrs=attrs, compression=config.compression,

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "ImageInputs", "load_rgb", "scan_inputs", "find_images", "ignored_reason",
-           "unreadable_message", "verify_image", "verify_images", "broken_link", "resize_crop", "resized_size",
+           "unreadable_message", "verify_image", "verify_images", "decoding_kind", "broken_link", "resize_crop", "resized_size",
            "centre_offsets"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
@@ -217,21 +217,48 @@ def verify_image(path: str | os.PathLike) -> str | None:
     Cheaper than decoding (about 50 us against 95 us a Fashion-MNIST PNG, measured); a truncated JPEG passes and is
     caught when it is decoded.
     """
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:  # PIL raises many types for bad files
-        return f"cannot decode image ({type(e).__name__}: {e})"
+    return _inspect(path)[0]
+
+
+def decoding_kind(im: Image.Image) -> str | None:
+    """How :func:`load_rgb` decodes an image unlike a plain ``Image.convert("RGB")``, from its header: ``16-bit``
+    (scaled to 8 bits, not clipped), ``float`` (0..1 or 0..255 to 8 bits) or ``transparent`` (composited on white);
+    None for the rest."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        return "16-bit"
+    if im.mode == "F":
+        return "float"
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        return "transparent"
     return None
 
 
-def verify_images(paths: Sequence[str | os.PathLike], workers: int = 4) -> list[tuple[int, str]]:
-    """:func:`verify_image` over many files (in threads: it mostly waits for the disk), as (position, reason)."""
+def _inspect(path: str | os.PathLike) -> tuple[str | None, str | None]:
+    try:
+        with Image.open(path) as im:
+            kind = decoding_kind(im)
+            im.verify()
+    except Exception as e:  # PIL raises many types for bad files
+        return f"cannot decode image ({type(e).__name__}: {e})", None
+    return None, kind
+
+
+def verify_images(paths: Sequence[str | os.PathLike], workers: int = 4, kinds: dict[str, int] | None = None) -> list[tuple[int, str]]:
+    """:func:`verify_image` over many files (in threads: it mostly waits for the disk), as (position, reason).
+
+    Args:
+        kinds: where given, counts of the images decoded unlike a plain RGB conversion (:func:`decoding_kind`) are
+            added to it.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(pool.map(verify_image, paths, chunksize=256))
-    return [(i, why) for i, why in enumerate(reasons) if why is not None]
+        found = list(pool.map(_inspect, paths, chunksize=256))
+    if kinds is not None:
+        for _, kind in found:
+            if kind is not None:
+                kinds[kind] = kinds.get(kind, 0) + 1
+    return [(i, why) for i, (why, _) in enumerate(found) if why is not None]
 
 
 def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:

@@ -349,3 +349,27 @@ def test_subset_heads_and_lp_ft_from_the_command_line(own: SimpleNamespace) -> N
         assert f"  {_metrics_line(m)} -> " in r.output
         r = invoke(*args, "--init-head", "subset-9/linear")
         assert r.exit_code == 1 and "--init-head subset-9/linear: no head file of that name" in r.output
+
+
+def test_the_report_lists_the_commands_that_made_it_and_what_stage_one_skipped_ignored_or_decoded_specially(tmp_path: Path) -> None:
+    from .conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "ds", {"train": 10, "test": 3})
+    (data / "train" / "ant" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    broken = sorted((data / "test").rglob("*.png"))[0]
+    broken.write_bytes(broken.read_bytes()[:40])
+    Image.fromarray(np.full((36, 44), 40000, np.uint16)).save(data / "test" / "ant" / "deep.png")  # mode I;16
+    tiny = f"--data {data} --weights none --crop 32 --resize 36 --batch-size 4 --workers 0 --engine eager --device cpu"
+    commands = [f"extract {tiny} --split train --split val --split test --on-error skip --no-progress",
+                f"fit-head --data {data} --weights none --clf logreg --grid 1 --refine 0 --evaluate",
+                f"report --data {data} --weights none --projection-points 20 --grid-images 4"]
+    with single_threaded():
+        result = CliRunner().invoke(cli, ["run", *commands])
+    assert result.exit_code == 0, result.output
+    md = Path("reports/ds/mobilenet_v2-none/index.md").read_text()
+    rows = _md_rows(md, "Settings, versions and how to rerun")
+    assert [c for c in rows if c.startswith("`pipeline")] == [f"`pipeline {c}`" for c in commands]
+    stage1 = md.split("## Stage one")[1].split("\n## ")[0]
+    assert "1 unreadable image(s) were skipped" in stage1 and f"`{broken.relative_to(data).as_posix()}`" in stage1
+    assert "were ignored, as torchvision's ImageFolder ignores them: 1 in train, 1 in val." in stage1
+    assert "16-bit images were scaled to 8 bits (0-65535 onto 0-255), not clipped (1 in test)" in stage1

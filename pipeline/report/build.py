@@ -176,6 +176,7 @@ def build_report(source: ExtractConfig | None = None, config: ReportConfig | Non
         "best": {k: best.get(k) for k in _BEST_KEYS}, "best_head": {k: best_head.get(k) for k in _BEST_KEYS if k != "kind"},
         "audit": None if audit is None else {**{k: v for k, v in audit.items() if k not in ("inputs", "versions")}, "leaks": leaks, "cleaned": cleaned},
         "config": asdict(config), "figures": {k: str(v) for k, v in drawn.items()}, "pipeline": provenance.PIPELINE_VERSION,
+        "commands": gather.commands([*caches.values(), *heads, *(r for rows in subset_heads.values() for r in rows), *finetunes]),
         **provenance.stamp(inputs),
     }
     title = f"pipeline report: {s.get('dataset')} with {s.get('model')} ({s.get('weights')})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -40,10 +41,26 @@ def read_caches(source: ExtractConfig) -> dict[str, dict]:
                 "engine": attrs.get("engine"), "runtime": attrs.get("runtime"), "created": attrs.get("created"),
                 "skipped": len(cache.skipped), "settings": attrs.get("settings", {}), "versions": attrs.get("versions", {}),
                 "classes": cache.classes, "data_root": attrs.get("data_root"), "image_size": attrs.get("image_size"),
+                "skipped_files": cache.skipped[:_LISTED], "ignored": attrs.get("n_ignored", 0), "decoding": attrs.get("decoding", {}),
+                "made_by": [(attrs.get("created"), attrs["command"])] if attrs.get("command") else [],
             }
     if "train" not in out or "test" not in out:
         raise ValueError(f"no train and test caches for {source.data} with {source.model} ({source.weights}); run pipeline extract "
                          "--split train --split val --split test first")
+    return out
+
+
+# Skipped files listed by name in the report, per split (the cache holds them all: pipeline info).
+_LISTED = 20
+
+
+def commands(rows: Iterable[dict]) -> list[str]:
+    """The distinct command lines that made the given caches, heads and fine-tunes (their ``made_by``), oldest first."""
+    made = [pair for row in rows for pair in (row.get("made_by") or [])]
+    out: list[str] = []
+    for _, command in sorted(made, key=lambda pair: pair[0] or ""):
+        if command not in out:
+            out.append(command)
     return out
 
 
@@ -108,6 +125,7 @@ def finetune_rows(runs_dir: Path, caches: dict) -> list[dict]:
             "epochs": config.get("epochs"), "subset": config.get("subset"), "init_head": meta.get("init_head"), "freeze": config.get("freeze"),
             "history": meta.get("history", []), "config": config, "n_test": test.get("n"), "runtime": meta.get("runtime"),
             "top1_ci": test.get("top1_ci"), "ece": test.get("ece"), "warnings": test.get("warnings", []),
+            "made_by": [(r.get("created"), r.get("command")) for r in (meta, test) if r.get("command")],
         }
         out.append({**row, "top1_ci": _interval(row)})
     return out

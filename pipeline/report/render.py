@@ -134,6 +134,44 @@ def _audit(a: dict, figures: dict, captions: dict) -> list[Any]:
     return blocks
 
 
+def _rerun(d: dict) -> list[Any]:
+    """How to make this report again: the commands that made what it shows, as they were run, then the report's own."""
+    made = [*d.get("commands", []), *([d["command"]] if d.get("command") else [])]
+    python = ("From Python, each command is one call: `extract_splits(ExtractConfig(...))`, `fit_head(HeadConfig(clf=...))`, "
+              "`evaluate(path)`, `finetune(FinetuneConfig(...))`, `build_report()`. Every stage reuses what is up to date.")
+    if not made:
+        return [f"Nothing it shows recorded a command line (it was made from Python). {python}"]
+    return ["The commands that made what this report shows, in the order they ran (on the embedded default dataset, "
+            "`make all` runs them all):", _table(["command"], [[f"`{c}`"] for c in made]), python]
+
+
+def _data(d: dict) -> list[Any]:
+    """What stage one left out or decoded specially: skipped and ignored files, 16-bit and transparent images, by split."""
+    out: list[Any] = []
+    caches = d["caches"]
+    skipped = [[split, f"`{p}`", why] for split, c in caches.items() for p, why in c.get("skipped_files", [])]
+    if skipped:
+        total = sum(c.get("skipped", 0) for c in caches.values())
+        out += [f"{total} unreadable image(s) were skipped (`--on-error skip`) and have no features"
+                + (f"; the first {len(skipped)} are listed, `pipeline info CACHE` lists them all" if total > len(skipped) else "") + ":",
+                _table(["split", "file", "why"], skipped)]
+    ignored = {split: c["ignored"] for split, c in caches.items() if c.get("ignored")}
+    if ignored:
+        out.append("Files that are not images (hidden or system files, other extensions) were ignored, as torchvision's "
+                   "ImageFolder ignores them: " + ", ".join(f"{n} in {split}" for split, n in ignored.items()) + ".")
+    kinds = {}
+    for split, c in caches.items():
+        for kind, n in (c.get("decoding") or {}).items():
+            kinds.setdefault(kind, []).append(f"{n} in {split}")
+    notes = {"16-bit": "16-bit images were scaled to 8 bits (0-65535 onto 0-255), not clipped",
+             "float": "floating-point images were mapped to 8 bits (0-1, or 0-255, onto 0-255)",
+             "transparent": "images with transparency were composited on white"}
+    for kind, where in kinds.items():
+        out.append(f"Decoding: {notes.get(kind, kind)} ({', '.join(where)}); a plain `Image.convert(\"RGB\")` differs, so new "
+                   "images must be decoded the same way (README, \"Images\").")
+    return out
+
+
 def sections(d: dict) -> Sections:
     """The report's content, as (title, blocks).
 
@@ -155,7 +193,7 @@ def sections(d: dict) -> Sections:
         for split, c in d["caches"].items()])
     out.append(("Stage one: feature extraction", [
         "The frozen backbone runs once per image; every head below trains on these cached arrays. Throughput is that of the "
-        "run that completed the cache.", stage1]))
+        "run that completed the cache.", stage1, *_data(d)]))
 
     heads = _table(["head", "test top-1", "95 % CI", "balanced acc.", "top-5", "val acc.", "fit time", "chosen", "preprocessing"], [
         [r["label"], _pct(r["top1"]), _ci(r), _pct(r["balanced_accuracy"]), _pct(r.get("top5")), _pct(r["val_accuracy"]), _secs(r["fit_seconds"]),
@@ -182,11 +220,7 @@ def sections(d: dict) -> Sections:
     head_cfg = _table(["head", "settings"], [[r["label"], _settings(r["config"])]
                                              for r in d["heads"] + [x for rows in d["subset_heads"].values() for x in rows]])
     ft_cfg = _table(["fine-tune", "settings"], [[ft["label"], _settings(ft["config"])] for ft in d["finetunes"]])
-    rerun = ("To rerun everything from a fresh clone: `make all` (add `FULL=1` for the full-size fine-tune, meant for a GPU). "
-             "Each stage reuses what is up to date; `make extract`, `make heads`, `make finetune` and `make report` run one "
-             "stage. From Python: `extract(ExtractConfig(...))`, `fit_head(HeadConfig(clf=...))`, `evaluate(path)`, "
-             "`finetune(FinetuneConfig(...))`, `build_report()`.")
-    blocks = [f"Made {d['created']} by pipeline {d['pipeline']}.", rerun, "Extraction settings (they define the cache):", settings,
+    blocks = [f"Made {d['created']} by pipeline {d['pipeline']}.", *_rerun(d), "Extraction settings (they define the cache):", settings,
               "Heads:", head_cfg]
     if d["finetunes"]:
         blocks += ["Fine-tunes:", ft_cfg]
