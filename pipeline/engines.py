@@ -7,6 +7,7 @@ import os
 import tempfile
 import warnings
 from collections import deque
+from contextlib import ExitStack
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import ENGINES, PARALLEL
-from .runtime import BatchInputs, Runtime
+from .runtime import BatchInputs, Runtime, torch_threads
 from .taps import TapExtractor
 from .validate import check_choice
 
@@ -27,6 +28,7 @@ ONNX_TOLERANCE = 1e-4
 class Engine(Protocol):
     name: str
     concurrency: int  # batches it may run at once, each from its own thread (BatchRunner keeps that many in flight)
+    owns_cores: bool  # it runs the model on threads of its own, so torch's work around it takes one thread
 
     def __call__(self, x: torch.Tensor) -> list[np.ndarray]:
         """Features of one preprocessed batch, one float32 array per tap."""
@@ -37,6 +39,7 @@ class EagerEngine:
 
     name = "eager"
     concurrency = 1
+    owns_cores = False  # torch runs the model: its threads are the model's
 
     def __init__(self, extractor: TapExtractor, runtime: Runtime, inputs: BatchInputs | None = None) -> None:
         self.extractor = runtime.prepare(extractor)
@@ -73,6 +76,9 @@ class OnnxEngine:
         cores = threads or max(1, torch.get_num_threads())
         self.concurrency = cores if parallel == "batches" else 1
         self.name = "onnx" if parallel == "operators" else "onnx-batches"
+        # ONNX Runtime has its own threads for the model; torch only decodes and stacks batches around it, where a
+        # second OpenMP thread gains little and, on a busy machine, stalls at every barrier: see BatchRunner.
+        self.owns_cores = True
         self.inputs = inputs
         example = self._finished(example)
         n_out = len(extractor.taps)
@@ -178,6 +184,7 @@ class BatchRunner:
     def __iter__(self) -> Iterator[tuple[np.ndarray, list[np.ndarray] | None, list[tuple[int, str]]]]:
         pending: deque[tuple[np.ndarray, Future | list[np.ndarray] | None, list[tuple[int, str]]]] = deque()
         pool: ThreadPoolExecutor | None = None
+        held, narrowed = ExitStack(), False
         try:
             for index, x, bad in self.loader:
                 if bad and self.on_error == "fail":
@@ -187,6 +194,12 @@ class BatchRunner:
                 if x is not None:
                     if self.engine is None:
                         self.engine = make_engine(self.kind, self.extractor, self.runtime, x[:2], parallel=self.parallel, inputs=self.inputs)
+                    if self.engine.owns_cores and not narrowed:
+                        # The engine has the cores; torch's work in this process (decoding, transforms, stacking
+                        # batches) runs on one thread. Measured with two busy neighbours on 2 cores
+                        # (bench/busy_bench.py): 0.26x of quiet throughput with torch on 2 threads, above 0.4x on one.
+                        held.enter_context(torch_threads(1))
+                        narrowed = True
                     if pool is None and self.engine.concurrency > 1:
                         pool = ThreadPoolExecutor(self.engine.concurrency, thread_name_prefix="pipeline-engine")
                     features = pool.submit(self.engine, x) if pool else self.engine(x)
@@ -199,6 +212,7 @@ class BatchRunner:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+            held.close()
 
 
 def _done(item: tuple[np.ndarray, Future | list[np.ndarray] | None, list[tuple[int, str]]]) -> tuple[np.ndarray, list[np.ndarray] | None, list[tuple[int, str]]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Iterator
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class _SlowEngine:
 
     name = "slow"
     concurrency = 3
+    owns_cores = True
 
     def __init__(self) -> None:
         self.running = self.most = 0
@@ -37,6 +39,24 @@ class _SlowEngine:
         with self.lock:
             self.running -= 1
         return [x.numpy()[:, :1].copy()]
+
+
+def test_around_an_engine_with_threads_of_its_own_torch_works_on_one_thread_then_gets_its_threads_back() -> None:
+    seen = []
+
+    def loader() -> Iterator:
+        for k in range(4):
+            seen.append(torch.get_num_threads())  # the loader decodes and stacks in this process (no workers)
+            yield np.array([k]), torch.full((1, 3), float(k)), []
+
+    with torch_threads(2):
+        runner = BatchRunner(loader(), extractor=None, kind="eager", runtime=resolve_runtime("cpu"), engine=_SlowEngine())  # type: ignore[arg-type]
+        assert len(list(runner)) == 4
+        assert seen == [2, 1, 1, 1] and torch.get_num_threads() == 2
+        eager = BatchRunner(loader(), extractor=None, kind="eager", runtime=resolve_runtime("cpu"), engine=_SlowEngine())  # type: ignore[arg-type]
+        eager.engine.owns_cores = False
+        seen.clear()
+        assert len(list(eager)) == 4 and seen == [2, 2, 2, 2]
 
 
 def test_batch_runner_keeps_the_loaders_order_while_batches_overlap() -> None:
@@ -83,8 +103,8 @@ def test_batches_mode_gives_the_one_session_features_batch_for_batch() -> None:
 def test_extract_parallel_batches_makes_the_same_cache(image_folder: Path) -> None:
     pytest.importorskip("onnxruntime")
     with torch_threads(2):
-        ops = extract(ExtractConfig(data=str(image_folder), split="test", **tiny(engine="onnx", cache_dir="ops")), progress=False)
-        par = extract(ExtractConfig(data=str(image_folder), split="test", parallel="batches", **tiny(engine="onnx", cache_dir="par")), progress=False)
+        ops = extract(ExtractConfig(data=str(image_folder), split="test", parallel="operators", **tiny(engine="onnx", cache_dir="ops")), progress=False)
+        par = extract(ExtractConfig(data=str(image_folder), split="test", **tiny(engine="onnx", cache_dir="par")), progress=False)
     assert (ops.engine, par.engine) == ("onnx", "onnx-batches")
     a, b = cache_rows(ops.path), cache_rows(par.path)
     assert a.keys() == b.keys()
