@@ -6,9 +6,11 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.pipeline import Pipeline
 
 from .config import HeadConfig
@@ -109,14 +111,23 @@ def search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: An
                 log(f"  {clf_name} {spec.param}={value:<10g} skipped: {why}")
             return
         t0 = time.perf_counter()
-        clf = trial(value)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            clf = trial(value)
+        unconverged = any(issubclass(w.category, ConvergenceWarning) for w in caught)
+        for w in caught:  # the others as they were; a solver that stopped early is a note on its row instead
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         acc = score(clf)
         row = {"value": value, "val_accuracy": acc, "seconds": time.perf_counter() - t0}
         if hasattr(clf, "best_epoch_"):
             row["best_epoch"] = clf.best_epoch_
+        if unconverged:
+            row["converged"] = False
         sweep.append(row)
         if log:
-            log(f"  {clf_name} {spec.param}={value:<10g} val acc {acc:.4f}  ({row['seconds']:.1f} s)")
+            note = "; the solver stopped at its iteration limit" if unconverged else ""
+            log(f"  {clf_name} {spec.param}={value:<10g} val acc {acc:.4f}  ({row['seconds']:.1f} s{note})")
         if acc > best[0]:
             best = (acc, value, clf)
 

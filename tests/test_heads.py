@@ -614,3 +614,26 @@ def test_a_skops_file_of_other_scikit_learn_objects_is_refused(tmp_path: Path) -
     _plant(meta_path, ".skops", skops.io.dumps(LogisticRegression().fit(X, y)))
     with pytest.raises(UntrustedArtifactError, match=r"is not a head's Pipeline \(found a sklearn\.linear_model\._logistic\.LogisticRegression\)"):
         load_head(meta_path)
+
+
+def test_a_sweep_value_whose_solver_stopped_early_is_noted_on_its_row_not_printed_as_a_raw_warning() -> None:
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    from pipeline.config import HeadConfig
+    from pipeline.sweep import search
+
+    def trial(value: float) -> float:
+        if value == 1.0:
+            warnings.warn("Liblinear failed to converge, increase the number of iterations.", ConvergenceWarning)
+        warnings.warn(f"other {value:g}", UserWarning)
+        return value
+
+    lines: list[str] = []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        best, _, sweep = search("svm", HeadConfig(clf="svm", grid=(0.1, 1.0), refine=0), trial, lambda v: 0.5 + v / 10, log=lines.append)
+    assert best == 1.0 and [row.get("converged", True) for row in sweep] == [True, False]
+    assert lines[1].endswith("s; the solver stopped at its iteration limit)") and "stopped" not in lines[0]
+    assert sorted(str(w.message) for w in seen) == ["other 0.1", "other 1"]  # the rest pass through, once each
