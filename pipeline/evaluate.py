@@ -127,7 +127,7 @@ def _identity(meta_path: Path, meta: dict) -> dict:
     """A head's or model's identity for reuse: when it was made and its artifact's digest, as found on disk (so that
     a damaged artifact is never passed over by a reused result, but refused when it is loaded)."""
     try:
-        digest = file_sha256(artifact_path(meta_path, meta))
+        digest = file_sha256(artifact_path(meta_path, meta), remember=True)
     except ValueError:
         digest = None
     return {"artifact_sha256": digest, "created": meta.get("created")}

@@ -324,7 +324,23 @@ def _busy_message(target: str | os.PathLike, fd: int) -> str:
     return f"{target} is being written by {who}; wait for it to finish (or stop it), then re-run"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file, read in blocks."""
+def file_sha256(path: str | os.PathLike, *, remember: bool = False) -> str:
+    """The sha256 of a file, read in blocks.
+
+    Args:
+        remember: keep the digest for this process, by the file's identity (inode, modification time, size), and
+            answer from it while that is unchanged. For reuse checks of files written once and then replaced, never
+            changed in place (heads, models): fit-head and evaluate ask for the same head's digest in one run.
+            Loading a model checks its digest afresh.
+    """
+    if remember:
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size)
+        if key not in _DIGESTS:
+            _DIGESTS[key] = file_sha256(path)
+        return _DIGESTS[key]
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+_DIGESTS: dict[tuple, str] = {}

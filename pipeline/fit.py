@@ -145,7 +145,7 @@ def _reusable(base: Path, inputs: dict) -> FitResult | None:
         # A head in a format no longer loaded (a joblib pickle) is fitted again rather than reused.
         if meta is None or Path(meta["artifact"]).suffix not in (".pt", ".skops"):
             return None
-        if file_sha256(files.meta.with_name(meta["artifact"])) != meta["artifact_sha256"]:
+        if file_sha256(files.meta.with_name(meta["artifact"]), remember=True) != meta["artifact_sha256"]:
             return None
         return FitResult(files.meta, meta["clf"], meta["param"], meta["value"], meta["val_accuracy"], meta["fit_seconds"], meta["sweep"],
                          "up-to-date", list(meta.get("warnings", [])))

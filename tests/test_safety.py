@@ -403,3 +403,20 @@ def test_extract_on_a_disk_that_fills_after_the_check_resumes(image_folder: Path
     resumed = extract(ExtractConfig(data=str(image_folder), split="train", **tiny(cache_dir=str(disk))), progress=False)
     assert resumed.status == "resumed" and resumed.n_computed == 0
     _assert_same_cache(extract(ExtractConfig(data=str(image_folder), split="train", **tiny(cache_dir="whole")), progress=False).path, resumed.path)
+
+
+def test_a_remembered_digest_follows_the_file_when_it_is_rewritten_or_replaced(tmp_path: Path) -> None:
+    import hashlib
+    import os
+
+    from pipeline.files import file_sha256
+
+    path = tmp_path / "head.skops"
+    path.write_bytes(b"first")
+    assert file_sha256(path, remember=True) == hashlib.sha256(b"first").hexdigest()
+    path.write_bytes(b"second, longer")  # rewritten in place: another size
+    assert file_sha256(path, remember=True) == hashlib.sha256(b"second, longer").hexdigest()
+    other = tmp_path / "new"
+    other.write_bytes(b"third!")  # the same size as "first", renamed over it: another inode
+    os.replace(other, path)
+    assert file_sha256(path, remember=True) == hashlib.sha256(b"third!").hexdigest() == file_sha256(path)

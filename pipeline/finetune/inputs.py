@@ -52,8 +52,10 @@ class _Part:
     fingerprint: str
 
 
-def _part(label: str, spec: DatasetSpec, split_name: str, per_class: int | None, seed: int, classes: list[str] | None) -> tuple[_Part, Split]:
-    split = load_split(spec, split_name)
+def _part(label: str, spec: DatasetSpec, split_name: str, per_class: int | None, seed: int, classes: list[str] | None,
+          split: Split | None = None) -> tuple[_Part, Split]:
+    """The images of one phase: ``per_class`` of each class (all when None) of the split, scanned unless given."""
+    split = load_split(spec, split_name) if split is None else split
     root = Path(spec.root)
     if len(split) == 0:
         raise ValueError(f"the {split_name} split of {root} has no images")

@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from .. import layout, provenance
 from ..backbones import resolve_weights, weights_label
-from ..files import file_sha256
 from ..config import BACKBONE_AND_DATASET, ExtractConfig, FinetuneConfig
 from ..extract import auto_workers
-from ..files import atomic_write, file_lock, remove_stale_temps
+from ..data import load_splits
+from ..files import atomic_write, file_lock, file_sha256, remove_stale_temps
 from ..recipes import RECIPES
 from ..runtime import Runtime, resolve_runtime
 from .freeze import set_train_mode
@@ -194,12 +194,13 @@ def _finetune(config: FinetuneConfig | None, source: ExtractConfig | None, held:
     config = resolve_init_head(config or FinetuneConfig(), source)
     say = log or (lambda line: None)
     spec = config.dataset
-    train, train_split = _part("train", spec, "train", config.subset, config.seed, None)
+    scanned = load_splits(spec, ["train", "val"])  # one scan of train/ when val is carved from it
+    train, train_split = _part("train", spec, "train", config.subset, config.seed, None, scanned["train"])
     classes = train_split.classes
     present = np.unique(train.labels)
     if len(present) < 2:
         raise ValueError(f"the train split of {train.root} has a single class; a classifier needs two or more")
-    val, val_split = _part("val", spec, "val", config.eval_subset, config.seed, classes)
+    val, val_split = _part("val", spec, "val", config.eval_subset, config.seed, classes, scanned["val"])
     read = [(train, train_split), (val, val_split)]  # what the run reads, checked for unreadable images once there is work
     targets = []
     for t in config.targets:
