@@ -141,8 +141,9 @@ def _rerun(d: dict) -> list[Any]:
               "`evaluate(path)`, `finetune(FinetuneConfig(...))`, `build_report()`. Every stage reuses what is up to date.")
     if not made:
         return [f"Nothing it shows recorded a command line (it was made from Python). {python}"]
-    return ["The commands that made what this report shows, in the order they ran (on the embedded default dataset, "
-            "`make all` runs them all):", _table(["command"], [[f"`{c}`"] for c in made]), python]
+    default = d["caches"]["train"].get("settings", {}).get("dataset") == "fashion-mnist"
+    return ["The commands that made what this report shows, in the order they ran" + (" (`make all` runs them all)" if default else "")
+            + ":", _table(["command"], [[f"`{c}`"] for c in made]), python]
 
 
 def _data(d: dict) -> list[Any]:
