@@ -211,18 +211,28 @@ def _head_reference(work: Path, name: str, args: list[str]) -> Path:
     return ref_meta
 
 
-def head_trials(work: Path, n: int, rng: np.random.Generator) -> Tally:
-    tally = Tally()
+def _head_inputs(work: Path) -> tuple[Path, np.ndarray]:
+    """The reference caches' folder and the val features the heads' predictions are compared on."""
     caches = work / "ref/ds/mobilenet_v2-none/classifier-input"
     with read_cache(caches / "val.h5") as c:
-        X_val = c.features()
+        return caches, c.features()
+
+
+def _older_head(work: Path, args: list[str], clf: str, out: Path) -> bool:
+    """Fit a head of other settings (its swept value changed) at ``out``, for a trial that replaces it; whether it worked."""
+    return _pipeline([*args[:4], "0.1" if clf == "linear" else "10", *args[5:], "--output", str(out)], work).returncode == 0
+
+
+def head_trials(work: Path, n: int, rng: np.random.Generator) -> Tally:
+    tally = Tally()
+    caches, X_val = _head_inputs(work)
     for i in range(n):
         clf = ("linear", "logreg")[i % 2]
         args = _head_args(caches, clf)
         expected = _predictions(_head_reference(work, clf, args), X_val)
         out = work / f"heads-{i}/h"
         if i % 4 == 3:  # an older head of other settings is already there and is being replaced
-            assert _pipeline([*args[:4], "0.1" if clf == "linear" else "10", *args[5:], "--output", str(out)], work).returncode == 0
+            assert _older_head(work, args, clf, out)
         tally.trials += 1
         artifact = ".pt" if clf == "linear" else ".skops"
         kind = i % 4
@@ -433,15 +443,13 @@ def concurrent_trials(work: Path, n: int, rng: np.random.Generator) -> Tally:
 
 def replace_trials(work: Path, n: int, rng: np.random.Generator) -> Tally:
     tally = Tally()
-    caches = work / "ref/ds/mobilenet_v2-none/classifier-input"
-    with read_cache(caches / "val.h5") as c:
-        X_val = c.features()
+    caches, X_val = _head_inputs(work)
     for i in range(n):
         clf = ("linear", "logreg")[i % 2]
         args = _head_args(caches, clf)
         new = _predictions(_head_reference(work, clf, args), X_val)
         out = work / f"heads-r{i}/h"
-        assert _pipeline([*args[:4], "0.1" if clf == "linear" else "10", *args[5:], "--output", str(out)], work).returncode == 0
+        assert _older_head(work, args, clf, out)
         old = _predictions(out.with_suffix(".json"), X_val)
         tally.trials += 1
         artifact = ".pt" if clf == "linear" else ".skops"

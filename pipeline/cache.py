@@ -14,6 +14,7 @@ from .config import COMPRESSIONS, DTYPES
 from .layout import FEATURES_FORMAT as FORMAT
 from .layout import FEATURES_FORMAT_VERSION as FORMAT_VERSION
 from .layout import dataset_caches
+from .files import file_identity
 from .resources import available_memory, human_size
 from .validate import brief, first_line
 from .shards import IncompleteCacheError, PartialRun, write_cache, write_features
@@ -218,8 +219,7 @@ class FeatureCache:
         """
         # A complete cache never changes in place (a new one is renamed over it), so its members are kept per file
         # identity: fit-head and evaluate compare the same caches once per head (16 times in make all).
-        st = os.stat(self.path)
-        key = (str(self.path.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+        key = file_identity(self.path)
         if key not in _MEMBERS:
             _MEMBERS[key] = self._members()
             while len(_MEMBERS) > 8:
@@ -306,7 +306,7 @@ def _row_span(key: object, n: int) -> tuple[int, int]:
     return 0, n
 
 
-# members() of the caches read lately, by file identity (path, inode, modification time, size); oldest first.
+# members() of the caches read lately, by file identity (files.file_identity); oldest first.
 _MEMBERS: dict[tuple, tuple[str, ...] | None] = {}
 
 

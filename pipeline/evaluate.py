@@ -255,7 +255,7 @@ def compare(folder: str | os.PathLike | None = None, source: ExtractConfig | Non
             "param": meta["param"], "value": meta["value"], "preprocessing": meta["preprocessing"], "path": str(meta_path),
             "config": meta.get("config", {}), "subset": meta.get("subset"), "n_test": test.get("n"),
             "warnings": [*meta.get("warnings", []), *test.get("warnings", [])],
-            "made_by": [(r.get("created"), r.get("command")) for r in (meta, test) if r.get("command")],
+            "made_by": provenance.made_by(meta, test),
         })
     if not rows:
         raise ValueError(f"no heads in {folder}; fit one with pipeline fit-head")

@@ -120,7 +120,7 @@ def extract(config: ExtractConfig | None = None, *, force: bool = False, progres
     config = ExtractConfig() if config is None else config
     expect_instance("extract's config", config, ExtractConfig)
     with ExitStack() as stack:
-        return _extract_one(config, _Shared(config, None, stack), force=force, progress=progress)
+        return _extract_one(config, _Shared(None, stack), force=force, progress=progress)
 
 
 def extract_splits(config: ExtractConfig | None = None, splits: Sequence[str] = ("train", "val", "test"), *, force: bool = False,
@@ -134,7 +134,7 @@ def extract_splits(config: ExtractConfig | None = None, splits: Sequence[str] = 
     if config.output and len(splits) > 1:
         raise ValueError("output names one file: extract one split with it")
     with ExitStack() as stack:
-        shared = _Shared(config, list(splits), stack)
+        shared = _Shared(list(splits), stack)
         results = []
         for split in splits:
             results.append(_extract_one(replace(config, split=split), shared, force=force, progress=progress))
@@ -147,8 +147,8 @@ class _Shared:
     """What the extractions of one call share: the scanned splits, the backbone and its taps, the hooked model and
     the engine. With one split (``splits`` None) it simply makes them."""
 
-    def __init__(self, config: ExtractConfig, splits: list[str] | None, stack: ExitStack) -> None:
-        self.config, self.splits, self.stack = config, splits, stack
+    def __init__(self, splits: list[str] | None, stack: ExitStack) -> None:
+        self.splits, self.stack = splits, stack
         self._scanned: dict | None = None
         self.backbone: Any = None
         self.taps: list = []

@@ -20,31 +20,34 @@ from typing import BinaryIO, Callable, Iterator
 from .layout import lock_file
 
 __all__ = ["DiskFullError", "BusyError", "atomic_target", "atomic_write", "disk_full", "is_disk_full", "file_lock", "reserve",
-           "temp_target", "remove_stale_temps", "file_sha256"]
+           "temp_target", "remove_stale_temps", "file_identity", "file_sha256"]
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-class DiskFullError(OSError):
+class _MessageError(OSError):
+    """An OSError with its errno (``ERRNO``) whose text is the message alone, without "[Errno N]"."""
+
+    ERRNO = 0
+
+    def __init__(self, message: str) -> None:
+        super().__init__(self.ERRNO, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class DiskFullError(_MessageError):
     """A write that ran out of disk space (or quota); nothing half-written is left at the target path."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.ENOSPC, message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+    ERRNO = errno.ENOSPC
 
 
-class BusyError(OSError):
+class BusyError(_MessageError):
     """Another process holds the lock of the file this one is about to write."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EBUSY, message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+    ERRNO = errno.EBUSY
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -324,6 +327,14 @@ def _busy_message(target: str | os.PathLike, fd: int) -> str:
     return f"{target} is being written by {who}; wait for it to finish (or stop it), then re-run"
 
 
+def file_identity(path: str | os.PathLike) -> tuple:
+    """What tells a file apart from its earlier versions without reading it: its real path, inode, modification time
+    and size. Files this project writes once and then replaces by renaming (caches, heads) get a new identity with
+    each version, so what was read from one may be kept per identity for the length of a process."""
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def file_sha256(path: str | os.PathLike, *, remember: bool = False) -> str:
     """The sha256 of a file, read in blocks.
 
@@ -334,8 +345,7 @@ def file_sha256(path: str | os.PathLike, *, remember: bool = False) -> str:
             Loading a model checks its digest afresh.
     """
     if remember:
-        st = os.stat(path)
-        key = (os.path.realpath(path), st.st_ino, st.st_mtime_ns, st.st_size)
+        key = file_identity(path)
         if key not in _DIGESTS:
             _DIGESTS[key] = file_sha256(path)
         return _DIGESTS[key]

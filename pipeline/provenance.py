@@ -21,7 +21,7 @@ from typing import Any
 from .files import atomic_write
 from .validate import brief
 
-__all__ = ["PIPELINE_VERSION", "COMMAND", "versions", "now", "canonical", "same", "diff", "stamp", "read_record", "current_record", "write_history"]
+__all__ = ["PIPELINE_VERSION", "COMMAND", "made_by", "versions", "now", "canonical", "same", "diff", "stamp", "read_record", "current_record", "write_history"]
 
 
 def _version(package: str) -> str | None:
@@ -79,6 +79,11 @@ def diff(old: dict, new: dict) -> list[str]:
     return out
 
 
+
+
+def made_by(*records: dict) -> list[tuple[str | None, str]]:
+    """The (created, command) of each record that names the command line that made it (see :data:`COMMAND`)."""
+    return [(r.get("created"), r["command"]) for r in records if r.get("command")]
 
 
 def stamp(inputs: Any) -> dict[str, Any]:

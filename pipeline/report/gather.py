@@ -42,7 +42,7 @@ def read_caches(source: ExtractConfig) -> dict[str, dict]:
                 "skipped": len(cache.skipped), "settings": attrs.get("settings", {}), "versions": attrs.get("versions", {}),
                 "classes": cache.classes, "data_root": attrs.get("data_root"), "image_size": attrs.get("image_size"),
                 "skipped_files": cache.skipped[:_LISTED], "ignored": attrs.get("n_ignored", 0), "decoding": attrs.get("decoding", {}),
-                "made_by": [(attrs.get("created"), attrs["command"])] if attrs.get("command") else [],
+                "made_by": provenance.made_by(attrs),
             }
     if "train" not in out or "test" not in out:
         raise ValueError(f"no train and test caches for {source.data} with {source.model} ({source.weights}); run pipeline extract "
@@ -125,7 +125,7 @@ def finetune_rows(runs_dir: Path, caches: dict) -> list[dict]:
             "epochs": config.get("epochs"), "subset": config.get("subset"), "init_head": meta.get("init_head"), "freeze": config.get("freeze"),
             "history": meta.get("history", []), "config": config, "n_test": test.get("n"), "runtime": meta.get("runtime"),
             "top1_ci": test.get("top1_ci"), "ece": test.get("ece"), "warnings": test.get("warnings", []),
-            "made_by": [(r.get("created"), r.get("command")) for r in (meta, test) if r.get("command")],
+            "made_by": provenance.made_by(meta, test),
         }
         out.append({**row, "top1_ci": _interval(row)})
     return out
