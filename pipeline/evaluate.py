@@ -22,7 +22,7 @@ from .data import load_split
 from .extract import locate_cache
 from .files import atomic_write, file_sha256
 from .fit import check_disjoint, load_split_features
-from .heads import head_probabilities
+from .heads import head_probabilities, in_row_blocks
 from .plots import plot_confusion
 from .predict import image_logits
 
@@ -81,7 +81,7 @@ def evaluate(head: str | os.PathLike, test_cache: str | os.PathLike | None = Non
             raise ValueError(f"{cache.path} has classes {cache.classes}, the head was fitted on {art.classes}")
         X, y = load_split_features(cache, art.meta["tap"], "test")
         test_path, paths, root = cache.path, cache.paths, cache.attrs.get("data_root", "")
-    pred = art.pipeline.predict(X)
+    pred = in_row_blocks(art.pipeline, "predict", X)
     classes = art.classes
     metrics = {
         "head": str(art.path), "clf": art.meta["clf"], "test_cache": str(test_path), "n": int(len(y)),

@@ -22,7 +22,7 @@ from .validate import expect_instance
 from .data import stratified_subset
 from .extract import locate_cache
 from .files import file_lock, remove_stale_temps
-from .heads import HEADS, build_head, decision_logits, has_probabilities
+from .heads import HEADS, build_head, decision_logits, has_probabilities, in_row_blocks
 from .stats import fit_temperature
 from .sweep import run_sweep, run_sweep_streaming
 
@@ -282,7 +282,7 @@ def _train_accuracy(clf: Any, Z: np.ndarray, y: np.ndarray, seed: int) -> float:
     if len(y) > _TRAIN_SCORED:
         rows = np.sort(np.random.default_rng(seed).choice(len(y), _TRAIN_SCORED, replace=False))
         Z, y = Z[rows], y[rows]
-    return float((clf.predict(Z) == y).mean())
+    return float((in_row_blocks(clf, "predict", Z) == y).mean())
 
 
 @contextmanager

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -20,6 +22,7 @@ from sklearn.utils.multiclass import unique_labels
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .config import POOLS, PREPROCESSING
+from .resources import usable_cores
 from .runtime import torch_threads
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "TorchLinearHead",
     "build_head",
     "has_probabilities",
+    "in_row_blocks",
     "decision_logits",
     "head_probabilities",
     "PREPROCESSING",
@@ -207,6 +211,10 @@ class HeadSpec:
         log: whether the sweep is on a log scale and is refined around its best value (CLIP-style).
         preprocessing: the default feature preprocessing.
         description: one line for help texts.
+        one_core: its solver runs on one core with the GIL released and draws no random numbers (libsvm without
+            probabilities): sweep values and prediction rows are spread over threads, one per usable core.
+            liblinear (LinearSVC) also runs on one core, but its shuffling shares one random generator between
+            threads, so two fits side by side are not reproducible.
     """
 
     name: str
@@ -216,6 +224,7 @@ class HeadSpec:
     log: bool
     preprocessing: str
     description: str
+    one_core: bool = False
 
 
 def _logreg(C: float, seed: int) -> BaseEstimator:
@@ -272,7 +281,7 @@ HEADS: dict[str, HeadSpec] = {
                  "torch linear layer (AdamW), learning rate and best epoch on val"),
         HeadSpec("logreg", _logreg, "C", (1e-4, 1e-3, 1e-2, 1e-1, 1.0), True, "standardize+pca", "scikit-learn LogisticRegression (lbfgs)"),
         HeadSpec("svm", _linear_svm, "C", (1e-4, 1e-3, 1e-2), True, "standardize+pca", "linear SVM (LinearSVC, Crammer-Singer multi-class)"),
-        HeadSpec("svm-rbf", _rbf_svm, "C", (1.0, 10.0), True, "standardize+pca", "RBF-kernel SVM (SVC)"),
+        HeadSpec("svm-rbf", _rbf_svm, "C", (1.0, 10.0), True, "standardize+pca", "RBF-kernel SVM (SVC)", one_core=True),
         HeadSpec("tree", _forest, "n_estimators", (100, 200), False, "pca", "random forest"),
         HeadSpec("extra-trees", _extra, "n_estimators", (100, 200), False, "pca", "extremely randomised trees"),
         HeadSpec("hgb", _hgb, "max_iter", (50, 100), False, "pca", "histogram gradient boosting"),
@@ -310,6 +319,24 @@ def build_head(name: str, value: Any, *, preprocessing: str | None = None, pca: 
     return Pipeline(steps)
 
 
+def in_row_blocks(pipe: Pipeline | BaseEstimator, method: str, X: np.ndarray) -> np.ndarray:
+    """``getattr(pipe, method)(X)`` of a head's Pipeline or estimator; for one whose solver runs on one core (an SVM),
+    in row blocks on threads, one per usable core. Every row is computed alone either way, so the result is the same."""
+    fn = getattr(pipe, method)
+    last = pipe.steps[-1][1] if isinstance(pipe, Pipeline) else pipe
+    workers = min(usable_cores(), len(X) // 256) if type(last) in _one_core_types() else 1
+    if workers < 2:
+        return fn(X)
+    bounds = np.linspace(0, len(X), workers + 1).astype(int)
+    with ThreadPoolExecutor(workers) as pool:
+        return np.concatenate(list(pool.map(lambda i: fn(X[bounds[i]:bounds[i + 1]]), range(workers))))
+
+
+@functools.cache
+def _one_core_types() -> tuple[type, ...]:
+    return tuple(type(h.make(h.grid[0], 0)) for h in HEADS.values() if h.one_core)
+
+
 def has_probabilities(pipe: Pipeline) -> bool:
     """Whether the head's estimator has ``predict_proba`` (LinearSVC, SVC and the hinge-loss SGD do not)."""
     return hasattr(pipe.steps[-1][1], "predict_proba")
@@ -320,7 +347,7 @@ def decision_logits(pipe: Pipeline, X: np.ndarray) -> np.ndarray:
 
     With two classes the one decision value d (positive for the second class) becomes [0, d], the logistic rule.
     """
-    d = np.asarray(pipe.decision_function(X), dtype=np.float64)
+    d = np.asarray(in_row_blocks(pipe, "decision_function", X), dtype=np.float64)
     return np.stack([np.zeros_like(d), d], axis=1) if d.ndim == 1 else d.reshape(len(d), -1)
 
 

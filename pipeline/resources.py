@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["available_memory", "human_size"]
+__all__ = ["available_memory", "human_size", "usable_cores"]
 
 
 def available_memory() -> int | None:
@@ -41,3 +41,11 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the platform tells it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

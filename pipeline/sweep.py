@@ -7,6 +7,7 @@ import copy
 import math
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -15,6 +16,7 @@ from sklearn.pipeline import Pipeline
 
 from .config import HeadConfig
 from .heads import HEADS, SpatialPool, build_head
+from .resources import usable_cores
 
 __all__ = ["run_sweep", "run_sweep_streaming", "search"]
 
@@ -48,7 +50,8 @@ def run_sweep(clf_name: str, config: HeadConfig, Xt: np.ndarray, yt: np.ndarray,
             return f"more neighbours than the {len(yt)} train rows"
         return None
 
-    value, clf, sweep = search(clf_name, config, trial, lambda clf: float((clf.predict(Xv) == yv).mean()), usable, log)
+    workers = usable_cores() if spec.one_core else 1
+    value, clf, sweep = search(clf_name, config, trial, lambda clf: float((clf.predict(Xv) == yv).mean()), usable, log, workers)
     if grows:
         clf.set_params(warm_start=False)  # a refit of the saved head starts afresh
     return value, clf, sweep
@@ -82,7 +85,7 @@ def run_sweep_streaming(config: HeadConfig, features: Any, yt: np.ndarray, Xv: n
 
 
 def search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: Any = lambda value: None,
-            log: Callable[[str], None] | None = None) -> tuple[Any, Any, list[dict]]:
+           log: Callable[[str], None] | None = None, workers: int = 1) -> tuple[Any, Any, list[dict]]:
     """Grid, then CLIP-style halving refinement on log grids; keep the value with the best val accuracy.
 
     Args:
@@ -92,6 +95,8 @@ def search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: An
         score: the val accuracy of a fitted head.
         usable: None for a value that can be tried, else why not (it is reported, not fitted).
         log: called with one line per value as it is done.
+        workers: threads that fit the values of one round (the grid, then each refinement's pair) side by side,
+            for heads whose solver uses one core and releases the GIL. The result is the same for any number.
     """
     spec = HEADS[clf_name]
     grid = list(config.grid or spec.grid)
@@ -100,46 +105,72 @@ def search(clf_name: str, config: HeadConfig, trial: Any, score: Any, usable: An
     sweep: list[dict] = []
     best: tuple[float, Any, Any] = (-1.0, None, None)
 
-    def run(value: Any) -> None:
-        nonlocal best
-        if any(math.isclose(float(s["value"]), float(value), rel_tol=1e-9) for s in sweep):
-            return
-        why = usable(value)
-        if why:
-            sweep.append({"value": value, "skipped": why})
-            if log:
-                log(f"  {clf_name} {spec.param}={value:<10g} skipped: {why}")
-            return
+    def tried(value: Any) -> bool:
+        return any(math.isclose(float(s["value"]), float(value), rel_tol=1e-9) for s in sweep)
+
+    def fit_one(value: Any) -> tuple[Any, float, float]:
         t0 = time.perf_counter()
+        clf = trial(value)
+        return clf, score(clf), time.perf_counter() - t0
+
+    def run_round(values: list) -> None:
+        todo = []
+        for value in values:
+            if tried(value) or any(math.isclose(float(v), float(value), rel_tol=1e-9) for v in todo):
+                continue
+            why = usable(value)
+            if why:
+                sweep.append({"value": value, "skipped": why})
+                if log:
+                    log(f"  {clf_name} {spec.param}={value:<10g} skipped: {why}")
+                continue
+            todo.append(value)
+        if not todo:
+            return
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            clf = trial(value)
-        unconverged = any(issubclass(w.category, ConvergenceWarning) for w in caught)
+            if workers > 1 and len(todo) > 1:
+                with ThreadPoolExecutor(min(workers, len(todo))) as pool:
+                    done = list(pool.map(fit_one, todo))
+                # One record for the threads together: which value stopped early is read off its solver.
+                for value, result in zip(todo, done):
+                    record(value, *result, _stopped_early(result[0]))
+            else:
+                for value in todo:
+                    first = len(caught)
+                    result = fit_one(value)
+                    record(value, *result, any(issubclass(w.category, ConvergenceWarning) for w in caught[first:]))
         for w in caught:  # the others as they were; a solver that stopped early is a note on its row instead
             if not issubclass(w.category, ConvergenceWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        acc = score(clf)
-        row = {"value": value, "val_accuracy": acc, "seconds": time.perf_counter() - t0}
+
+    def record(value: Any, clf: Any, acc: float, seconds: float, stopped: bool) -> None:
+        nonlocal best
+        row = {"value": value, "val_accuracy": acc, "seconds": seconds}
         if hasattr(clf, "best_epoch_"):
             row["best_epoch"] = clf.best_epoch_
-        if unconverged:
+        if stopped:
             row["converged"] = False
         sweep.append(row)
         if log:
-            note = "; the solver stopped at its iteration limit" if unconverged else ""
-            log(f"  {clf_name} {spec.param}={value:<10g} val acc {acc:.4f}  ({row['seconds']:.1f} s{note})")
+            note = "; the solver stopped at its iteration limit" if stopped else ""
+            log(f"  {clf_name} {spec.param}={value:<10g} val acc {acc:.4f}  ({seconds:.1f} s{note})")
         if acc > best[0]:
             best = (acc, value, clf)
 
-    for value in grid:
-        run(value)
+    run_round(grid)
     if best[2] is None:
         raise ValueError(f"no {spec.param} value could be tried: {'; '.join(s['skipped'] for s in sweep)}")
     if spec.log and len(grid) > 1:
         step = abs(math.log10(grid[1] / grid[0]))
         for _ in range(config.refine):
             step /= 2
-            for value in (best[1] * 10**-step, best[1] * 10**step):
-                run(float(f"{value:.3g}"))
+            run_round([float(f"{best[1] * 10**-step:.3g}"), float(f"{best[1] * 10**step:.3g}")])
     sweep.sort(key=lambda s: float(s["value"]))
     return best[1], best[2], sweep
+
+
+def _stopped_early(clf: Any) -> bool:
+    """Whether a solver ran to its iteration limit (liblinear's and libsvm's own test before they warn)."""
+    limit, done = getattr(clf, "max_iter", None), getattr(clf, "n_iter_", None)
+    return isinstance(limit, int) and limit > 0 and done is not None and int(np.max(done)) >= limit

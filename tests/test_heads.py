@@ -637,3 +637,59 @@ def test_a_sweep_value_whose_solver_stopped_early_is_noted_on_its_row_not_printe
     assert best == 1.0 and [row.get("converged", True) for row in sweep] == [True, False]
     assert lines[1].endswith("s; the solver stopped at its iteration limit)") and "stopped" not in lines[0]
     assert sorted(str(w.message) for w in seen) == ["other 0.1", "other 1"]  # the rest pass through, once each
+
+
+def test_a_sweep_on_threads_equals_the_sweep_one_value_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RBF SVM fits a round's values side by side; the rows, the choice and the model are the same."""
+    clf = "svm-rbf"
+    from pipeline import sweep as sweep_mod
+    from pipeline.config import HeadConfig
+
+    X, y = blobs(120, k=4, sep=1.5)
+    Xv, yv = blobs(80, k=4, sep=1.5, seed=1)
+    config = HeadConfig(clf=clf, grid=(0.01, 1.0, 100.0), refine=1)
+    results = {}
+    for cores in (1, 3):
+        monkeypatch.setattr(sweep_mod, "usable_cores", lambda: cores)
+        lines: list[str] = []
+        value, fitted, rows = sweep_mod.run_sweep(clf, config, X, y, Xv, yv, log=lines.append)
+        results[cores] = (value, [(r["value"], r["val_accuracy"]) for r in rows], fitted.decision_function(Xv), len(lines))
+    one, three = results[1], results[3]
+    assert one[0] == three[0] and one[1] == three[1] and one[3] == three[3] == 5
+    np.testing.assert_array_equal(one[2], three[2])
+
+
+def test_a_solver_that_stopped_early_on_a_thread_is_noted_on_its_own_row() -> None:
+    import warnings
+
+    from pipeline.config import HeadConfig
+    from pipeline.sweep import search
+
+    X, y = blobs(200, k=3, sep=0.5)
+    from sklearn.svm import LinearSVC
+
+    def trial(C: float) -> LinearSVC:  # a tiny iteration limit stops the large C early, not the small one
+        return LinearSVC(C=C, max_iter=3 if C > 1 else 1000, tol=1e-6).fit(X, y)
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _, _, rows = search("svm", HeadConfig(clf="svm", grid=(1e-3, 1e3), refine=0), trial, lambda c: c.score(X, y), workers=2)
+    assert [r.get("converged", True) for r in rows] == [True, False]
+    assert not any("converge" in str(w.message) for w in seen)
+
+
+def test_an_svm_predicts_the_same_in_row_blocks_on_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import heads as heads_mod
+
+    X, y = blobs(300, k=4, sep=1.0)
+    pipe = build_head("svm-rbf", 1.0).fit(X, y)
+    Xq, _ = blobs(275, k=4, sep=1.0, seed=2)  # 1,100 rows
+    calls: list[int] = []
+    svc = pipe.steps[-1][1]
+    real = type(svc).decision_function
+    monkeypatch.setattr(type(svc), "decision_function", lambda self, Z: (calls.append(len(Z)), real(self, Z))[1])
+    monkeypatch.setattr(heads_mod, "usable_cores", lambda: 3)
+    blocks = heads_mod.in_row_blocks(pipe, "decision_function", Xq)
+    assert sorted(calls) == [366, 367, 367]
+    np.testing.assert_array_equal(blocks, real(svc, pipe[:-1].transform(Xq)))
+    np.testing.assert_array_equal(heads_mod.in_row_blocks(pipe, "predict", Xq), pipe.predict(Xq))
