@@ -14,13 +14,21 @@ Per model, in one run:
    decodes each batch at once on the device, which then resizes (antialiased), crops and normalises. Compared with
    the workers' decoding on the same files: decode and preprocessing alone, then through the forward pass.
 
+Then, once, for MobileNetV2 (skipped with `--no-ranks`):
+
+4. **ranks**: `torchrun --standalone --nproc-per-node N -m pipeline extract` over the same images, N being every CUDA
+   device (pipeline joins them with NCCL), or 2 ranks on gloo on the CPU to show the path; and one process with the
+   same settings into another cache. The caches must hold the same rows, labels and paths in the same order, and
+   every feature within `pipeline.distributed.RANK_TOLERANCE` of its tap's largest feature; otherwise the script
+   fails. The img/s are those extract reports.
+
 Without a CUDA device everything runs on the CPU to show the code path (the uint8 transfer forced on), and the output
 says, at the top and the bottom, that its figures are not GPU figures.
 
 Images: `--data DIR` (an image folder; its test split), else generated photo-like JPEGs of `--size` (default 375x500,
 ImageNet-like), which `--gpu-decode` needs.
 
-Usage: python bench/gpu_bench.py [--device cuda] [--images 2048] [--batch-size 256] [--workers 8] [--gpu-decode]
+Usage: python bench/gpu_bench.py [--device cuda] [--images 2048] [--batch-size 256] [--workers 8] [--gpu-decode] [--no-ranks]
 Smoke run on a CPU (seconds): python bench/gpu_bench.py --device cpu --images 12 --batch-size 4 --crop 32 --gpu-decode
 """
 
@@ -30,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,15 +52,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself, for i
 from extract_bench import WEIGHTS  # noqa: E402
 from synthetic import make_jpeg_folder  # noqa: E402
 
-from pipeline import ExtractConfig, extract, load_backbone  # noqa: E402
+from pipeline import ExtractConfig, extract, load_backbone, read_cache  # noqa: E402
 from pipeline.backbones import Backbone, WeightsUnavailableError  # noqa: E402
 from pipeline.cache import PartialRun, write_cache  # noqa: E402
 from pipeline.data import ImageDataset, load_split  # noqa: E402
+from pipeline.distributed import RANK_TOLERANCE  # noqa: E402
 from pipeline.extract import auto_workers  # noqa: E402
 from pipeline.runtime import Runtime, resolve_runtime  # noqa: E402
 from pipeline.taps import TapExtractor, resolve_taps  # noqa: E402
 
 STAGES = ("decode", "host-to-device", "device preprocess", "forward", "write")
+RANKS_MODEL = "mobilenet_v2"  # one model shows the path; the smallest is the quickest
+REPO = Path(__file__).resolve().parent.parent
+
+
+def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest difference between ``a`` and ``b``, as a fraction of ``b``'s largest magnitude."""
+    return float(np.abs(a - b).max(initial=0.0) / max(1e-12, np.abs(b).max(initial=0.0)))
 
 
 def sync(device: torch.device) -> None:
@@ -197,7 +214,44 @@ def device_decode(args: argparse.Namespace, data: Path, bb: Backbone, runtime: R
             out[name] = {"decode_preprocess_img_s": prep, "through_forward_img_s": n / (time.perf_counter() - t0)}
             feats[name] = np.concatenate(got)
     a, b = feats.values()
-    out["max_rel_feature_diff"] = float(np.abs(a - b).max() / max(1e-12, np.abs(b).max()))  # other decoders, other resize: not equal
+    out["max_rel_feature_diff"] = max_rel_diff(a, b)  # other decoders, other resize: not equal
+    return out
+
+
+def _extract_cli(launcher: list[str], args: list[str], out: Path) -> Path:
+    """``pipeline extract`` in a child process started by ``launcher``, writing ``out``; returns ``out``.
+
+    It runs in ``out``'s folder, so a ``pipeline.toml`` where the script was started changes neither run.
+    """
+    env = {**os.environ, "PIPELINE_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    out.parent.mkdir(parents=True)
+    run = subprocess.run([*launcher, "-m", "pipeline", *args, "--output", str(out)], capture_output=True, text=True, env=env, cwd=out.parent)
+    if run.returncode:
+        raise SystemExit(f"{' '.join(launcher[1:]) or 'one process'}: pipeline extract failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+    return out
+
+
+def ranks(args: argparse.Namespace, data: Path, bb: Backbone, runtime: Runtime, tmp: Path) -> dict:
+    """torchrun with every CUDA device (NCCL), or 2 gloo ranks on the CPU, against one process: equal within RANK_TOLERANCE?"""
+    n = torch.cuda.device_count() if runtime.device.type == "cuda" else 2
+    # The same settings for both. The device goes without its index: under torchrun each rank takes cuda:LOCAL_RANK.
+    # The eager engine: what CUDA runs anyway, and on the CPU what RANK_TOLERANCE is stated for.
+    settings = ["extract", "--data", str(data), "--split", "test", "--model", bb.name, "--weights", bb.weights, "--resize", str(bb.preprocess.resize),
+                "--crop", str(bb.preprocess.crop), "--batch-size", str(args.batch_size), "--device", runtime.device.type,
+                "--amp" if runtime.amp else "--no-amp", "--engine", "eager", "--no-progress"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+    dist = _extract_cli(torchrun, settings, tmp / "ranks-torchrun" / "test.h5")
+    single = _extract_cli([sys.executable], settings, tmp / "ranks-one-process" / "test.h5")
+    with read_cache(dist) as got, read_cache(single) as one:
+        same = len(got) == len(one) and got.taps == one.taps and np.array_equal(got.labels, one.labels) and got.paths == one.paths
+        diff = max((max_rel_diff(got.features(t), one.features(t)) for t in one.taps), default=0.0) if same else None
+        world = int(got.attrs["world_size"])
+        out = {"model": bb.name, "weights": bb.weights, "images": len(got), "ranks": world, "torchrun_img_s": got.attrs["images_per_s"],
+               "one_process_img_s": one.attrs["images_per_s"], "same_rows_labels_paths": same, "max_rel_feature_diff": diff}
+    # pipeline.distributed.process_group's choice; one rank is a plain run, with no process group.
+    out["backend"] = ("nccl" if runtime.device.type == "cuda" else "gloo") if world > 1 else "none (one rank)"
+    out["tolerance"] = RANK_TOLERANCE
+    out["pass"] = diff is not None and diff <= RANK_TOLERANCE
     return out
 
 
@@ -212,6 +266,7 @@ def main() -> None:
     ap.add_argument("--size", default="375x500", help="height x width of the generated JPEGs")
     ap.add_argument("--crop", type=int, default=None, help="override the weights' crop (smoke runs only)")
     ap.add_argument("--gpu-decode", action="store_true", help="also compare batched decode_jpeg on the device with worker decoding")
+    ap.add_argument("--no-ranks", action="store_true", help=f"skip torchrun over every GPU (2 gloo ranks on the CPU) against one process, {RANKS_MODEL}")
     ap.add_argument("--out", default="bench/results/gpu.json")
     args = ap.parse_args()
     runtime = resolve_runtime(args.device)
@@ -259,12 +314,23 @@ def main() -> None:
                     for name in ("device decode_jpeg", "workers (PIL)"):
                         print(f"| {name} | {g[name]['decode_preprocess_img_s']:.1f} | {g[name]['through_forward_img_s']:.1f} |")
                     print(f"features of the two differ by {g['max_rel_feature_diff']:.1e} of the largest (other decoder and resize)")
+        ranked = r = None if args.no_ranks else ranks(args, data, backbone(args, RANKS_MODEL), runtime, tmp)
+        if r:
+            print(f"\n{r['model']} ({r['weights']}), {r['images']} images, batch {args.batch_size}: torchrun with {r['ranks']} ranks "
+                  f"({r['backend']}) against one process, the same settings")
+            print("| run | ranks | backend | img/s (extract's) |\n|---|---|---|---|")
+            print(f"| torchrun | {r['ranks']} | {r['backend']} | {r['torchrun_img_s']:.1f} |\n| one process | 1 | - | {r['one_process_img_s']:.1f} |")
+            diff = r["max_rel_feature_diff"]
+            print(("rows, labels or paths DIFFER" if diff is None else f"the same rows, labels and paths; features differ by at most {diff:.1e} "
+                   f"of the tap's largest (tolerance {RANK_TOLERANCE:.0e})") + f": {'PASS' if r['pass'] else 'FAIL'}")
     meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "device": args.device,
             "cuda": torch.cuda.get_device_name(runtime.device) if cuda else None, "runtime": runtime.describe(), "images": args.images,
             "batch_size": args.batch_size, "workers": args.workers, "data": args.data or f"generated JPEGs {args.size}", "note": banner or None}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "ranks": ranked}, indent=1))
     print(f"\n{banner}" if banner else f"\n{meta}")
+    if ranked and not ranked["pass"]:
+        raise SystemExit(f"FAIL: torchrun's cache differs from one process's beyond RANK_TOLERANCE ({RANK_TOLERANCE:.0e}); see {args.out}")
 
 
 if __name__ == "__main__":
