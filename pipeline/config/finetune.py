@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-from ..recipes import FINETUNE_DEFAULTS, RECIPES
+from ..recipes import FINETUNE_DEFAULTS, LPFT_DEFAULTS, RECIPES
 from ..validate import check_at_least, check_choice, check_types
 from .shared import AUGMENTS, HEAD_INITS, NORMS, ON_ERROR, OPTIMIZERS, SCHEDULES, BackboneOptions, DatasetOptions
 
@@ -44,8 +44,9 @@ class FinetuneConfig(DatasetOptions, BackboneOptions):
         norm: ``frozen``: normalisation layers keep their running statistics (eval mode; scale and shift still
             train); ``train``: batch statistics, running statistics re-estimated on the new data.
         init_head: a ``linear`` (or logreg/svm without PCA) head fitted by fit-head on this backbone's cached
-            features, to start from instead of a random classifier (LP-FT). Its learning-rate multiplier then
-            defaults to 1: the head starts trained, and the 10x of a head trained from scratch undoes it.
+            features, to start from instead of a random classifier (LP-FT). The head's learning-rate multiplier,
+            the optimizer and the lr then default to ``LPFT_DEFAULTS`` (1, AdamW, 1e-5), over the recipe's: the head
+            starts trained, and larger steps through frozen normalisation layers undo the probe (measured there).
         seed: seed of the classifier init, shuffling, augmentation and dropout.
         workers: DataLoader workers; None picks from the CPU count (0 on small CPUs).
         device, amp: as for extract: the one fast-path switch (bf16 autocast, channels_last).
@@ -94,8 +95,9 @@ class FinetuneConfig(DatasetOptions, BackboneOptions):
         if self.recipe is not None and self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
         preset = RECIPES[self.recipe].settings if self.recipe else {}
-        if self.head_lr_mult is None and self.init_head:
-            object.__setattr__(self, "head_lr_mult", 1.0)
+        for key, default in (LPFT_DEFAULTS.items() if self.init_head else ()):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, default)
         for key, default in FINETUNE_DEFAULTS.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, preset.get(key, default))
