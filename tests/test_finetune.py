@@ -471,6 +471,24 @@ def test_lp_ft_starts_from_the_linear_heads_predictions(heads: SimpleNamespace, 
         assert not np.allclose(plain.eval()(x).numpy(), expected, atol=1e-2)
 
 
+
+def test_lp_ft_that_moves_no_weight_keeps_the_probes_accuracy_with_frozen_norm_layers(heads: SimpleNamespace, tmp_path: Path) -> None:
+    """In the default norm mode an epoch whose steps move no weight (lr x 0 for both groups) leaves epoch 1 exactly
+    where epoch 0 was; re-estimated batch statistics (the control) move it although no weight moves. A random-weight
+    network this small is chaotic enough that steps of 1e-12 already move its loss, hence zero steps."""
+    runs = {}
+    for norm in ("frozen", "train"):
+        config = FinetuneConfig(data=str(heads.data), model="mobilenet_v2", weights="none", crop=32, resize=36, workers=0,
+                                device="cpu", init_head=str(heads.linear["mobilenet_v2"]), head_lr_mult=0.0, backbone_lr_mult=0.0, epochs=1, batch_size=4,
+                                augment="none", norm=norm, output_dir=str(tmp_path / norm))
+        assert config.norm == norm and (norm == "train" or FinetuneConfig(data=str(heads.data)).norm == "frozen")
+        result = finetune(config, progress=False)
+        with open(result.run_dir / "history.csv", newline="") as f:
+            runs[norm] = [(float(r["val_loss"]), float(r["val_acc"])) for r in csv.DictReader(f)]
+    (loss0, acc0), (loss1, acc1) = runs["frozen"]
+    assert acc1 == acc0 and loss1 == loss0
+    assert runs["train"][0] == runs["frozen"][0] and abs(runs["train"][1][0] - loss0) > 1e-3
+
 def test_lp_ft_refuses_heads_it_cannot_start_from(heads: SimpleNamespace) -> None:
     base = dict(data=str(heads.data), model="mobilenet_v2", weights="none", crop=32, resize=36)
     with pytest.raises(ValueError, match=r"was fitted on features of another backbone \(preprocess: head \{.*'crop': 32.*\}, fine-tune \{.*'crop': 40"):
