@@ -10,9 +10,10 @@ Per model, in one run:
    images smaller than the resize), *forward*, *write* (features back to the host, one shard per batch, then the HDF5
    assembly). The sum is slower than (1), which overlaps them; the largest share says what bounds it. Beside it, the
    workers' decode rate with nothing else running.
-3. **GPU decode** (`--gpu-decode`, JPEG files only): the workers only read the files; `torchvision.io.decode_jpeg`
-   decodes each batch at once on the device, which then resizes (antialiased), crops and normalises. Compared with
-   the workers' decoding on the same files: decode and preprocessing alone, then through the forward pass.
+3. **GPU decode** (`--gpu-decode`, JPEG files only): extract's `decode="device"` path (`BatchInputs.decode`): the workers
+   only read the files; `torchvision.io.decode_jpeg` decodes each batch at once on the device, which then resizes
+   (antialiased), crops and normalises. Compared with the workers' decoding on the same files: decode and
+   preprocessing alone, then through the forward pass; and a fresh `extract(decode="device")` end to end, against (1).
 
 Then, once, for MobileNetV2 (skipped with `--no-ranks`):
 
@@ -58,7 +59,7 @@ from pipeline.cache import PartialRun, write_cache  # noqa: E402
 from pipeline.data import ImageDataset, load_split  # noqa: E402
 from pipeline.distributed import RANK_TOLERANCE  # noqa: E402
 from pipeline.extract import auto_workers  # noqa: E402
-from pipeline.runtime import Runtime, resolve_runtime  # noqa: E402
+from pipeline.runtime import BatchInputs, Runtime, resolve_runtime  # noqa: E402
 from pipeline.taps import TapExtractor, resolve_taps  # noqa: E402
 
 STAGES = ("decode", "host-to-device", "device preprocess", "forward", "write")
@@ -85,9 +86,10 @@ def backbone(args: argparse.Namespace, model: str) -> Backbone:
         return load_backbone(model, "none", **crop)  # random weights: the same arithmetic, so the same time
 
 
-def end_to_end(args: argparse.Namespace, data: Path, bb: Backbone, tmp: Path) -> dict:
+def end_to_end(args: argparse.Namespace, data: Path, bb: Backbone, tmp: Path, decode: str = "host") -> dict:
     config = ExtractConfig(data=str(data), split="test", model=bb.name, weights=bb.weights, batch_size=args.batch_size, workers=args.workers,
-                           device=args.device, cache_dir=str(tmp / f"e2e-{bb.name}"), resize=bb.preprocess.resize, crop=bb.preprocess.crop)
+                           device=args.device, cache_dir=str(tmp / f"e2e-{bb.name}-{decode}"), resize=bb.preprocess.resize, crop=bb.preprocess.crop,
+                           decode=decode)
     t0 = time.perf_counter()
     result = extract(config, progress=False)
     if result.status != "extracted":
@@ -146,51 +148,23 @@ def breakdown(args: argparse.Namespace, data: Path, bb: Backbone, runtime: Runti
             "float32_bytes_per_image": 3 * bb.preprocess.crop ** 2 * 4}
 
 
-class _Bytes(torch.utils.data.Dataset):
-    """A file's bytes as a uint8 tensor: all a worker does when the device decodes."""
-
-    def __init__(self, root: Path, paths: list[str]) -> None:
-        self.root, self.paths = root, paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        import torchvision
-
-        return torchvision.io.read_file(str(self.root / self.paths[i]))
-
-
-def _as_list(items: list[torch.Tensor]) -> list[torch.Tensor]:
-    return items
-
-
-def device_decode(args: argparse.Namespace, data: Path, bb: Backbone, runtime: Runtime) -> dict:
-    """Batched ``decode_jpeg`` on the device against the workers' PIL decoding, on the same files."""
-    import torchvision
-    from torchvision.transforms.v2 import functional as F
-
+def device_decode(args: argparse.Namespace, data: Path, bb: Backbone, runtime: Runtime, tmp: Path) -> dict:
+    """extract's ``decode="device"`` path (batched ``decode_jpeg`` on the device) against the workers' PIL decoding, on the
+    same files; then a fresh ``extract(decode="device")`` end to end."""
     split = load_split(ExtractConfig(data=str(data)).dataset, "test")
     if not all(p.lower().endswith((".jpg", ".jpeg")) for p in split.paths):
         return {"skipped": "not every file is a JPEG"}
-    p = bb.preprocess
-    mean = torch.tensor(p.mean, device=runtime.device).view(1, 3, 1, 1)
-    std = torch.tensor(p.std, device=runtime.device).view(1, 3, 1, 1)
 
-    def preprocess(images: list[torch.Tensor]) -> torch.Tensor:
-        # One resize for the batch when the sizes agree (typical of a camera's files), else one per image.
-        same = len({tuple(im.shape) for im in images}) == 1
-        groups = [torch.stack(images)] if same else [im[None] for im in images]
-        out = [F.center_crop(F.resize(g, [p.resize], antialias=True), [p.crop]) for g in groups]
-        x = torch.cat(out).float().div_(255).sub_(mean).div_(std)
-        return x.contiguous(memory_format=runtime.memory_format)
+    def loader(inputs: BatchInputs) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(ImageDataset(data, split.paths, inputs.transform, encoded_jpegs=inputs.device_decode),
+                                           batch_size=args.batch_size, num_workers=args.workers, collate_fn=inputs.collate,
+                                           pin_memory=runtime.pin_memory, prefetch_factor=4 if args.workers else None)
 
-    files = torch.utils.data.DataLoader(_Bytes(data, split.paths), batch_size=args.batch_size, num_workers=args.workers, collate_fn=_as_list)
+    on_device = replace(runtime, decode="device").inputs(bb.preprocess)
     inputs = runtime.inputs(bb.preprocess)
-    pil = torch.utils.data.DataLoader(ImageDataset(data, split.paths, inputs.transform), batch_size=args.batch_size, num_workers=args.workers,
-                                      collate_fn=inputs.collate, pin_memory=runtime.pin_memory, prefetch_factor=4 if args.workers else None)
+    files, pil = loader(on_device), loader(inputs)
     batches = {
-        "device decode_jpeg": lambda: (preprocess(torchvision.io.decode_jpeg(b, mode=torchvision.io.ImageReadMode.RGB, device=runtime.device)) for b in files),
+        "device decode_jpeg": lambda: (runtime.to_device(on_device.decode(b, runtime.device)[1], on_device) for b in files),
         "workers (PIL)": lambda: (runtime.to_device(x, inputs) for _, x, _ in pil),
     }
     taps = resolve_taps(bb.model, (), "output")
@@ -215,6 +189,7 @@ def device_decode(args: argparse.Namespace, data: Path, bb: Backbone, runtime: R
             feats[name] = np.concatenate(got)
     a, b = feats.values()
     out["max_rel_feature_diff"] = max_rel_diff(a, b)  # other decoders, other resize: not equal
+    out["end_to_end"] = end_to_end(args, data, bb, tmp, decode="device")
     return out
 
 
@@ -295,7 +270,7 @@ def main() -> None:
             row = {"model": model, "weights": bb.weights, "end_to_end": end_to_end(args, data, bb, tmp)}
             row["breakdown"] = breakdown(args, data, bb, runtime, tmp)
             if args.gpu_decode:
-                row["gpu_decode"] = device_decode(args, data, bb, runtime)
+                row["gpu_decode"] = device_decode(args, data, bb, runtime, tmp)
             rows.append(row)
             e, b = row["end_to_end"], row["breakdown"]
             print(f"\n{model} ({bb.weights}), {e['images']} images, batch {args.batch_size}, {args.workers} workers: end to end "
@@ -314,6 +289,8 @@ def main() -> None:
                     for name in ("device decode_jpeg", "workers (PIL)"):
                         print(f"| {name} | {g[name]['decode_preprocess_img_s']:.1f} | {g[name]['through_forward_img_s']:.1f} |")
                     print(f"features of the two differ by {g['max_rel_feature_diff']:.1e} of the largest (other decoder and resize)")
+                    print(f"extract --decode device end to end: {g['end_to_end']['extract_img_s']:.1f} img/s ({g['end_to_end']['engine']}), "
+                          f"against {e['extract_img_s']:.1f} with the workers decoding")
         ranked = r = None if args.no_ranks else ranks(args, data, backbone(args, RANKS_MODEL), runtime, tmp)
         if r:
             print(f"\n{r['model']} ({r['weights']}), {r['images']} images, batch {args.batch_size}: torchrun with {r['ranks']} ranks "

@@ -17,7 +17,9 @@ from PIL import Image
 from .config import SPLITS, DatasetSpec
 from . import layout
 from .files import atomic_write
-from .images import IMAGE_EXTENSIONS, UnreadableImageError, broken_link, ignored_reason, load_rgb, unreadable_message, verify_images
+from .images import (
+    IMAGE_EXTENSIONS, JPEG_MAGIC, UnreadableImageError, broken_link, ignored_reason, jpeg_orientation, load_rgb, unreadable_message, verify_images,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -26,6 +28,7 @@ __all__ = [
     "Rejected",
     "UnreadableImageError",
     "ImageDataset",
+    "EncodedJpeg",
     "load_split",
     "load_splits",
     "load_rgb",
@@ -393,25 +396,64 @@ def _scan_folder_splits(spec: DatasetSpec, scan: str) -> _Scan:
     return _Scan(paths, labels, sizes, rejected, ignored, classes, {"train": train, "val": val}, carved)
 
 
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG file read but not decoded, for the device to decode (:class:`~pipeline.runtime.BatchInputs`).
+
+    Attributes:
+        path: the file, to decode it on the host where the device cannot.
+        data: its bytes.
+        orientation: its EXIF orientation (1-8), which the device applies.
+    """
+
+    path: str
+    data: bytes
+    orientation: int
+
+
+def read_jpeg(path: Path) -> EncodedJpeg | None:
+    """The bytes of a file that begins as a JPEG does and whose colour the device decodes as :func:`load_rgb` does
+    (:func:`~pipeline.images.jpeg_orientation`), else None (another format, or a file that cannot be read: decoding it
+    with :func:`load_rgb` says why)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(JPEG_MAGIC))
+            if head != JPEG_MAGIC:
+                return None
+            data = head + f.read()
+    except OSError:
+        return None
+    orientation = jpeg_orientation(data)
+    return None if orientation is None else EncodedJpeg(str(path), data, orientation)
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Decoded, transformed images of a split; a bad image yields its error instead of raising.
 
-    Items are ``(position, tensor or None, reason or None)`` so that one bad file costs one row, not the run.
+    Items are ``(position, tensor or None, reason or None)`` so that one bad file costs one row, not the run. With
+    ``encoded_jpegs``, a JPEG file (known by its first bytes, whatever its extension) is read and not decoded: its item
+    holds an :class:`EncodedJpeg` instead of a tensor, for the device to decode; other files are decoded as always.
     """
 
-    def __init__(self, root: Path, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor], offset: int = 0) -> None:
+    def __init__(self, root: Path, paths: Sequence[str], transform: Callable[[Image.Image], torch.Tensor], offset: int = 0,
+                 encoded_jpegs: bool = False) -> None:
         self.root = Path(root)
         self.paths = paths
         self.transform = transform
         self.offset = offset
+        self.encoded_jpegs = encoded_jpegs
 
     def __len__(self) -> int:
         return len(self.paths) - self.offset
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | EncodedJpeg | None, str | None]:
         pos = i + self.offset
+        path = self.root / self.paths[pos]
+        encoded = read_jpeg(path) if self.encoded_jpegs else None
+        if encoded is not None:
+            return pos, encoded, None
         try:
-            return pos, self.transform(load_rgb(self.root / self.paths[pos])), None
+            return pos, self.transform(load_rgb(path)), None
         except UnreadableImageError as e:
             return pos, None, e.reason
 

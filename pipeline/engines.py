@@ -162,7 +162,9 @@ class BatchRunner:
     loader makes the next; the results still come out in order.
 
     Args:
-        loader: yields what :func:`pipeline.data.collate_batch` (or ``inputs.collate``) makes.
+        loader: yields what :func:`pipeline.data.collate_batch` (or ``inputs.collate``) makes; a batch whose JPEGs
+            are still encoded is decoded on the runtime's device by ``inputs`` first, and the files it cannot decode
+            join the unreadable ones.
         extractor: the tapped model.
         kind: ``auto``, ``eager`` or ``onnx``.
         runtime: where and how the model runs.
@@ -186,7 +188,8 @@ class BatchRunner:
         pool: ThreadPoolExecutor | None = None
         held, narrowed = ExitStack(), False
         try:
-            for index, x, bad in self.loader:
+            for batch in self.loader:
+                index, x, bad = self.inputs.decode(batch, self.runtime.device) if self.inputs is not None else batch
                 if bad and self.on_error == "fail":
                     i, why = bad[0]
                     raise ValueError(f"{self.name(i)}: {why}; fix or remove the file, or pass --on-error skip")

@@ -176,7 +176,7 @@ class _Shared:
 
 
 def _extract_one(config: ExtractConfig, shared: _Shared, *, force: bool, progress: bool) -> ExtractResult:
-    runtime = resolve_runtime(config.device, config.amp)
+    runtime = resolve_runtime(config.device, config.amp, decode=config.decode)
     group, device = process_group(runtime.device)
     runtime = replace(runtime, device=device)
     with ExitStack() as held:  # rank 0 locks the cache from the start of its work to the end
@@ -199,6 +199,7 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
 
     split, backbone, taps = group.agree(prepare, _ERRORS)
     path = extract_cache_path(config, backbone.weights, [t.slug for t in taps])
+    inputs = runtime.inputs(backbone.preprocess)  # float32 made here, or uint8 finished on the device; JPEGs read or decoded
     # What determines the cache's content; how fast it is made (batch size, workers, device, ranks) is left out.
     settings = {
         "dataset": config.dataset.name, "dataset_fingerprint": split.fingerprint, "split": config.split,
@@ -206,6 +207,8 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
         "taps": [t.name for t in taps], "preprocess": backbone.preprocess.to_dict(), "dtype": config.dtype,
         "compression": config.compression, "amp": runtime.amp, "engine": config.engine,
     }
+    if config.decode != "host":  # another decoder and resize, other features; absent at the default, so older caches stay current
+        settings["decode"] = config.decode
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
     settings["preprocess"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings["preprocess"].items()}
     partial = PartialRun(path)
@@ -255,9 +258,8 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
         batches = [list(range(a, min(a + config.batch_size, b))) for g0, b in gaps for a in range(g0, b, config.batch_size)]
         todo = sum(len(b) for b in batches)
         workers = auto_workers(runtime.device.type, group.local_world) if config.workers is None else config.workers
-        inputs = runtime.inputs(backbone.preprocess)  # float32 made here, or uint8 finished on the device
         loader = torch.utils.data.DataLoader(
-            ImageDataset(root, split.paths, inputs.transform),
+            ImageDataset(root, split.paths, inputs.transform, encoded_jpegs=inputs.device_decode),
             batch_sampler=batches, num_workers=workers if batches else 0, collate_fn=inputs.collate,
             pin_memory=runtime.pin_memory, prefetch_factor=4 if workers and batches else None, persistent_workers=False,
         )

@@ -5,17 +5,18 @@ Nothing here imports torch, so an exported model runs on images with ONNX Runtim
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 __all__ = ["IMAGE_EXTENSIONS", "UnreadableImageError", "ImageInputs", "load_rgb", "scan_inputs", "find_images", "ignored_reason",
            "unreadable_message", "verify_image", "verify_images", "decoding_kind", "broken_link", "resize_crop", "resized_size",
-           "centre_offsets"]
+           "centre_offsets", "JPEG_MAGIC", "jpeg_orientation"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
@@ -74,6 +75,29 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise UnreadableImageError(str(path), str(e)) from None
     except Exception as e:  # PIL raises many types for bad files; all mean "cannot decode".
         raise UnreadableImageError(str(path), f"cannot decode image ({type(e).__name__}: {e})") from e
+
+
+# A JPEG file's first bytes: the start-of-image marker and the first byte of the next marker, whatever the extension says.
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def jpeg_orientation(data: bytes) -> int | None:
+    """The EXIF orientation (1-8, as :func:`load_rgb` reads it) of a JPEG file's bytes, when they are a JPEG whose
+    colour a plain decoder to RGB gets as :func:`load_rgb` does (RGB or greyscale); None for anything else (another
+    format, a CMYK JPEG, a header PIL cannot read), which :func:`load_rgb` is left to decode.
+
+    Only the header is parsed, not the pixels.
+    """
+    if not data.startswith(JPEG_MAGIC):
+        return None
+    try:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:
+            if im.mode not in ("RGB", "L"):
+                return None
+            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)  # what ImageOps.exif_transpose reads
+    except Exception:  # PIL raises many types for bad headers; load_rgb will say why
+        return None
+    return orientation if orientation in range(1, 9) else 1
 
 
 def broken_link(path: Path) -> str | None:

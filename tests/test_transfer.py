@@ -87,7 +87,7 @@ def test_extract_through_the_uint8_path_makes_the_float_paths_cache(tmp_path: Pa
     data = make_image_folder(tmp_path / "small", {"test": 3}, size=(28, 28))
     plain = extract(ExtractConfig(data=str(data), split="test", **tiny(cache_dir="plain")), progress=False)
     uint8_runtime = Runtime(torch.device("cpu"), amp=False, uint8=True)
-    monkeypatch.setattr(sys.modules["pipeline.extract"], "resolve_runtime", lambda device, amp: uint8_runtime)  # CUDA's path, on the CPU
+    monkeypatch.setattr(sys.modules["pipeline.extract"], "resolve_runtime", lambda device, amp, decode: uint8_runtime)  # CUDA's path, on the CPU
     sent = []
     finish = BatchInputs.finish
     monkeypatch.setattr(BatchInputs, "finish", lambda self, x: (sent.append((x.dtype, tuple(x.shape))), finish(self, x))[1])

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import click
 
-from ..config import ExtractConfig
+from ..config import DECODES, ExtractConfig
 from ..settings_file import CONFIG_FILE, load_config, settings_from
 
 __all__ = ["dataset_options", "backbone_options", "runtime_options", "cache_options", "config_option", "friendly", "cli_rank",
@@ -103,11 +103,18 @@ def backbone_options(model_default: str, weights_default: str) -> Callable[[Call
 
 
 def runtime_options(command: str) -> Callable[[Callable], Callable]:
-    """Where the backbone runs: device, the fast-path switch and DataLoader workers."""
+    """Where the backbone runs: device, the fast-path switch and DataLoader workers (and, for extract, where JPEGs are decoded)."""
+    decode = click.option(
+        "--decode", type=click.Choice(DECODES), help="Where JPEG files are decoded: host (the DataLoader workers, PIL) or device (the workers only "
+        "read them; torchvision's decode_jpeg decodes each batch at once on --device, nvJPEG on CUDA, then resizes, crops and normalises "
+        "there). Other formats are decoded on the host either way. device's features are within a tolerance of host's, not equal, so it is "
+        f"part of the cache's settings.  [default: {ExtractConfig.decode}]",
+    )
     return _options(
         click.option("--workers", type=click.IntRange(0), help="DataLoader worker processes.  [default: from the CPU count]"),
         click.option("--device", help="auto, cpu, cuda, cuda:N or mps.  [default: auto: cuda > mps > cpu]"),
         click.option("--amp/--no-amp", default=None, help=f"The fast path: bf16 autocast, channels_last{', pinned memory, non-blocking copies' if command == 'extract' else ''}.  [default: on for CUDA]"),
+        *([decode] if command == "extract" else []),
     )
 
 

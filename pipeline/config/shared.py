@@ -10,7 +10,7 @@ from typing import Any
 from ..validate import check_at_least, check_types
 
 __all__ = [
-    "SPLITS", "ON_ERROR", "DTYPES", "COMPRESSIONS", "ENGINES", "PARALLEL", "CAPTURES", "HEAD_NAMES", "POOLS", "PREPROCESSING", "OPTIMIZERS",
+    "SPLITS", "ON_ERROR", "DTYPES", "COMPRESSIONS", "ENGINES", "PARALLEL", "DECODES", "CAPTURES", "HEAD_NAMES", "POOLS", "PREPROCESSING", "OPTIMIZERS",
     "SCHEDULES", "AUGMENTS", "HEAD_INITS", "NORMS", "PROJECTIONS", "DatasetSpec", "DatasetOptions", "BackboneOptions",
     "BACKBONE_AND_DATASET",
 ]
@@ -24,6 +24,9 @@ ENGINES = ("auto", "eager", "onnx")
 # How ONNX Runtime spreads a run over the cores: each operator split across threads (one barrier per operator), or
 # one single-threaded run per core, each on its own batch (no barrier: a core lost to a neighbour slows one batch).
 PARALLEL = ("operators", "batches")
+# Where JPEG files are decoded: by the DataLoader workers with PIL, or a batch at a time by torchvision's decode_jpeg on
+# the extraction's device (nvJPEG on CUDA), the workers only reading the files.
+DECODES = ("host", "device")
 CAPTURES = ("input", "output")
 HEAD_NAMES = ("linear", "logreg", "svm", "svm-rbf", "tree", "extra-trees", "hgb", "knn")
 POOLS = ("avg", "max", "flatten")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..validate import check_at_least, check_choice, check_types
 from .shared import (
-    CAPTURES, COMPRESSIONS, DTYPES, ENGINES, HEAD_NAMES, ON_ERROR, PARALLEL, POOLS, PREPROCESSING, PROJECTIONS, SPLITS, BackboneOptions,
+    CAPTURES, COMPRESSIONS, DECODES, DTYPES, ENGINES, HEAD_NAMES, ON_ERROR, PARALLEL, POOLS, PREPROCESSING, PROJECTIONS, SPLITS, BackboneOptions,
     DatasetOptions,
 )
 
@@ -32,6 +32,11 @@ class ExtractConfig(DatasetOptions, BackboneOptions):
             over every core) or ``batches`` (one single-threaded run per core, each on its own batch: it degrades
             with the CPU actually free on a busy machine instead of stalling at every operator). The eager engine
             ignores it. Not part of a cache's identity: the features are the same either way.
+        decode: where JPEG files (known by their first bytes) are decoded: ``host``, by the DataLoader workers with
+            PIL, as every other format; or ``device``, a batch at a time by torchvision's ``decode_jpeg`` on the
+            extraction's device (nvJPEG on CUDA, libjpeg-turbo on the CPU), then resized, cropped and normalised
+            there, the workers only reading the files. Another decoder and resize, so features within a tolerance
+            of the host's (README) and part of a cache's identity; other formats are decoded on the host either way.
         on_error: ``fail`` on the first unreadable file, or ``skip`` it and record it.
         cache_dir: root of the cache path convention.
         output: an explicit cache path instead of the convention.
@@ -50,6 +55,7 @@ class ExtractConfig(DatasetOptions, BackboneOptions):
     # batches: on 2 cores, as fast as operators when quiet (1.05x) and above 0.4x of that beside two busy processes,
     # where operators fell to 0.26x before torch was held to one thread around the engine (bench/busy_bench.py).
     parallel: str = "batches"
+    decode: str = "host"
     on_error: str = "fail"
     cache_dir: str = "features"
     output: str | None = None
@@ -57,7 +63,7 @@ class ExtractConfig(DatasetOptions, BackboneOptions):
     def __post_init__(self) -> None:
         check_types(self)
         for name, choices in (("split", SPLITS), ("dtype", DTYPES), ("compression", COMPRESSIONS), ("engine", ENGINES),
-                              ("parallel", PARALLEL), ("on_error", ON_ERROR), ("capture", CAPTURES)):
+                              ("parallel", PARALLEL), ("decode", DECODES), ("on_error", ON_ERROR), ("capture", CAPTURES)):
             check_choice(name, getattr(self, name), choices)
         check_at_least("batch_size", self.batch_size, 1)
         check_at_least("workers", self.workers, 0)
