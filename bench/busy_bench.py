@@ -22,9 +22,6 @@ Smoke run (seconds, numbers meaningless): python bench/busy_bench.py --images 12
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself, for its helpers
 from extract_bench import WEIGHTS, subset  # noqa: E402
 from synthetic import make_image_folder  # noqa: E402
+from results import machine, save  # noqa: E402
 
 from pipeline import ExtractConfig, extract, load_backbone  # noqa: E402
 from pipeline.backbones import WeightsUnavailableError  # noqa: E402
@@ -143,11 +141,9 @@ def main() -> None:
             rows.append({"figure": kind, "parallel": mode, "quiet_img_s": quiet, "busy_img_s": busy, "busy_over_quiet": busy / quiet,
                          "quiet_over_operators": quiet / med[("operators", "quiet", kind)],
                          "runs_quiet": rates[(mode, "quiet", kind)], "runs_busy": rates[(mode, "busy", kind)]})
-    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "model": args.model,
-            "weights": weights, "images": n, "neighbours": args.neighbours, "rounds": args.rounds, "batch_size": args.batch_size,
+    meta = {**machine(), "model": args.model, "weights": weights, "images": n, "neighbours": args.neighbours, "rounds": args.rounds, "batch_size": args.batch_size,
             "crop": args.crop, "data": str(args.data) if Path(args.data).is_dir() else "generated 28x28"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    save(args.out, meta, rows)
     print(f"\n{args.model} ({weights}), {n} images, {args.neighbours} busy neighbour(s), medians of {args.rounds} round(s):\n")
     print("| figure | --parallel | quiet img/s | busy img/s | busy / quiet | quiet vs operators |")
     print("|---|---|---|---|---|---|")

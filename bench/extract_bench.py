@@ -12,9 +12,7 @@ Throughputs are medians over interleaved rounds; the speed-up is the ratio of th
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -27,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline import ExtractConfig, extract, load_backbone, read_cache
 from pipeline.backbones import WeightsUnavailableError, final_linear
 from pipeline.data import DatasetSpec, load_split
+from results import machine, save  # bench/ is on sys.path when a script of it runs
 
 # Real weights where they are available offline; random weights cost the same time.
 WEIGHTS = {"mobilenet_v2": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2"}
@@ -144,10 +143,8 @@ def main() -> None:
                     "max_rel_diff": diffs[engine], "naive_runs": runs["naive"], "pipeline_runs": runs[engine],
                     "pipeline_loop_img_s": statistics.median(loop[engine]),
                 })
-    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "batch_size": args.batch_size}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta = {**machine(), "batch_size": args.batch_size}
+    save(args.out, meta, rows)
     print("\n| model | weights | pipeline engine | images | naive img/s | pipeline img/s (start-up included) | batch loop img/s | speed-up | max rel. diff vs naive |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -14,21 +14,19 @@ Usage: python bench/finetune_compare.py [--train 50] [--val 30] [--test 100] [--
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 
 from pipeline import ExtractConfig, extract
 from pipeline.data import DatasetSpec, load_split
 from pipeline.evaluate import evaluate
 from pipeline.finetune import FinetuneConfig, finetune
 from pipeline.fit import HeadConfig, fit_head
+from results import save  # bench/ is on sys.path when a script of it runs
 
 BACKBONE = {"model": "mobilenet_v2", "weights": "IMAGENET1K_V1"}
 CACHED_HEADS = ("linear", "logreg", "svm", "knn", "tree")
@@ -122,11 +120,7 @@ def main() -> None:
             rows.append({"method": label, "test_top1": m["top1"], "seconds": seconds, "val": result.val_accuracy,
                          "note": f"{kw['epochs']} epochs, best epoch {result.best_epoch}"})
             print(f"{label:<36} val {result.val_accuracy:.4f} test {m['top1']:.4f} in {seconds:.0f} s", flush=True)
-    meta = {"cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None, **vars(args), "cached_heads": heads}
-    out = Path(args.out or f"bench/results/finetune{'-digits' if args.digits else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    save(args.out or f"bench/results/finetune{'-digits' if args.digits else ''}.json", {**vars(args), "cached_heads": heads}, rows)
     what = "scikit-learn's digits, 42 / 18 / 40 % train, val, test" if args.digits else \
         f"Subset: {args.train} train, {args.val} val, {args.test} test images per class"
     print(f"\n{what}; MobileNetV2 IMAGENET1K_V1, {args.size or 224} px.\n")

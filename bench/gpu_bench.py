@@ -36,9 +36,7 @@ Smoke run on a CPU (seconds): python bench/gpu_bench.py --device cpu --images 12
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -52,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself, for its helpers
 from extract_bench import WEIGHTS  # noqa: E402
 from synthetic import make_jpeg_folder  # noqa: E402
+from results import machine, save  # noqa: E402
 
 from pipeline import ExtractConfig, extract, load_backbone, read_cache  # noqa: E402
 from pipeline.backbones import Backbone, WeightsUnavailableError  # noqa: E402
@@ -300,11 +299,9 @@ def main() -> None:
             diff = r["max_rel_feature_diff"]
             print(("rows, labels or paths DIFFER" if diff is None else f"the same rows, labels and paths; features differ by at most {diff:.1e} "
                    f"of the tap's largest (tolerance {RANK_TOLERANCE:.0e})") + f": {'PASS' if r['pass'] else 'FAIL'}")
-    meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__, "device": args.device,
-            "cuda": torch.cuda.get_device_name(runtime.device) if cuda else None, "runtime": runtime.describe(), "images": args.images,
+    meta = {**machine(), "device": args.device, "cuda": torch.cuda.get_device_name(runtime.device) if cuda else None, "runtime": runtime.describe(), "images": args.images,
             "batch_size": args.batch_size, "workers": args.workers, "data": args.data or f"generated JPEGs {args.size}", "note": banner or None}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "ranks": ranked}, indent=1))
+    save(args.out, meta, rows, ranks=ranked)
     print(f"\n{banner}" if banner else f"\n{meta}")
     if ranked and not ranked["pass"]:
         raise SystemExit(f"FAIL: torchrun's cache differs from one process's beyond RANK_TOLERANCE ({RANK_TOLERANCE:.0e}); see {args.out}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from results import machine, save  # bench/ is on sys.path when a script of it runs
 
 # Goals from the issue: the linear family within a minute, tree heads within five, on the 2-core machine.
 GOALS = {"linear": 60.0, "logreg": 60.0, "svm": 60.0, "tree": 300.0, "extra-trees": 300.0, "hgb": 300.0}
@@ -201,12 +202,9 @@ def main() -> None:
                 print(f"{clf}: {r['status']} after {r['elapsed_s']:.0f} s (limit {limit:.0f} s)", flush=True)
     meta = {
         "rows": args.rows, "val_rows": args.val_rows, "test_rows": args.test_rows, "dims": args.dims, "classes": args.classes,
-        "spread": args.spread, "seed": args.seed, "machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "spread": args.spread, "seed": args.seed, **machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out = save(args.out, meta, rows)
     md = table(rows)
     out.with_suffix(".md").write_text(md + "\n")
     print("\n" + md + f"\n\n{meta}")
