@@ -248,6 +248,8 @@ def test_lp_ft_takes_its_own_optimizer_and_learning_rates_over_the_recipes_unles
     assert (lpft.optimizer, lpft.lr, lpft.head_lr_mult, lpft.momentum) == ("adamw", 1e-5, 1.0, 0.9)
     mine = FinetuneConfig(recipe="jdw-finetune", init_head="linear", optimizer="sgd", lr=3e-4)
     assert (mine.optimizer, mine.lr, mine.head_lr_mult) == ("sgd", 3e-4, 1.0)
+    sgd = FinetuneConfig(recipe="jdw-finetune", init_head="linear", optimizer="sgd")  # AdamW's 1e-5 is not SGD's lr
+    assert (sgd.optimizer, sgd.lr, sgd.head_lr_mult) == ("sgd", 1e-4, 1.0)
     plain = FinetuneConfig(recipe="jdw-finetune")
     assert (plain.optimizer, plain.lr, plain.head_lr_mult) == ("sgd", 1e-4, 10.0)
 

@@ -45,7 +45,8 @@ class FinetuneConfig(DatasetOptions, BackboneOptions):
             train); ``train``: batch statistics, running statistics re-estimated on the new data.
         init_head: a ``linear`` (or logreg/svm without PCA) head fitted by fit-head on this backbone's cached
             features, to start from instead of a random classifier (LP-FT). The head's learning-rate multiplier,
-            the optimizer and the lr then default to ``LPFT_DEFAULTS`` (1, AdamW, 1e-5), over the recipe's: the head
+            and the optimizer with its lr when neither is given, then default to ``LPFT_DEFAULTS`` (1, AdamW, 1e-5),
+            over the recipe's: the head
             starts trained, and larger steps through frozen normalisation layers undo the probe (measured there).
         seed: seed of the classifier init, shuffling, augmentation and dropout.
         workers: DataLoader workers; None picks from the CPU count (0 on small CPUs).
@@ -95,9 +96,12 @@ class FinetuneConfig(DatasetOptions, BackboneOptions):
         if self.recipe is not None and self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; expected one of {', '.join(RECIPES)}")
         preset = RECIPES[self.recipe].settings if self.recipe else {}
-        for key, default in (LPFT_DEFAULTS.items() if self.init_head else ()):
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, default)
+        if self.init_head:
+            # The optimizer and its lr go together: 1e-5 is AdamW's step, so an optimizer given alone keeps the recipe's lr.
+            pair = ("optimizer", "lr") if self.optimizer is None and self.lr is None else ()
+            for key in ("head_lr_mult", *pair):
+                if getattr(self, key) is None:
+                    object.__setattr__(self, key, LPFT_DEFAULTS[key])
         for key, default in FINETUNE_DEFAULTS.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, preset.get(key, default))
