@@ -54,6 +54,7 @@ class FeatureCache:
             hint = f"; caches of this dataset: {', '.join(others[:6])}{' ...' if len(others) > 6 else ''}" if others else ""
             raise ValueError(f"no feature cache at {self.path}; run pipeline extract first{hint}")
         try:
+            self._identity = file_identity(self.path)  # of the file opened here, whatever is renamed over the path later
             self._file = h5py.File(self.path, "r")
         except OSError as e:
             raise ValueError(f"cannot open {self.path} as HDF5 ({e})") from None
@@ -219,7 +220,7 @@ class FeatureCache:
         """
         # A complete cache never changes in place (a new one is renamed over it), so its members are kept per file
         # identity: fit-head and evaluate compare the same caches once per head (16 times in make all).
-        key = file_identity(self.path)
+        key = self._identity
         if key not in _MEMBERS:
             _MEMBERS[key] = self._members()
             while len(_MEMBERS) > 8:
