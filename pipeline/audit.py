@@ -51,21 +51,6 @@ class AuditResult:
 # ---------------------------------------------------------------- label issues
 
 
-def _probabilities(pipe: Any, X: np.ndarray) -> np.ndarray:
-    """Class probabilities of a fitted head: its own, or a softmax of its decision values (SVMs)."""
-    if hasattr(pipe, "predict_proba"):
-        try:
-            return np.asarray(pipe.predict_proba(X))
-        except AttributeError:  # SVC without probability=True
-            pass
-    z = np.asarray(pipe.decision_function(X), dtype=np.float64)
-    if z.ndim == 1:  # two classes: one score, positive for classes_[1]
-        z = np.stack([-z, z], axis=1) / 2
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, n_classes: int, config: AuditConfig, value: Any,
                               log: Callable[[str], None] | None = None) -> np.ndarray:
     """Each row's class probabilities from a head fitted on the other folds (stratified K-fold).
@@ -83,7 +68,7 @@ def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, n_classes: int, conf
     """
     from sklearn.model_selection import StratifiedKFold
 
-    from .heads import build_head
+    from .heads import build_head, head_probabilities
 
     from sklearn.base import clone
     from sklearn.pipeline import Pipeline
@@ -100,7 +85,7 @@ def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, n_classes: int, conf
     for k, (fit_rows, held_out) in enumerate(folds.split(np.zeros(len(y)), y), 1):
         t0 = time.perf_counter()
         clf = clone(head.steps[-1][1]).fit(Z[fit_rows], y[fit_rows])
-        P[np.ix_(held_out, np.asarray(clf.classes_, dtype=np.int64))] = _probabilities(clf, Z[held_out])
+        P[np.ix_(held_out, np.asarray(clf.classes_, dtype=np.int64))] = head_probabilities(clf, Z[held_out])
         if log:
             acc = float((P[held_out].argmax(1) == y[held_out]).mean())
             log(f"  fold {k}/{config.folds}: {config.clf} on {len(fit_rows):,} images, accuracy {acc:.4f} on the other {len(held_out):,} "

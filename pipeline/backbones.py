@@ -21,7 +21,7 @@ from .files import file_sha256
 
 __all__ = [
     "replace_classifier", "available_weights", "offline_weights",
-    "Backbone", "Preprocess", "WeightsUnavailableError", "file_sha256", "load_backbone", "resolve_weights", "weights_label", "list_backbones", "final_linear",
+    "Backbone", "Preprocess", "WeightsUnavailableError", "load_backbone", "resolve_weights", "weights_label", "list_backbones", "final_linear",
 ]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -323,8 +323,7 @@ def in_row_blocks(pipe: Pipeline | BaseEstimator, method: str, X: np.ndarray) ->
     """``getattr(pipe, method)(X)`` of a head's Pipeline or estimator; for one whose solver runs on one core (an SVM),
     in row blocks on threads, one per usable core. Every row is computed alone either way, so the result is the same."""
     fn = getattr(pipe, method)
-    last = pipe.steps[-1][1] if isinstance(pipe, Pipeline) else pipe
-    workers = min(usable_cores(), len(X) // 256) if type(last) in _one_core_types() else 1
+    workers = min(usable_cores(), len(X) // 256) if type(_estimator(pipe)) in _one_core_types() else 1
     if workers < 2:
         return fn(X)
     bounds = np.linspace(0, len(X), workers + 1).astype(int)
@@ -332,17 +331,22 @@ def in_row_blocks(pipe: Pipeline | BaseEstimator, method: str, X: np.ndarray) ->
         return np.concatenate(list(pool.map(lambda i: fn(X[bounds[i]:bounds[i + 1]]), range(workers))))
 
 
+def _estimator(pipe: Pipeline | BaseEstimator) -> BaseEstimator:
+    """A head's final estimator: the last step of its Pipeline, or the estimator itself."""
+    return pipe.steps[-1][1] if isinstance(pipe, Pipeline) else pipe
+
+
 @functools.cache
 def _one_core_types() -> tuple[type, ...]:
     return tuple(type(h.make(h.grid[0], 0)) for h in HEADS.values() if h.one_core)
 
 
-def has_probabilities(pipe: Pipeline) -> bool:
+def has_probabilities(pipe: Pipeline | BaseEstimator) -> bool:
     """Whether the head's estimator has ``predict_proba`` (LinearSVC, SVC and the hinge-loss SGD do not)."""
-    return hasattr(pipe.steps[-1][1], "predict_proba")
+    return hasattr(_estimator(pipe), "predict_proba")
 
 
-def decision_logits(pipe: Pipeline, X: np.ndarray) -> np.ndarray:
+def decision_logits(pipe: Pipeline | BaseEstimator, X: np.ndarray) -> np.ndarray:
     """The decision values of a head without ``predict_proba``, N x classes: what its probabilities are the softmax of.
 
     With two classes the one decision value d (positive for the second class) becomes [0, d], the logistic rule.
@@ -351,7 +355,7 @@ def decision_logits(pipe: Pipeline, X: np.ndarray) -> np.ndarray:
     return np.stack([np.zeros_like(d), d], axis=1) if d.ndim == 1 else d.reshape(len(d), -1)
 
 
-def head_probabilities(pipe: Pipeline, X: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+def head_probabilities(pipe: Pipeline | BaseEstimator, X: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Class probabilities of a head, N x classes: the one definition that predict, evaluate and the exported ONNX model share.
 
     ``predict_proba`` where the estimator has it. Otherwise ``softmax(decision_logits / temperature)``, with the

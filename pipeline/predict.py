@@ -150,14 +150,14 @@ def _predict_finetuned(path: str | os.PathLike, inputs: Sequence[str | os.PathLi
     if engine not in ("auto", "eager"):
         raise ValueError(f"{path} is a fine-tuned model, which runs on the eager engine only, not {engine}")
     from .artifacts import load_finetuned
+    from .stats import softmax
 
     fm = load_finetuned(path)
     found = scan_inputs(inputs)
     found.check(on_error)
     paths = found.paths
     positions, logits, bad = image_logits(fm, ".", paths, device=device, batch_size=batch_size, on_error=on_error)
-    z = logits - logits.max(axis=1, keepdims=True)
-    proba = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    proba = softmax(logits)
     rows: dict[int, dict] = {i: {"path": paths[i], "error": why} for i, why in bad}
     rows.update(prediction_rows(positions, [paths[i] for i in positions], proba, fm.classes))
     return found.rows(rows), fm.classes

@@ -77,7 +77,7 @@ def check_render(page: str | os.PathLike, *, chromium: str | None = None, screen
         FileNotFoundError: no Chromium on PATH, or no ``page``.
         RenderError: Chromium failed or timed out, its output carries no probe result, or it wrote no screenshot.
     """
-    digest = file_sha256(page)
+    digest = file_sha256(page) if record is not None else None
     if record is not None:
         old = _recorded(Path(record), digest, screenshot)
         if old is not None:
