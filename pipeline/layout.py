@@ -95,6 +95,9 @@ def claim_dataset(top: _PathLike, root: _PathLike) -> Path:
                 f.write(f"{Path(root).resolve()}\n")
         except FileExistsError:
             pass
+    if dataset_key(top, root) != folder.name:  # another folder of the same name claimed it since this run looked
+        raise ValueError(f"{folder} was just claimed by another dataset folder of the same name; run the command again "
+                         f"and it will use {Path(top) / dataset_key(top, root)}")
     return folder
 
 

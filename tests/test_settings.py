@@ -178,3 +178,22 @@ def test_two_folders_with_the_same_name_keep_their_own_caches_heads_runs_and_rep
     assert run_dir(FinetuneConfig(data=str(b), weights="none")).parts[:2] == ("runs", "photos")
     layout.claim_dataset("runs", b)
     assert run_dir(FinetuneConfig(data=str(a), weights="none")).parts[:2] == ("runs", f"photos-{hashlib.sha256(str(a.resolve()).encode()).hexdigest()[:8]}")
+
+
+def test_a_run_that_loses_the_claim_of_its_name_to_another_folder_says_so_and_the_next_run_gets_its_own(tmp_path, monkeypatch):
+    import pytest
+
+    from pipeline import layout
+
+    a, b = tmp_path / "a" / "photos", tmp_path / "b" / "photos"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    layout.claim_dataset("features", a)
+    real, looks = layout.dataset_key, []
+    # b looked while the name was still free (its first look), and a's claim landed before b's.
+    monkeypatch.setattr(layout, "dataset_key", lambda top, root: "photos" if not looks.append(1) and len(looks) == 1 else real(top, root))
+    with pytest.raises(ValueError, match=r"^features/photos was just claimed by another dataset folder of the same name; run the command again and it will use features/photos-[0-9a-f]{8}$"):
+        layout.claim_dataset("features", b)
+    monkeypatch.setattr(layout, "dataset_key", real)
+    assert layout.claim_dataset("features", b).name == real("features", b) != "photos"
+    assert layout.claim_dataset("features", a).name == "photos"
