@@ -20,7 +20,7 @@ from .backbones import WeightsUnavailableError, load_backbone
 from .cache import PartialRun, read_cache, write_cache
 from .config import ExtractConfig
 from .validate import expect_instance
-from .data import ImageDataset, Split, load_split, load_splits, refuse_unreadable
+from .data import ImageDataset, Split, load_splits, refuse_unreadable
 from .distributed import Group, process_group
 from .engines import BatchRunner
 from .files import file_lock, remove_stale_temps
@@ -120,7 +120,7 @@ def extract(config: ExtractConfig | None = None, *, force: bool = False, progres
     config = ExtractConfig() if config is None else config
     expect_instance("extract's config", config, ExtractConfig)
     with ExitStack() as stack:
-        return _extract_one(config, _Shared(None, stack), force=force, progress=progress)
+        return _extract_one(config, _Shared([config.split], stack), force=force, progress=progress)
 
 
 def extract_splits(config: ExtractConfig | None = None, splits: Sequence[str] = ("train", "val", "test"), *, force: bool = False,
@@ -145,9 +145,9 @@ def extract_splits(config: ExtractConfig | None = None, splits: Sequence[str] = 
 
 class _Shared:
     """What the extractions of one call share: the scanned splits, the backbone and its taps, the hooked model and
-    the engine. With one split (``splits`` None) it simply makes them."""
+    the engine."""
 
-    def __init__(self, splits: list[str] | None, stack: ExitStack) -> None:
+    def __init__(self, splits: list[str], stack: ExitStack) -> None:
         self.splits, self.stack = splits, stack
         self._scanned: dict | None = None
         self.backbone: Any = None
@@ -156,8 +156,6 @@ class _Shared:
         self.engine: Any = None
 
     def split(self, config: ExtractConfig) -> Split:
-        if self.splits is None:
-            return load_split(config.dataset, config.split)
         if self._scanned is None:
             self._scanned = load_splits(config.dataset, self.splits)
         return self._scanned[config.split]
