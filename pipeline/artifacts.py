@@ -68,15 +68,17 @@ class HeadArtifact:
         """Refuse features from another backbone, weights, tap or preprocessing than the head was fitted on."""
         mine = self.meta["features"]
         theirs = feature_identity(cache_attrs)
-        diff = [f"{k}: head {mine.get(k)!r}, features {theirs.get(k)!r}" for k in sorted(mine) if mine.get(k) != theirs.get(k)]
+        diff = [f"{k}: head {mine.get(k)!r}, features {theirs.get(k)!r}" for k in sorted({*mine, *theirs}) if mine.get(k) != theirs.get(k)]
         if diff:
             raise ValueError(f"{self.path} was fitted on other features ({'; '.join(diff)})")
 
 
 def feature_identity(attrs: dict) -> dict:
-    """What makes two caches' features comparable: backbone, weights, tap, preprocessing, dtype-independent."""
+    """What makes two caches' features comparable: backbone, weights, tap, preprocessing, dtype-independent; and the
+    decoder and flip averaging where they are not the defaults (absent keys, so that older records still compare)."""
     settings = attrs.get("settings", attrs)
-    return {k: settings.get(k) for k in ("model", "weights", "weights_sha256", "taps", "preprocess", "amp")}
+    identity = {k: settings.get(k) for k in ("model", "weights", "weights_sha256", "taps", "preprocess", "amp")}
+    return {**identity, **{k: settings[k] for k in ("decode", "flip") if k in settings}}
 
 
 

@@ -10,7 +10,7 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from .config import COMPRESSIONS, DTYPES
+from .config import COMPRESSIONS, DTYPES, JOIN, tap_parts
 from .layout import FEATURES_FORMAT as FORMAT
 from .layout import FEATURES_FORMAT_VERSION as FORMAT_VERSION
 from .layout import dataset_caches
@@ -154,28 +154,34 @@ class FeatureCache:
         return list(self.attrs["taps"])
 
     def features(self, tap: str | None = None) -> np.ndarray:
-        """The N x D (or N x C x H x W) features of one tap; the first tap by default.
+        """The N x D (or N x C x H x W) features of one tap; the first tap by default. A joined name,
+        ``a+b``, gives the taps side by side (:func:`pipeline.taps.joined`: spatial maps averaged, N x D).
 
         Raises:
             ValueError: no such tap, more bytes than the memory available, or rows that cannot be read (a
                 checksum that fails: the file changed on disk since it was written).
         """
-        tap = tap or self.taps[0]
-        if tap not in self.taps:
-            raise ValueError(f"{self.path} has no tap {tap!r}; it holds {', '.join(self.taps)}")
-        d = self.dataset(tap)
-        need, free = _declared_bytes(d.dataset), available_memory()
+        parts = self._parts(tap)
+        need, free = sum(_declared_bytes(self._file["features"][p]) for p in parts), available_memory()
         if free is not None and need > free:
-            raise ValueError(f"{self.path}: features/{tap} takes {human_size(need)}, more than the {human_size(free)} of memory available; "
+            raise ValueError(f"{self.path}: features/{JOIN.join(parts)} takes {human_size(need)}, more than the {human_size(free)} of memory available; "
                              "read it in blocks (fit-head --stream) or free memory")
-        return d[()]
+        return self.dataset(tap)[()]
 
-    def dataset(self, tap: str | None = None) -> "CheckedDataset":
-        """The features of one tap as an h5py dataset, for chunked reading without loading it whole (damaged rows raise ValueError)."""
-        tap = tap or self.taps[0]
-        if tap not in self.taps:
-            raise ValueError(f"{self.path} has no tap {tap!r}; it holds {', '.join(self.taps)}")
-        return CheckedDataset(self._file["features"][tap], self.path)
+    def dataset(self, tap: str | None = None) -> "CheckedDataset | JoinedDataset":
+        """The features of one tap (or joined taps) as an h5py dataset, for chunked reading without loading it whole
+        (damaged rows raise ValueError)."""
+        parts = [CheckedDataset(self._file["features"][p], self.path) for p in self._parts(tap)]
+        return parts[0] if len(parts) == 1 else JoinedDataset(parts)
+
+    def _parts(self, tap: str | None) -> list[str]:
+        """The stored taps a tap name reads: itself, or each part of a joined name."""
+        parts = tap_parts(tap) if tap else self.taps[:1]
+        unknown = [p for p in parts if p not in self.taps]
+        if unknown or len(set(parts)) < len(parts):
+            what = f"no tap {unknown[0]!r}" if unknown else f"a repeated tap in {tap!r}"
+            raise ValueError(f"{self.path} has {what}; it holds {', '.join(self.taps)}")
+        return parts
 
     def _read(self, name: str) -> np.ndarray:
         return CheckedDataset(self._file[name], self.path)[()]
@@ -290,6 +296,47 @@ class CheckedDataset:
             what = name
         why = "fail their checksum: the file changed on disk after it was written" if d.fletcher32 else f"cannot be read ({first_line(error)})"
         return ValueError(f"{self.path} is damaged: {what} {why}; extract the split again")
+
+
+class JoinedDataset:
+    """Several taps' datasets read as one, N x (D1 + D2 + ...) float32 (:func:`pipeline.taps.joined`): rows are
+    selected along the first axis, as in a dataset."""
+
+    def __init__(self, parts: Sequence[CheckedDataset]) -> None:
+        self.parts = list(parts)
+        self.width = sum(p.shape[1] if len(p.shape) == 4 else int(np.prod(p.shape[1:])) for p in self.parts)
+
+    def __getitem__(self, key: object) -> np.ndarray:
+        from .taps import joined
+
+        return joined([p[key] for p in self.parts])
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        return np.asarray(self[()], dtype=dtype)
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.width)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        """What a read of every row takes from the file (the spatial maps before they are averaged)."""
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        return self.parts[0].chunks
 
 
 def _row_span(key: object, n: int) -> tuple[int, int]:

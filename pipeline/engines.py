@@ -81,7 +81,7 @@ class OnnxEngine:
         self.owns_cores = True
         self.inputs = inputs
         example = self._finished(example)
-        n_out = len(extractor.taps)
+        n_out = extractor.n_outputs
         with tempfile.TemporaryDirectory(prefix="pipeline-onnx-") as tmp:
             path = os.path.join(tmp, "extractor.onnx")
             with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():

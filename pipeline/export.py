@@ -37,19 +37,19 @@ _CONTRACT = ("Input 'images': uint8, N x crop x crop x 3 RGB, each image resized
 
 
 class _FromImages(nn.Module):
-    """uint8 N x H x W x 3 RGB in, normalised as :class:`pipeline.backbones.Preprocess` does, then one tap's
-    features; or, with ``classify``, the softmax of that tap (a classifier's logits) and its argmax."""
+    """uint8 N x H x W x 3 RGB in, normalised as :class:`pipeline.backbones.Preprocess` does, then the extractor's
+    first output (a head's features); or, with ``classify``, the softmax of that tap (a classifier's logits) and its argmax."""
 
-    def __init__(self, extractor: TapExtractor, which: int, mean: Sequence[float], std: Sequence[float], classify: bool) -> None:
+    def __init__(self, extractor: TapExtractor, mean: Sequence[float], std: Sequence[float], classify: bool) -> None:
         super().__init__()
-        self.extractor, self.which, self.classify = extractor, which, classify
+        self.extractor, self.classify = extractor, classify
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # What ConvertImageDtype and Normalize do to a uint8 tensor: x / 255, then (x - mean) / std.
         x = (images.permute(0, 3, 1, 2).float().div(255) - self.mean) / self.std
-        out = self.extractor(x)[self.which]
+        out = self.extractor(x)[0]
         if not self.classify:
             return out
         probabilities = torch.softmax(out, dim=1)
@@ -106,10 +106,10 @@ def _head_graph(path: str | os.PathLike, weights: str | None) -> tuple[onnx.Mode
 
     art = load_head(path)
     clf = art.meta.get("clf", "head")
-    backbone, taps, which = head_backbone(art, weights)
+    backbone, extractor = head_backbone(art, weights)
     pre = backbone.preprocess
-    with TapExtractor(backbone.model, taps) as extractor:
-        graph, shapes = _trace(_FromImages(extractor, which, pre.mean, pre.std, classify=False), pre.crop, ["features"])
+    with extractor:
+        graph, shapes = _trace(_FromImages(extractor, pre.mean, pre.std, classify=False), pre.crop, ["features"])
     fitted = getattr(art.pipeline.steps[0][1], "input_shape_", None)
     if fitted is not None and tuple(fitted) != shapes[0]:
         raise ValueError(f"{art.path}: the backbone's tap {art.meta['tap']} gives features of shape {shapes[0]}, the head was fitted on {tuple(fitted)}")
@@ -130,7 +130,7 @@ def _finetuned_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, Path, di
     layer = fm.meta.get("classifier") or final_linear(fm.model)[0]
     pre = fm.preprocess
     with TapExtractor(fm.model, [Tap(layer, "output")]) as extractor:
-        graph, _ = _trace(_FromImages(extractor, 0, pre.mean, pre.std, classify=True), pre.crop, list(OUTPUTS))
+        graph, _ = _trace(_FromImages(extractor, pre.mean, pre.std, classify=True), pre.crop, list(OUTPUTS))
     props = _props(fm.classes, fm.meta["model"], fm.meta.get("weights"), fm.meta.get("weights_sha256"), f"{layer}:output", "finetune",
                    fm.meta, pre.to_dict(), "softmax of the logits")
     return graph, fm.path, props

@@ -65,7 +65,8 @@ def extract_cache_path(config: ExtractConfig, weights: str, tap_slugs: list[str]
     """The cache path of a config: ``config.output`` or the convention under ``config.cache_dir``."""
     if config.output:
         return Path(config.output)
-    return layout.cache_path(config.cache_dir, layout.dataset_key(config.cache_dir, config.data), config.model, weights, tap_slugs, config.split)
+    return layout.cache_path(config.cache_dir, layout.dataset_key(config.cache_dir, config.data), config.model, weights, tap_slugs, config.split,
+                             flip=config.flip)
 
 
 def locate_cache(config: ExtractConfig) -> Path:
@@ -166,10 +167,10 @@ class _Shared:
             self.taps = resolve_taps(self.backbone.model, config.layers, config.capture)
         return self.backbone, self.taps
 
-    def hooked(self) -> TapExtractor:
+    def hooked(self, config: ExtractConfig) -> TapExtractor:
         """The model with its taps' hooks, held until the last split is done."""
         if self.extractor is None:
-            self.extractor = self.stack.enter_context(TapExtractor(self.backbone.model, self.taps))
+            self.extractor = self.stack.enter_context(TapExtractor(self.backbone.model, self.taps, flip=config.flip))
         return self.extractor
 
 
@@ -207,6 +208,8 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
     }
     if config.decode != "host":  # another decoder and resize, other features; absent at the default, so older caches stay current
         settings["decode"] = config.decode
+    if config.flip:  # likewise
+        settings["flip"] = True
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
     settings["preprocess"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings["preprocess"].items()}
     partial = PartialRun(path)
@@ -268,7 +271,7 @@ def _extract(config: ExtractConfig, runtime: Runtime, group: Group, held: ExitSt
             total=hi - lo, initial=hi - lo - todo, unit="img", desc=desc, disable=not progress, dynamic_ncols=True, smoothing=0.1,
             mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not a flood
         ) as bar:
-            runner = BatchRunner(loader, shared.hooked(), config.engine, runtime, on_error=config.on_error, name=lambda i: str(root / split.paths[i]),
+            runner = BatchRunner(loader, shared.hooked(config), config.engine, runtime, on_error=config.on_error, name=lambda i: str(root / split.paths[i]),
                                  parallel=config.parallel, inputs=inputs, engine=shared.engine)
             for batch, (index, features, bad) in zip(batches, runner):
                 pos, stop = batch[0], batch[-1] + 1

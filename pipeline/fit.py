@@ -17,7 +17,7 @@ from . import caveats, layout, provenance
 from .artifacts import feature_identity, save_head
 from .files import file_sha256
 from .cache import FeatureCache, read_cache
-from .config import ExtractConfig, HeadConfig
+from .config import AUTO_TAP, JOIN, ExtractConfig, HeadConfig, tap_parts
 from .validate import expect_instance
 from .data import stratified_subset
 from .extract import locate_cache
@@ -51,6 +51,8 @@ class FitResult:
     sweep: list[dict] = field(default_factory=list)
     status: str = "fitted"
     warnings: list[str] = field(default_factory=list)
+    tap: str | None = None
+    taps: list[dict] = field(default_factory=list)
 
 
 def locate_head(clf: str, subset: int | None = None, source: ExtractConfig | None = None) -> Path:
@@ -65,11 +67,10 @@ def locate_head(clf: str, subset: int | None = None, source: ExtractConfig | Non
 def check_compatible(train: FeatureCache, val: FeatureCache, tap: str) -> None:
     """Refuse a train/val pair that disagrees on backbone, weights, tap, preprocessing or classes."""
     a, b = feature_identity(train.attrs), feature_identity(val.attrs)
-    diff = [f"{k}: train {a.get(k)!r}, val {b.get(k)!r}" for k in sorted(a) if a.get(k) != b.get(k)]
+    diff = [f"{k}: train {a.get(k)!r}, val {b.get(k)!r}" for k in sorted({*a, *b}) if a.get(k) != b.get(k)]
     if train.classes != val.classes:
         diff.append(f"classes: train {train.classes}, val {val.classes}")
-    if tap not in val.taps:
-        diff.append(f"tap {tap!r}: not in val ({', '.join(val.taps)})")
+    diff += [f"tap {t!r}: not in val ({', '.join(val.taps)})" for t in tap_parts(tap) if t not in val.taps]
     if diff:
         raise ValueError(f"{train.path} and {val.path} do not match: {'; '.join(diff)}")
 
@@ -117,6 +118,11 @@ def check_disjoint(caches: dict[str, FeatureCache], *, allow: bool = False, hint
     return found
 
 
+def tap_candidates(taps: list[str]) -> list[str]:
+    """What ``--tap auto`` lets val choose among: each tap of the cache, then all of them joined."""
+    return [*taps, JOIN.join(taps)] if len(taps) > 1 else list(taps)
+
+
 def load_split_features(cache: FeatureCache, tap: str, what: str, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Features and labels of a cache (of its sorted ``rows`` only, when given), checked: not empty, finite.
 
@@ -148,7 +154,7 @@ def _reusable(base: Path, inputs: dict) -> FitResult | None:
         if file_sha256(files.meta.with_name(meta["artifact"]), remember=True) != meta["artifact_sha256"]:
             return None
         return FitResult(files.meta, meta["clf"], meta["param"], meta["value"], meta["val_accuracy"], meta["fit_seconds"], meta["sweep"],
-                         "up-to-date", list(meta.get("warnings", [])))
+                         "up-to-date", list(meta.get("warnings", [])), meta.get("tap"), list(meta.get("taps_tried", [])))
     except (OSError, KeyError, TypeError):
         return None
 
@@ -202,16 +208,17 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
                 reused = _reusable(base, inputs)
                 if reused is not None:
                     return reused
-            tap = config.tap or train.taps[0]
-            if tap not in train.taps:
-                raise ValueError(f"{train.path} has no tap {tap!r}; it holds {', '.join(train.taps)}")
-            check_compatible(train, val, tap)
+            candidates = tap_candidates(train.taps) if config.tap == AUTO_TAP else [config.tap or train.taps[0]]
+            for tap in candidates:
+                train.dataset(tap)  # a tap (or a part of a joined one) that train lacks is refused here
+                check_compatible(train, val, tap)
             val_rows = train_rows = None
             if excluded is not None:
                 val_rows, train_rows = (_kept(c.paths, {p for s, p in excluded if s == split}) for c, split in ((val, "val"), (train, "train")))
                 if len(val_rows) == 0:
                     raise ValueError(f"leaving out the {len(excluded)} most suspect images leaves no val image in {val.path}")
-            Xv, yv = load_split_features(val, tap, "val", val_rows)
+            val_features = {tap: load_split_features(val, tap, "val", val_rows)[0] for tap in candidates}
+            yv = val.labels if val_rows is None else val.labels[val_rows]
             yt = train.labels if train_rows is None else train.labels[train_rows]
             if len(yt) == 0:
                 raise ValueError(f"the train split in {train.path} is empty")
@@ -225,27 +232,36 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
             if absent:
                 raise ValueError(f"the train split has no images of class(es) {absent}; a head cannot learn a class it never sees")
             classes, train_attrs, val_fingerprint = train.classes, train.attrs, val.attrs.get("dataset_fingerprint")
-            features = train.dataset(tap)
+            features = train.dataset(candidates[-1])  # with --tap auto, the last is every tap joined: the most to read
             rows = train_rows if config.subset is None else (train_rows if train_rows is not None else np.arange(len(yt)))[stratified_subset(yt, config.subset, config.seed)]
             subset = None
             if config.subset is not None:
                 paths = train.paths  # read once: each .paths reads every path from the file
                 subset = {"per_class": config.subset, "seed": config.seed, "rows": len(rows), "paths_sha256": paths_digest([paths[i] for i in rows])}
-            stream = rows is None and (config.stream if config.stream is not None else features.nbytes > config.memory_budget_mb * 2**20)
+            if len(candidates) > 1 and config.stream:
+                raise ValueError("--tap auto compares the taps in memory; drop --stream, or name one tap with --tap")
+            stream = rows is None and len(candidates) == 1 and (config.stream if config.stream is not None else features.nbytes > config.memory_budget_mb * 2**20)
             if not stream:
-                Xt, yt = load_split_features(train, tap, "train", rows)
+                train_features = {tap: load_split_features(train, tap, "train", rows)[0] for tap in candidates}
+                yt = train.labels if rows is None else train.labels[rows]
             held.enter_context(_writing(base))  # once the inputs are known to be good: a refused fit leaves nothing behind
             if stream:
-                value, pipe, sweep = run_sweep_streaming(config, features, yt, Xv, yv, str(train.path), log)
-                train_acc = None
+                tap = candidates[0]
+                value, pipe, sweep = run_sweep_streaming(config, features, yt, val_features[tap], yv, str(train.path), log)
+                train_acc, tried = None, []
         if not stream:
-            pre = Pipeline(build_head(config.clf, HEADS[config.clf].grid[0], preprocessing=config.preprocessing, pca=config.pca, pool=config.pool, seed=config.seed).steps[:-1])
-            # Preprocessing does not depend on the swept value: fit it once, sweep on the transformed arrays.
-            Zt = pre.fit_transform(Xt, yt).astype(np.float32, copy=False)
-            Zv = pre.transform(Xv).astype(np.float32, copy=False)
-            value, clf, sweep = run_sweep(config.clf, config, Zt, yt, Zv, yv, log)
-            pipe = Pipeline([*pre.steps, ("clf", clf)])
-            train_acc = _train_accuracy(clf, Zt, yt, config.seed)
+            tried, best = [], None
+            for tap in candidates:
+                fitted = _fit_in_memory(config, train_features.pop(tap), yt, val_features[tap], yv, log)
+                accuracy = max(s["val_accuracy"] for s in fitted[2] if "val_accuracy" in s)
+                tried.append({"tap": tap, "val_accuracy": accuracy, "value": fitted[0]})
+                if len(candidates) > 1 and log is not None:
+                    log(f"  tap {tap}: val accuracy {accuracy:.4f} ({HEADS[config.clf].param}={fitted[0]:g})")
+                if best is None or accuracy > best[0]:  # a tie keeps the earlier tap: the cache's first is the default
+                    best = (accuracy, tap, fitted)
+            _, tap, (value, pipe, sweep, train_acc) = best
+            tried = tried if len(candidates) > 1 else []
+        Xv = val_features[tap]
         clf = pipe.steps[-1][1]
         # Probabilities that mean the same for every head: those made from decision values get a temperature, chosen on val.
         temperature = None if has_probabilities(pipe) else fit_temperature(decision_logits(pipe, Xv), np.searchsorted(clf.classes_, yv))
@@ -261,7 +277,7 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
             "features": feature_identity(train_attrs), "extract_settings": train_attrs.get("settings", {}),
             "train_cache": {"path": str(train_path.resolve()), "dataset_fingerprint": train_attrs.get("dataset_fingerprint"), "rows": len(yt)},
             "val_cache": {"path": str(val_path.resolve()), "dataset_fingerprint": val_fingerprint, "rows": len(yv)}, "subset": subset,
-            "overlap": overlap, "warnings": notes,
+            "overlap": overlap, "warnings": notes, "taps_tried": tried,
             "excluded": None if excluded is None else {"images": len(excluded), "train": sum(s == "train" for s, _ in excluded),
                                                        "val": sum(s == "val" for s, _ in excluded), "list": config.exclude or "audit/label_issues.csv"},
             **provenance.stamp(inputs),
@@ -269,7 +285,18 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         path = save_head(pipe, meta, base)
         if config.clf == "linear":
             provenance.write_history(clf.history_, layout.head_files(base).history)
-    return FitResult(path, config.clf, spec.param, value, val_acc, seconds, sweep, warnings=notes)
+    return FitResult(path, config.clf, spec.param, value, val_acc, seconds, sweep, warnings=notes, tap=tap, taps=tried)
+
+
+def _fit_in_memory(config: HeadConfig, Xt: np.ndarray, yt: np.ndarray, Xv: np.ndarray, yv: np.ndarray,
+                   log: Callable[[str], None] | None) -> tuple[Any, Pipeline, list[dict], float]:
+    """The sweep on arrays in memory: the chosen value, the fitted pipeline, the sweep and the train accuracy."""
+    pre = Pipeline(build_head(config.clf, HEADS[config.clf].grid[0], preprocessing=config.preprocessing, pca=config.pca, pool=config.pool, seed=config.seed).steps[:-1])
+    # Preprocessing does not depend on the swept value: fit it once, sweep on the transformed arrays.
+    Zt = pre.fit_transform(Xt, yt).astype(np.float32, copy=False)
+    Zv = pre.transform(Xv).astype(np.float32, copy=False)
+    value, clf, sweep = run_sweep(config.clf, config, Zt, yt, Zv, yv, log)
+    return value, Pipeline([*pre.steps, ("clf", clf)]), sweep, _train_accuracy(clf, Zt, yt, config.seed)
 
 
 # Train rows scored for the at-chance check: enough to tell chance from learning within a point or two, and a

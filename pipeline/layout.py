@@ -104,12 +104,14 @@ def claim_dataset(top: _PathLike, root: _PathLike) -> Path:
 # ---------------------------------------------------------------- stage one: feature caches
 
 
-def cache_path(cache_dir: _PathLike, dataset: str, model: str, weights: str, tap_slugs: Sequence[str], split: str) -> Path:
-    """Where a cache lives: ``CACHE_DIR/<dataset>/<model>-<weights>/<taps>/<split>.h5``.
+def cache_path(cache_dir: _PathLike, dataset: str, model: str, weights: str, tap_slugs: Sequence[str], split: str, *, flip: bool = False) -> Path:
+    """Where a cache lives: ``CACHE_DIR/<dataset>/<model>-<weights>/<taps>/<split>.h5``, where ``<taps>`` ends in
+    ``.flip`` for features averaged with the mirror images' (so they never overwrite the plain ones).
 
     Commands that share these settings find each other's caches without path arguments.
     """
-    return Path(cache_dir) / slug(dataset) / slug(f"{model}-{weights}") / slug("+".join(tap_slugs)) / f"{split}.h5"
+    taps = "+".join(tap_slugs) + (".flip" if flip else "")
+    return Path(cache_dir) / slug(dataset) / slug(f"{model}-{weights}") / slug(taps) / f"{split}.h5"
 
 
 def partial_dir(cache: _PathLike) -> Path:
@@ -141,6 +143,8 @@ def sibling_cache(cache: _PathLike, split: str) -> Path:
 
 # The tag of a head's artifact named by its content: ``<clf>.<first 16 hex digits of its sha256>.pt``.
 _CONTENT_TAG = re.compile(r"\.[0-9a-f]{16}$")
+# What a head's files end in: its metadata, its artifacts, and the pickles of older versions (refused when read).
+_HEAD_SUFFIXES = (".json", ".pt", ".skops", ".joblib")
 
 
 @dataclass(frozen=True)
@@ -158,19 +162,19 @@ class HeadFiles:
     @property
     def meta(self) -> Path:
         """The metadata JSON, which names the artifact and records its digest."""
-        return self.base.with_suffix(".json")
+        return self.base.with_name(self.base.name + ".json")
 
     @property
     def torch(self) -> Path:
         """``<clf>.pt``: a torch head's artifact (tensors, loadable with ``weights_only=True``) as earlier versions
         named it; a new one is written under this name, then named by its content."""
-        return self.base.with_suffix(".pt")
+        return self.base.with_name(self.base.name + ".pt")
 
     @property
     def skops(self) -> Path:
         """``<clf>.skops``: a scikit-learn head's artifact (a skops file, loaded with an explicit list of trusted
         types) as earlier versions named it; a new one is written under this name, then named by its content."""
-        return self.base.with_suffix(".skops")
+        return self.base.with_name(self.base.name + ".skops")
 
     @property
     def history(self) -> Path:
@@ -205,8 +209,10 @@ def head_base(train_cache: _PathLike, clf: str, subset: int | None = None, exclu
 
 
 def head_files(path: _PathLike) -> HeadFiles:
-    """The files of the head at ``path``: its base, its ``.json`` or its artifact (content-named or not)."""
-    base = Path(path).with_suffix("")
+    """The files of the head at ``path``: its base, its ``.json`` or its artifact (content-named or not). Only
+    those suffixes are taken off: ``heads/features.16-output`` is a base, not ``heads/features`` with a suffix."""
+    path = Path(path)
+    base = path.with_suffix("") if path.suffix in _HEAD_SUFFIXES else path
     return HeadFiles(base.with_name(_CONTENT_TAG.sub("", base.name)))
 
 

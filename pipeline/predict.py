@@ -20,7 +20,7 @@ from .images import find_images, scan_inputs
 if TYPE_CHECKING:
     from .artifacts import FinetunedModel, HeadArtifact
     from .backbones import Backbone
-    from .taps import Tap
+    from .taps import TapExtractor
 
 __all__ = ["predict", "write_predictions", "find_images", "image_logits", "head_backbone", "prediction_rows"]
 
@@ -75,7 +75,6 @@ def predict(
     from .engines import BatchRunner
     from .heads import head_probabilities
     from .runtime import resolve_runtime
-    from .taps import TapExtractor
 
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be fail or skip, got {on_error!r}")
@@ -83,26 +82,27 @@ def predict(
         return _predict_finetuned(head, inputs, on_error=on_error, weights=weights, batch_size=batch_size, device=device, engine=engine)
     art = load_head(head)
     settings = art.meta["extract_settings"]
-    backbone, taps, which = head_backbone(art, weights)
+    backbone, extractor = head_backbone(art, weights)
     found = scan_inputs(inputs)
     found.check(on_error)
     paths = found.paths
     rows: dict[int, dict] = {}
     runtime = resolve_runtime(device, settings.get("amp"))
     loader = torch.utils.data.DataLoader(ImageDataset(Path("."), paths, backbone.preprocess.transform()), batch_size=batch_size, collate_fn=collate_batch)
-    with TapExtractor(backbone.model, taps) as extractor:
+    with extractor:
         kind = engine if engine != "auto" else settings.get("engine", "auto")
         for index, features, bad in BatchRunner(loader, extractor, kind, runtime, on_error=on_error, name=lambda i: paths[i]):
             for i, why in bad:
                 rows[i] = {"path": paths[i], "error": why}
             if features is not None:
-                probabilities = head_probabilities(art.pipeline, features[which], art.temperature)
+                probabilities = head_probabilities(art.pipeline, features[0], art.temperature)
                 rows.update(prediction_rows(index, [paths[i] for i in index], probabilities, art.classes))
     return found.rows(rows), art.classes
 
 
-def head_backbone(art: HeadArtifact, weights: str | None = None) -> tuple[Backbone, list[Tap], int]:
-    """The backbone, taps and preprocessing of the cache a head was fitted on, and the index of the head's tap.
+def head_backbone(art: HeadArtifact, weights: str | None = None) -> tuple[Backbone, TapExtractor]:
+    """The backbone and preprocessing of the cache a head was fitted on, and an extractor that gives the head's
+    features as its one output: its tap, or its taps joined, flip-averaged if the cache's were.
 
     Args:
         art: the loaded head.
@@ -113,12 +113,14 @@ def head_backbone(art: HeadArtifact, weights: str | None = None) -> tuple[Backbo
     """
     from .artifacts import require_fields
     from .backbones import load_backbone
-    from .taps import Tap
+    from .config import tap_parts
+    from .taps import Tap, TapExtractor
 
     require_fields(art.path, art.meta, ("tap", "extract_settings.model", "extract_settings.weights", "extract_settings.taps",
                                         *(f"extract_settings.preprocess.{k}" for k in ("resize", "crop", "mean", "std"))))
     settings = art.meta["extract_settings"]
-    if art.meta["tap"] not in settings["taps"]:
+    parts = tap_parts(art.meta["tap"])
+    if not set(parts) <= set(settings["taps"]):
         raise ValueError(f"{art.path}: the field 'tap' ({art.meta['tap']!r}) is not one of extract_settings.taps {settings['taps']}")
     label = settings["weights"]
     if label.startswith("file:") and weights is None:
@@ -127,7 +129,10 @@ def head_backbone(art: HeadArtifact, weights: str | None = None) -> tuple[Backbo
     backbone = load_backbone(settings["model"], weights or label, resize=pre["resize"], crop=pre["crop"], mean=tuple(pre["mean"]), std=tuple(pre["std"]))
     if settings.get("weights_sha256") and backbone.weights_sha256 != settings["weights_sha256"]:
         raise ValueError(f"{weights} is not the weights file the head's features came from (sha256 differs)")
-    return backbone, [Tap.parse(t) for t in settings["taps"]], settings["taps"].index(art.meta["tap"])
+    flip = settings.get("flip", False)
+    if not isinstance(flip, bool):
+        raise ValueError(f"{art.path}: the field 'extract_settings.flip' should be true or false, found {flip!r}")
+    return backbone, TapExtractor(backbone.model, [Tap.parse(t) for t in parts], flip=flip, join=len(parts) > 1)
 
 
 def prediction_rows(positions: Sequence[int], paths: Sequence[str], probabilities: np.ndarray, classes: list[str]) -> dict[int, dict]:

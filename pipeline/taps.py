@@ -6,13 +6,23 @@ import difflib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from .config import CAPTURES
+from .config import CAPTURES, JOIN, tap_parts
 
-__all__ = ["Tap", "FeatureHooks", "TapExtractor", "default_tap", "resolve_taps", "list_taps", "TapInfo"]
+__all__ = ["Tap", "FeatureHooks", "TapExtractor", "default_tap", "resolve_taps", "list_taps", "TapInfo", "JOIN", "tap_parts", "joined"]
 
+def joined(parts: Sequence) -> "np.ndarray | torch.Tensor":
+    """The features of several taps side by side, N x (D1 + D2 + ...): spatial maps (N x C x H x W) averaged over
+    H and W, every other part flattened. NumPy arrays are joined in float32, tensors in their own dtype.
+
+    The one rule for joined taps: cached features are joined by it when read, an extractor's when computed."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat([p.mean((2, 3)) if p.ndim == 4 else p.flatten(1) for p in parts], 1)
+    flat = [np.asarray(p, dtype=np.float32) for p in parts]
+    return np.concatenate([p.mean((2, 3)) if p.ndim == 4 else p.reshape(len(p), -1) for p in flat], 1)
 
 
 class TapNotFiredError(ValueError, RuntimeError):
@@ -165,14 +175,27 @@ class TapExtractor(nn.Module):
 
     Use it as a context manager: the hooks live only inside the ``with`` block. The output of a global pool
     (``AdaptiveAvgPool2d``, ``AdaptiveMaxPool2d``) is flattened from N x C x 1 x 1 to N x C; other taps keep their shape. It is the unit both engines run: eagerly, or exported to ONNX with the hooks in place.
+
+    Args:
+        model: the backbone, in eval mode while the extractor runs.
+        taps: where to capture.
+        flip: average each image's features with its horizontal mirror's, from one forward pass over both (twice
+            the work); a spatial map of the mirror is mirrored back first, so that its positions line up.
+        join: return one tensor, the taps :func:`joined`, instead of one per tap.
     """
 
-    def __init__(self, model: nn.Module, taps: Sequence[Tap]) -> None:
+    def __init__(self, model: nn.Module, taps: Sequence[Tap], *, flip: bool = False, join: bool = False) -> None:
         super().__init__()
         self.model = model
         self.taps = list(taps)
+        self.flip, self.join = flip, join
         self.hooks = FeatureHooks(model, self.taps)
         self._flatten = [_flattens(model, t) for t in self.taps]
+
+    @property
+    def n_outputs(self) -> int:
+        """How many tensors forward returns."""
+        return 1 if self.join else len(self.taps)
 
     def __enter__(self) -> "TapExtractor":
         self.hooks.__enter__()
@@ -182,9 +205,17 @@ class TapExtractor(nn.Module):
         self.hooks.close()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self.model(x)
+        self.model(torch.cat([x, x.flip(-1)]) if self.flip else x)
         got = self.hooks.pop()
-        return tuple(got[t.name].flatten(1) if flat else got[t.name] for t, flat in zip(self.taps, self._flatten))
+        outs = []
+        for tap, flat in zip(self.taps, self._flatten):
+            out = got[tap.name]
+            if self.flip:
+                # The batch's two halves, as a reshape rather than len(x), so an exported graph keeps its batch size free.
+                pair = out.reshape(2, -1, *out.shape[1:])
+                out = (pair[0] + (pair[1].flip(-1) if out.ndim == 4 else pair[1])) / 2
+            outs.append(out.flatten(1) if flat else out)
+        return (joined(outs),) if self.join else tuple(outs)
 
 
 @dataclass(frozen=True)

@@ -848,3 +848,67 @@ def test_predict_names_classes_right_when_train_lacks_one(real: SimpleNamespace)
     for r in rows:
         assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-6)
         assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+
+
+# ---------------------------------------------------------------- several taps: joined, flip-averaged, chosen on val
+
+
+@pytest.fixture(scope="module")
+def taps_real(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A tiny real extraction with two taps (a spatial map and the pooled features), flip-averaged, and its plain twin."""
+    root = tmp_path_factory.mktemp("taps")
+    with working_in(root):
+        data = make_image_folder(root / "ds", {"train": 12, "val": 6, "test": 3})
+        source = ExtractConfig(data=str(data), cache_dir=str(root / "features"), layers=("features.16", "classifier:input"), flip=True, **tiny())
+        caches = {s: extract(replace(source, split=s), progress=False).path for s in ("train", "val", "test")}
+        plain = extract(replace(source, split="test", flip=False), progress=False).path
+        config = HeadConfig(clf="logreg", grid=(0.1, 10.0), refine=0, seed=0)
+        auto = fit_head(replace(config, tap="auto"), source, out=root / "heads" / "auto")
+        each = {t: fit_head(replace(config, tap=t), source, out=root / "heads" / t.replace(":", "-").replace("+", "_"))
+                for t in ("features.16:output", "classifier:input", "features.16:output+classifier:input")}
+    return SimpleNamespace(root=root, data=data, source=source, caches=caches, plain=plain, auto=auto, each=each)
+
+
+def test_auto_tap_keeps_the_best_on_val_of_each_tap_and_all_joined(taps_real: SimpleNamespace) -> None:
+    auto, each = taps_real.auto, taps_real.each
+    # Each candidate is fitted as an explicit --tap would be: the same sweep, the same val accuracy.
+    assert [t["tap"] for t in auto.taps] == list(each)
+    assert [t["val_accuracy"] for t in auto.taps] == [each[t].val_accuracy for t in each]
+    assert [t["value"] for t in auto.taps] == [each[t].value for t in each]
+    best = max(auto.taps, key=lambda t: t["val_accuracy"])  # the first of equals, as fit_head keeps
+    meta = json.loads(auto.path.read_text())
+    assert auto.tap == meta["tap"] == best["tap"] and auto.val_accuracy == best["val_accuracy"] and meta["taps_tried"] == auto.taps
+    with read_cache(taps_real.caches["test"]) as cache:
+        X = cache.features(auto.tap)
+    np.testing.assert_allclose(load_head(auto.path).pipeline.predict_proba(X), load_head(each[auto.tap].path).pipeline.predict_proba(X), atol=1e-6)
+    assert fit_head(replace(HeadConfig(clf="logreg", grid=(0.1, 10.0), refine=0, seed=0), tap="auto"), taps_real.source,
+                    out=taps_real.root / "heads" / "auto").status == "up-to-date"
+
+
+def test_a_flip_cache_sits_beside_the_plain_one_and_plain_heads_refuse_it(taps_real: SimpleNamespace) -> None:
+    test = taps_real.caches["test"]
+    assert test.parent.name == "features.16-output+classifier-input.flip" and taps_real.plain.parent.name == "features.16-output+classifier-input"
+    with read_cache(test) as flipped, read_cache(taps_real.plain) as plain:
+        assert flipped.attrs["settings"]["flip"] is True and "flip" not in plain.attrs["settings"]
+        assert not np.allclose(flipped.features("features.16:output"), plain.features("features.16:output"))
+    with pytest.raises(ValueError, match="flip: head True, features None"):
+        evaluate(taps_real.each["classifier:input"].path, taps_real.plain)
+
+
+def test_predict_with_a_joined_flip_head_is_the_head_on_the_cached_features(taps_real: SimpleNamespace) -> None:
+    head = taps_real.each["features.16:output+classifier:input"].path
+    rows, classes = predict(head, [taps_real.data / "test"])
+    art = load_head(head)
+    with read_cache(taps_real.caches["test"]) as cache:
+        X, paths = cache.features("features.16:output+classifier:input"), [str(taps_real.data / p) for p in cache.paths]
+    assert X.shape[1] == 160 + 1280 and [r["path"] for r in rows] == paths
+    got = np.array([[r["probabilities"][c] for c in classes] for r in rows])
+    np.testing.assert_allclose(got, head_probabilities(art.pipeline, X, art.temperature), atol=1e-5)
+
+
+def test_unknown_or_repeated_parts_of_a_joined_tap_are_refused(taps_real: SimpleNamespace) -> None:
+    with read_cache(taps_real.caches["val"]) as cache:
+        with pytest.raises(ValueError, match="no tap 'features.15:output'; it holds features.16:output, classifier:input"):
+            cache.features("features.15:output+classifier:input")
+        with pytest.raises(ValueError, match="a repeated tap"):
+            cache.features("classifier:input+classifier:input")

@@ -86,3 +86,10 @@ def test_a_head_artifact_is_named_by_its_content_and_leads_back_to_its_head(tmp_
     assert [p.name for p in files.artifacts()] == ["svm.0123456789abcdef.skops", "svm.fedcba9876543210.pt", "svm.joblib", "svm.pt"]
     assert layout.lock_file(files.meta) == tmp_path / ".svm.json.lock"
     assert layout.lock_file(tmp_path / "runs" / "lp-ft") == tmp_path / "runs" / ".lp-ft.lock"
+
+
+def test_a_head_base_with_a_dot_in_its_name_keeps_it(tmp_path):
+    # fit-head -o heads/features.16-output: the part after the dot is the name's, not a suffix to replace.
+    files = layout.head_files(tmp_path / "features.16-output")
+    assert files.meta.name == "features.16-output.json" and layout.head_files(files.meta) == files
+    assert layout.head_files(files.artifact(".pt", "ab" * 32)) == files

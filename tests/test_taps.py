@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from pipeline.taps import FeatureHooks, Tap, TapExtractor, default_tap, list_taps, resolve_taps
+from pipeline.taps import FeatureHooks, Tap, TapExtractor, default_tap, joined, list_taps, resolve_taps, tap_parts
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -98,3 +98,37 @@ def test_list_taps_reports_shapes() -> None:
     assert infos["avgpool"].output_shape == (512, 1, 1)
     assert infos["fc"].output_shape == (7,)
     assert not any(m._forward_hooks for m in _model("resnet18").modules())
+
+
+# ---------------------------------------------------------------- flip averaging and joined taps
+
+
+def test_flip_averages_each_image_with_its_mirror_and_mirrors_spatial_maps_back(x: torch.Tensor) -> None:
+    model = _model("resnet18")  # a random MobileNetV2's pooled features hardly depend on the image
+    taps = [Tap("layer3"), Tap("avgpool")]
+    with TapExtractor(model, taps) as plain, torch.no_grad():
+        spatial, pooled = plain(x)
+        spatial_m, pooled_m = plain(x.flip(-1))
+    with TapExtractor(model, taps, flip=True) as flipped, torch.no_grad():
+        got_spatial, got_pooled = flipped(x)
+    torch.testing.assert_close(got_pooled, (pooled + pooled_m) / 2, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_spatial, (spatial + spatial_m.flip(-1)) / 2, rtol=0, atol=1e-5)
+    assert not torch.allclose(pooled, pooled_m, atol=1e-3)  # the mirror is another input: the average is not the plain features
+
+
+def test_joined_taps_average_spatial_maps_and_sit_side_by_side(x: torch.Tensor) -> None:
+    model = _model("mobilenet_v2")
+    taps = [Tap("features.13"), Tap("classifier", "input")]
+    with TapExtractor(model, taps) as plain, torch.no_grad():
+        spatial, pooled = plain(x)
+    with TapExtractor(model, taps, join=True) as join, torch.no_grad():
+        assert join.n_outputs == 1
+        (got,) = join(x)
+    assert got.shape == (3, 96 + 1280)
+    torch.testing.assert_close(got[:, :96], spatial.mean((2, 3)), rtol=0, atol=0)
+    torch.testing.assert_close(got[:, 96:], pooled, rtol=0, atol=0)
+    # Cached arrays are joined by the same rule, in float32 whatever their storage.
+    from_arrays = joined([spatial.numpy().astype("float16"), pooled.numpy()])
+    assert from_arrays.dtype == "float32"
+    torch.testing.assert_close(torch.from_numpy(from_arrays), got, rtol=1e-3, atol=1e-3)
+    assert tap_parts("features.13:output+classifier:input") == ["features.13:output", "classifier:input"] and tap_parts("a:output") == ["a:output"]

@@ -17,7 +17,8 @@ _R = ReportConfig()
 
 @cli.command("fit-head")
 @click.option("--clf", "clfs", multiple=True, type=click.Choice(HEAD_NAMES), help=f"Head family; repeat for several, fitted one after the other.  [default: {_H.clf}]")
-@click.option("--tap", help="Tap of the cache to use.  [default: the first]")
+@click.option("--tap", help="Tap of the cache to use; several joined by + (side by side, spatial maps averaged); or auto: fit on each tap and on "
+              "all of them joined, and keep the best on val.  [default: the first]")
 @click.option("--preprocessing", type=click.Choice(PREPROCESSING), help="Feature preprocessing.  [default: per head]")
 @click.option("--pca", type=click.IntRange(1), help=f"PCA components where PCA is used.  [default: {_H.pca}]")
 @click.option("--pool", type=click.Choice(POOLS), help=f"Pooling of spatial features.  [default: {_H.pool}]")
@@ -63,7 +64,8 @@ def fit_head_cmd(config_file: str | None, output: str | None, grid: str | None, 
             click.echo(f"{result.clf}: up to date ({result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}); "
                        f"nothing to do, --refit to fit again -> {result.path}")
         else:
-            click.echo(f"{result.clf}: {result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}, fit {result.fit_seconds:.1f} s -> {result.path}")
+            chosen = f"tap {result.tap} (best of {len(result.taps)} on val), " if result.taps else ""
+            click.echo(f"{result.clf}: {chosen}{result.param}={result.value:g}, val accuracy {result.val_accuracy:.4f}, fit {result.fit_seconds:.1f} s -> {result.path}")
         print_warnings(result.warnings)
         if then_evaluate:
             print_metrics(evaluate(result.path, allow_overlap=allow_overlap))

@@ -126,6 +126,7 @@ cache_options = _options(
     click.option("--model", help="Backbone of the caches."),
     click.option("--weights", help="Weights of the caches."),
     click.option("--layer", "layers", multiple=True, help="Tap(s) of the caches, as given to extract."),
+    click.option("--flip/--no-flip", default=None, help="The caches of flip-averaged features (extract --flip)."),
     click.option("--cache-dir", help="Root of the cache convention."),
     config_option,
 )
@@ -138,7 +139,7 @@ def cache_source(config_file: str | None, options: dict[str, Any]) -> ExtractCon
 
 def pop_cache_args(options: dict[str, Any]) -> dict[str, Any]:
     """Take the cache-locating options out of a command's options."""
-    return {k: options.pop(k) for k in ("data", "model", "weights", "layers", "cache_dir") if k in options}
+    return {k: options.pop(k) for k in ("data", "model", "weights", "layers", "flip", "cache_dir") if k in options}
 
 
 def metrics_text(m: dict) -> str:

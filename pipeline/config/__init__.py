@@ -8,13 +8,13 @@ values and the dataset and backbone parts, ``stages`` the extraction, head, repo
 
 from .finetune import FinetuneConfig
 from .shared import (
-    AUGMENTS, BACKBONE_AND_DATASET, CAPTURES, COMPRESSIONS, DECODES, DTYPES, ENGINES, HEAD_INITS, HEAD_NAMES, NORMS, ON_ERROR, OPTIMIZERS, PARALLEL, POOLS,
-    PREPROCESSING, PROJECTIONS, SCHEDULES, SPLITS, BackboneOptions, DatasetOptions, DatasetSpec,
+    AUGMENTS, AUTO_TAP, BACKBONE_AND_DATASET, CAPTURES, JOIN, COMPRESSIONS, DECODES, DTYPES, ENGINES, HEAD_INITS, HEAD_NAMES, NORMS, ON_ERROR, OPTIMIZERS, PARALLEL, POOLS,
+    PREPROCESSING, PROJECTIONS, SCHEDULES, SPLITS, BackboneOptions, DatasetOptions, DatasetSpec, tap_parts,
 )
 from .stages import AuditConfig, ExtractConfig, HeadConfig, ReportConfig
 
 __all__ = [
     "DatasetSpec", "DatasetOptions", "BackboneOptions", "ExtractConfig", "HeadConfig", "FinetuneConfig", "ReportConfig", "AuditConfig",
-    "SPLITS", "ON_ERROR", "DTYPES", "COMPRESSIONS", "ENGINES", "PARALLEL", "DECODES", "CAPTURES", "HEAD_NAMES", "POOLS", "PREPROCESSING",
+    "AUTO_TAP", "JOIN", "tap_parts", "SPLITS", "ON_ERROR", "DTYPES", "COMPRESSIONS", "ENGINES", "PARALLEL", "DECODES", "CAPTURES", "HEAD_NAMES", "POOLS", "PREPROCESSING",
     "OPTIMIZERS", "SCHEDULES", "AUGMENTS", "HEAD_INITS", "NORMS", "PROJECTIONS", "BACKBONE_AND_DATASET",
 ]

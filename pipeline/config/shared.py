@@ -10,7 +10,7 @@ from typing import Any
 from ..validate import check_at_least, check_types
 
 __all__ = [
-    "SPLITS", "ON_ERROR", "DTYPES", "COMPRESSIONS", "ENGINES", "PARALLEL", "DECODES", "CAPTURES", "HEAD_NAMES", "POOLS", "PREPROCESSING", "OPTIMIZERS",
+    "AUTO_TAP", "JOIN", "tap_parts", "SPLITS", "ON_ERROR", "DTYPES", "COMPRESSIONS", "ENGINES", "PARALLEL", "DECODES", "CAPTURES", "HEAD_NAMES", "POOLS", "PREPROCESSING", "OPTIMIZERS",
     "SCHEDULES", "AUGMENTS", "HEAD_INITS", "NORMS", "PROJECTIONS", "DatasetSpec", "DatasetOptions", "BackboneOptions",
     "BACKBONE_AND_DATASET",
 ]
@@ -28,8 +28,18 @@ PARALLEL = ("operators", "batches")
 # the extraction's device (nvJPEG on CUDA), the workers only reading the files.
 DECODES = ("host", "device")
 CAPTURES = ("input", "output")
+# Joins tap names into the name of their concatenation: ``features.13:output+classifier:input``.
+JOIN = "+"
+
+
+def tap_parts(name: str) -> list[str]:
+    """The taps a tap name stands for: itself, or the parts of a joined name."""
+    return name.split(JOIN)
+
 HEAD_NAMES = ("linear", "logreg", "svm", "svm-rbf", "tree", "extra-trees", "hgb", "knn")
 POOLS = ("avg", "max", "flatten")
+# fit-head --tap auto: val chooses among the cache's taps and all of them joined.
+AUTO_TAP = "auto"
 PREPROCESSING = ("none", "standardize", "l2", "pca", "standardize+pca", "l2+pca")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "step")

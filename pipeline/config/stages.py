@@ -37,6 +37,8 @@ class ExtractConfig(DatasetOptions, BackboneOptions):
             extraction's device (nvJPEG on CUDA, libjpeg-turbo on the CPU), then resized, cropped and normalised
             there, the workers only reading the files. Another decoder and resize, so features within a tolerance
             of the host's (README) and part of a cache's identity; other formats are decoded on the host either way.
+        flip: average each image's features with those of its horizontal mirror (test-time augmentation; twice
+            the forward work). Part of a cache's identity and path, and applied again by predict and export.
         on_error: ``fail`` on the first unreadable file, or ``skip`` it and record it.
         cache_dir: root of the cache path convention.
         output: an explicit cache path instead of the convention.
@@ -56,6 +58,7 @@ class ExtractConfig(DatasetOptions, BackboneOptions):
     # where operators fell to 0.26x before torch was held to one thread around the engine (bench/busy_bench.py).
     parallel: str = "batches"
     decode: str = "host"
+    flip: bool = False
     on_error: str = "fail"
     cache_dir: str = "features"
     output: str | None = None
@@ -78,7 +81,8 @@ class HeadConfig:
 
     Attributes:
         clf: the head family, one of ``HEAD_NAMES``.
-        tap: which tap of the cache; None takes the first.
+        tap: which tap of the cache: a name, several joined by ``+`` (side by side, spatial maps averaged), or
+            ``auto`` (val chooses among each tap and all of them joined); None takes the first.
         preprocessing: feature preprocessing; None takes the head's default.
         pca: PCA components where PCA is used.
         pool: pooling of spatial features: avg, max or flatten.
