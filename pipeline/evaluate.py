@@ -254,6 +254,7 @@ def compare(folder: str | os.PathLike | None = None, source: ExtractConfig | Non
             "balanced_accuracy": test.get("balanced_accuracy"), "fit_seconds": meta["fit_seconds"],
             "param": meta["param"], "value": meta["value"], "preprocessing": meta["preprocessing"], "path": str(meta_path),
             "config": meta.get("config", {}), "subset": meta.get("subset"), "n_test": test.get("n"),
+            "tap": meta.get("tap"), "taps_tried": meta.get("taps_tried", []),
             "warnings": [*meta.get("warnings", []), *test.get("warnings", [])],
             "made_by": provenance.made_by(meta, test),
         })

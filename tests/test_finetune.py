@@ -501,6 +501,13 @@ def test_lp_ft_refuses_heads_it_cannot_start_from(heads: SimpleNamespace) -> Non
         build_model(FinetuneConfig(**base, init_head=str(heads.logreg)), CLASSES)
     with pytest.raises(ValueError, match=r"was fitted on the tap features.18:output; initialising classifier.1 needs features of its input \(classifier.1:input or classifier:input\)"):
         build_model(FinetuneConfig(**base, init_head=str(heads.spatial)), CLASSES)
+    # A probe of flip-averaged features is not what the network computes: the run would not start from it.
+    linear = Path(heads.linear["mobilenet_v2"])
+    meta = json.loads(linear.read_text())
+    flipped = linear.with_name("flipped.json")
+    flipped.write_text(json.dumps({**meta, "features": {**meta["features"], "flip": True}}))
+    with pytest.raises(ValueError, match=r"flipped.json was fitted on features averaged with the mirror images' \(extract --flip\)"):
+        build_model(FinetuneConfig(**base, init_head=str(flipped)), CLASSES)
 
 
 # ---------------------------------------------------------------- the command line

@@ -912,3 +912,29 @@ def test_unknown_or_repeated_parts_of_a_joined_tap_are_refused(taps_real: Simple
             cache.features("features.15:output+classifier:input")
         with pytest.raises(ValueError, match="a repeated tap"):
             cache.features("classifier:input+classifier:input")
+
+
+def test_the_onnx_engine_and_an_exported_model_flip_and_join_as_eager_torch_does(taps_real: SimpleNamespace, tmp_path: Path) -> None:
+    from pipeline.export import export
+    from pipeline.onnx_model import predict_onnx
+
+    onnx_source = replace(taps_real.source, split="test", engine="onnx", cache_dir=str(tmp_path / "features"))
+    result = extract(onnx_source, progress=False)
+    assert result.engine.startswith("onnx")
+    with read_cache(result.path) as got, read_cache(taps_real.caches["test"]) as eager:
+        for tap in eager.taps:
+            np.testing.assert_allclose(got.features(tap), eager.features(tap), atol=1e-4)
+    head = taps_real.each["features.16:output+classifier:input"].path
+    expected, classes = predict(head, [taps_real.data / "test"])
+    rows, onnx_classes = predict_onnx(export(head, tmp_path / "joined.onnx"), [taps_real.data / "test"])
+    assert onnx_classes == classes and [r["path"] for r in rows] == [r["path"] for r in expected]
+    p = lambda rows: np.array([[r["probabilities"][c] for c in classes] for r in rows])  # noqa: E731
+    np.testing.assert_allclose(p(rows), p(expected), atol=1e-4)
+
+
+def test_compare_names_each_heads_tap_and_what_auto_tried(taps_real: SimpleNamespace) -> None:
+    out = ok(invoke("compare", taps_real.root / "heads"))
+    auto = taps_real.auto
+    assert f"on {auto.tap}" in out and "on features.16:output+classifier:input" in out
+    for t in auto.taps:
+        assert f"tap {t['tap']}: val acc {t['val_accuracy']:.4f}{'  <- chosen' if t['tap'] == auto.tap else ''}\n" in out

@@ -114,9 +114,13 @@ def compare_cmd(folder: str | None, config_file: str | None, **options: Any) -> 
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     ci = lambda v: "-" if v is None else f"{v[0]:.4f}-{v[1]:.4f}"  # noqa: E731
     click.echo(f"{'head':<12} {'test top-1':>10} {'95 % CI':>13} {'top-5':>7} {'bal. acc':>8} {'val acc':>8} {'fit s':>7}  chosen")
+    several = len({r["tap"] for r in rows}) > 1  # heads of one cache on different taps: say which
     for r in rows:
+        on = f" on {r['tap']}" if several else ""
         click.echo(f"{r['clf']:<12} {fmt(r['top1']):>10} {ci(r['top1_ci']):>13} {fmt(r['top5']):>7} {fmt(r['balanced_accuracy']):>8} "
-                   f"{fmt(r['val_accuracy']):>8} {r['fit_seconds']:>7.1f}  {r['param']}={r['value']:g} ({r['preprocessing']})")
+                   f"{fmt(r['val_accuracy']):>8} {r['fit_seconds']:>7.1f}  {r['param']}={r['value']:g} ({r['preprocessing']}){on}")
+        for t in r["taps_tried"]:
+            click.echo(f"{'':<12} tap {t['tap']}: val acc {t['val_accuracy']:.4f}{'  <- chosen' if t['tap'] == r['tap'] else ''}")
 
 
 @cli.command("report")

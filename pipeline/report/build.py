@@ -20,7 +20,7 @@ from .render import render_html, render_markdown, sections
 __all__ = ["ReportResult", "build_report"]
 
 # The keys of a model's row that the report's record and result keep for it.
-_BEST_KEYS = ("label", "kind", "path", "val_accuracy", "top1", "top1_ci", "balanced_accuracy")
+_BEST_KEYS = ("label", "kind", "path", "val_accuracy", "top1", "top1_ci", "balanced_accuracy", "tap")
 
 
 @dataclass

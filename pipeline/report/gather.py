@@ -36,7 +36,7 @@ def read_caches(source: ExtractConfig) -> dict[str, dict]:
             attrs = cache.attrs
             tap = cache.taps[0]
             out[split] = {
-                "path": str(path), "rows": len(cache), "shape": list(cache.dataset(tap).shape[1:]), "tap": tap,
+                "path": str(path), "rows": len(cache), "shape": list(cache.dataset(tap).shape[1:]), "tap": tap, "taps": cache.taps,
                 "dtype": str(cache.dataset(tap).dtype), "bytes": path.stat().st_size, "images_per_s": attrs.get("images_per_s"),
                 "engine": attrs.get("engine"), "runtime": attrs.get("runtime"), "created": attrs.get("created"),
                 "skipped": len(cache.skipped), "settings": attrs.get("settings", {}), "versions": attrs.get("versions", {}),

@@ -46,13 +46,17 @@ def _summary(d: dict) -> list[str]:
     s = train["settings"]
     best, best_head = d["best"], d["best_head"]
     counts = ", ".join(f"{c['rows']:,} {split}" for split, c in d["caches"].items())
+    taps = train.get("taps") or [train["tap"]]
+    tapped = (f"tap `{taps[0]}` ({' x '.join(map(str, train['shape']))} features)" if len(taps) == 1 else
+              "taps " + ", ".join(f"`{t}`" for t in taps) + " (each head says which it uses)")
     summary = [
         f"Dataset **{s.get('dataset')}** ({counts} images, "
-        f"{len(train['classes'])} classes); backbone **{s.get('model')}** with weights **{s.get('weights')}**, tap "
-        f"`{train['tap']}` ({' x '.join(map(str, train['shape']))} features), images at {train.get('image_size')} px.",
+        f"{len(train['classes'])} classes); backbone **{s.get('model')}** with weights **{s.get('weights')}**, {tapped}"
+        f"{', each image averaged with its mirror' if s.get('flip') else ''}, images at {train.get('image_size')} px.",
     ]
     if best:
-        summary.append(f"Best model, chosen on val accuracy ({_pct(best['val_accuracy'])}): **{best['label']}**, test top-1 "
+        on = f" on tap `{best['tap']}`" if len(taps) > 1 and best.get("tap") else ""
+        summary.append(f"Best model, chosen on val accuracy ({_pct(best['val_accuracy'])}): **{best['label']}**{on}, test top-1 "
                        f"**{_pct(best['top1'])}** (95 % CI {_ci(best)}), balanced accuracy {_pct(best['balanced_accuracy'])}. Every choice in this report "
                        "is made on val; test is only reported.")
     if best_head and d["config"]["quality_bar"] is not None:
@@ -62,6 +66,16 @@ def _summary(d: dict) -> list[str]:
                        f"(95 % CI {_ci(best_head)}) against a bar of "
                        f"{_pct(bar)}: {met}.")
     return summary
+
+
+def _taps_tried(heads: list[dict]) -> list[Any]:
+    """The taps val chose among (fit-head --tap auto), with each one's val accuracy, for the heads that had a choice."""
+    rows = [[r["label"], f"`{t['tap']}`", _pct(t["val_accuracy"]), f"{r['param']}={t['value']:g}", "yes" if t["tap"] == r.get("tap") else ""]
+            for r in heads for t in r.get("taps_tried") or []]
+    if not rows:
+        return []
+    return ["Taps compared on val (`--tap auto`): each tap of the cache and all of them joined, each with its own sweep; the best "
+            "on val is kept, and only it is evaluated on test.", _table(["head", "tap", "val acc.", "chosen value", "kept"], rows)]
 
 
 def _finetuning(d: dict) -> list[Any]:
@@ -196,13 +210,14 @@ def sections(d: dict) -> Sections:
         "The frozen backbone runs once per image; every head below trains on these cached arrays. Throughput is that of the "
         "run that completed the cache.", stage1, *_data(d)]))
 
-    heads = _table(["head", "test top-1", "95 % CI", "balanced acc.", "top-5", "val acc.", "fit time", "chosen", "preprocessing"], [
+    several = len({r.get("tap") for r in d["heads"]}) > 1  # heads on different taps of the cache: a column says which
+    heads = _table(["head", "test top-1", "95 % CI", "balanced acc.", "top-5", "val acc.", "fit time", "chosen", "preprocessing", *(["tap"] * several)], [
         [r["label"], _pct(r["top1"]), _ci(r), _pct(r["balanced_accuracy"]), _pct(r.get("top5")), _pct(r["val_accuracy"]), _secs(r["fit_seconds"]),
-         f"{r['param']}={r['value']:g}", r["preprocessing"]] for r in d["heads"]])
+         f"{r['param']}={r['value']:g}", r["preprocessing"], *([f"`{r.get('tap')}`"] * several)] for r in d["heads"]])
     figures, captions = d["figures"], d["captions"]
     out.append(("Stage two: heads on the cached features", [
         f"Each head family sweeps its hyper-parameter on the val split ({d['caches'].get('val', {}).get('rows', 0):,} images) and is "
-        "evaluated once on test. Heads are listed by val accuracy. Fit time includes the whole sweep.", heads,
+        "evaluated once on test. Heads are listed by val accuracy. Fit time includes the whole sweep.", heads, *_taps_tried(d["heads"]),
         (captions["accuracy_vs_time"], figures.get("accuracy_vs_time"))]))
     if d.get("noise"):
         out.append(("Differences from the chosen head: real or noise", _noise(d)))
