@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["MIN_PER_CLASS", "CHANCE_MARGIN", "few_images", "at_chance", "tied_sweep"]
+__all__ = ["MIN_PER_CLASS", "CHANCE_MARGIN", "few_images", "at_chance", "tied_sweep", "mirrored_probe"]
 
 MIN_PER_CLASS = 5
 """Below this many images of a class in val or test, one image moves that class's accuracy by more than 20 points."""
@@ -54,3 +54,12 @@ def tied_sweep(sweep: list[dict], param: str, chosen: float) -> list[str]:
     values = ", ".join(format(row["value"], "g") for row in scored)
     return [f"every {param} of the sweep ({values}) gave the same val accuracy "
             f"{scored[0]['val_accuracy']:.2%}: val did not choose {param}={chosen:g}, it was the first tried; sweep other values"]
+
+
+def mirrored_probe(head_meta: dict | None) -> list[str]:
+    """A warning when a fine-tune starts from a probe of flip-averaged features (``extract --flip``): the network sees
+    each image once, so its epoch 0 is that probe on plain features, not the probe's own accuracy."""
+    if not head_meta or not head_meta.get("features", {}).get("flip"):
+        return []
+    return ["LP-FT starts from a probe fitted on features averaged with the mirror images' (extract --flip); the network computes "
+            "plain features, so epoch 0 is the probe on those, not the probe's own val accuracy"]

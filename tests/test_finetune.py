@@ -501,13 +501,6 @@ def test_lp_ft_refuses_heads_it_cannot_start_from(heads: SimpleNamespace) -> Non
         build_model(FinetuneConfig(**base, init_head=str(heads.logreg)), CLASSES)
     with pytest.raises(ValueError, match=r"was fitted on the tap features.18:output; initialising classifier.1 needs features of its input \(classifier.1:input or classifier:input\)"):
         build_model(FinetuneConfig(**base, init_head=str(heads.spatial)), CLASSES)
-    # A probe of flip-averaged features is not what the network computes: the run would not start from it.
-    linear = Path(heads.linear["mobilenet_v2"])
-    meta = json.loads(linear.read_text())
-    flipped = linear.with_name("flipped.json")
-    flipped.write_text(json.dumps({**meta, "features": {**meta["features"], "flip": True}}))
-    with pytest.raises(ValueError, match=r"flipped.json was fitted on features averaged with the mirror images' \(extract --flip\)"):
-        build_model(FinetuneConfig(**base, init_head=str(flipped)), CLASSES)
 
 
 # ---------------------------------------------------------------- the command line
@@ -565,3 +558,19 @@ def test_recipe_and_pipeline_toml_reach_the_optimizer(image_folder: Path) -> Non
     config = meta["config"]
     assert (config["model"], config["optimizer"], config["momentum"], config["weight_decay"], config["head_init"], config["epochs"]) == ("resnet18", "sgd", 0.0, 1e-3, "xavier", 1)
     assert meta["history"][1]["lr_head"] == pytest.approx(0.01) and meta["history"][1]["lr_backbone"] == pytest.approx(0.001)
+
+
+def test_lp_ft_from_a_probe_of_flip_averaged_features_says_what_its_epoch_0_is(heads: SimpleNamespace, tmp_path: Path) -> None:
+    linear = Path(heads.linear["mobilenet_v2"])
+    meta = json.loads(linear.read_text())
+    flipped = linear.with_name("flipped.json")  # the same head, as if fitted on a cache of extract --flip
+    flipped.write_text(json.dumps({**meta, "features": {**meta["features"], "flip": True}}))
+    got = {}
+    for name, head in (("plain", linear), ("flipped", flipped)):
+        config = FinetuneConfig(data=str(heads.data), model="mobilenet_v2", weights="none", crop=32, resize=36, workers=0, device="cpu",
+                                init_head=str(head), epochs=1, batch_size=8, augment="none", output_dir=str(tmp_path / name))
+        result = finetune(config, progress=False)
+        got[name] = (result.warnings, json.loads(result.path.read_text())["warnings"])
+    assert got["plain"] == ([], [])
+    (line,), recorded = got["flipped"]
+    assert recorded == [line] and line.startswith("LP-FT starts from a probe fitted on features averaged with the mirror images'")

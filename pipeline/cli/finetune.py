@@ -9,7 +9,7 @@ import click
 from ..config import AUGMENTS, HEAD_INITS, NORMS, ON_ERROR, OPTIMIZERS, SCHEDULES, ExtractConfig, FinetuneConfig
 from ..recipes import LPFT_DEFAULTS, RECIPES
 from ..settings_file import CONFIG_FILE, load_config, settings_from
-from .options import backbone_options, dataset_options, friendly, print_metrics, runtime_options
+from .options import backbone_options, dataset_options, friendly, print_metrics, print_warnings, runtime_options
 from .group import cli
 
 _F = FinetuneConfig()  # the library's defaults are the CLI's: help texts read them from here
@@ -69,5 +69,6 @@ def finetune_cmd(config_file: str | None, force: bool, progress: bool, then_eval
     else:
         click.echo(f"finetune: best epoch {result.best_epoch}, val accuracy {result.val_accuracy:.4f}, {result.seconds:.1f} s"
                    f"{' (resumed)' if result.status == 'resumed' else ''} -> {result.path}")
+    print_warnings(result.warnings)
     if then_evaluate:
         print_metrics(evaluate(result.path))

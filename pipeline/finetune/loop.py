@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import layout, provenance
+from .. import caveats, layout, provenance
 from ..backbones import resolve_weights, weights_label
 from ..config import BACKBONE_AND_DATASET, ExtractConfig, FinetuneConfig
 from ..extract import auto_workers
@@ -45,6 +45,7 @@ class FinetuneResult:
     val_accuracy: float
     seconds: float
     history: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def run_dir(config: FinetuneConfig) -> Path:
@@ -213,7 +214,9 @@ def _finetune(config: FinetuneConfig | None, source: ExtractConfig | None, held:
     model, backbone, layer = build_model(config, classes)
     runtime = resolve_runtime(config.device, config.amp)
     out = run_dir(config)
-    init_sha = json.loads(layout.head_files(config.init_head).meta.read_text())["artifact_sha256"] if config.init_head else None
+    init_meta = json.loads(layout.head_files(config.init_head).meta.read_text()) if config.init_head else None
+    init_sha = init_meta["artifact_sha256"] if init_meta else None
+    notes = caveats.mirrored_probe(init_meta)
     skip = ("workers", "device", "log_every", "output_dir", "name")
     settings = _json({
         **{k: v for k, v in asdict(config).items() if k not in skip}, "weights": backbone.weights, "weights_sha256": backbone.weights_sha256,
@@ -235,7 +238,8 @@ def _finetune(config: FinetuneConfig | None, source: ExtractConfig | None, held:
         old = (recorded or {}).get("settings")
         if provenance.same(old, settings):  # force discards runs of other settings only; a finished run of these is kept
             if files.model.exists():
-                return FinetuneResult(files.meta, out, "up-to-date", recorded["best_epoch"], recorded["val_accuracy"], recorded["seconds"], recorded["history"])
+                return FinetuneResult(files.meta, out, "up-to-date", recorded["best_epoch"], recorded["val_accuracy"], recorded["seconds"], recorded["history"],
+                                          list(recorded.get("warnings", [])))
         elif not force:
             raise ValueError(f"{out} holds a run with other settings ({'; '.join(provenance.diff(old or {}, settings))}); pass --force to overwrite it, or --name for another run")
     refuse_unreadable_parts(read, config.on_error)  # only now: an up-to-date run costs no decoding
@@ -337,11 +341,11 @@ def _finetune(config: FinetuneConfig | None, source: ExtractConfig | None, held:
         "best_epoch": best_epoch, "val_accuracy": best_acc, "seconds": seconds, "history": history,
         "targets": [p.label for p in targets], "init_head": config.init_head, "runtime": runtime.describe(),
         "config": _json(asdict(config)), "settings": settings, "recipe": config.recipe,
-        "recipe_source": RECIPES[config.recipe].source if config.recipe else None,
+        "recipe_source": RECIPES[config.recipe].source if config.recipe else None, "warnings": notes,
         **provenance.stamp(settings),
     }
     atomic_write(files.meta, lambda f: f.write(json.dumps(meta, indent=1).encode()), hint=_RESUME_HINT)
-    return FinetuneResult(files.meta, out, status, best_epoch, best_acc, seconds, history)
+    return FinetuneResult(files.meta, out, status, best_epoch, best_acc, seconds, history, notes)
 
 
 def _train_epoch(model: nn.Module, loader: torch.utils.data.DataLoader, part: _Part, optimizer: torch.optim.Optimizer,

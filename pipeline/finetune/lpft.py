@@ -49,9 +49,6 @@ def linear_init_from_head(head: str | os.PathLike, backbone: Backbone, classes: 
             if not (_same_preprocess(feats.get(k) or {}, v) if k == "preprocess" else feats.get(k) == v)]
     if diff:
         raise ValueError(f"{art.path} was fitted on features of another backbone ({'; '.join(diff)}); extract and fit a head with the same --model, --weights and preprocessing")
-    if feats.get("flip"):
-        raise ValueError(f"{art.path} was fitted on features averaged with the mirror images' (extract --flip), which the network does not "
-                         "compute; fit the head on a cache extracted without --flip")
     if art.classes != list(classes):
         raise ValueError(f"{art.path} was fitted on classes {art.classes[:10]}, the dataset has {list(classes)[:10]}")
     model = backbone.model

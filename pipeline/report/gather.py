@@ -124,7 +124,7 @@ def finetune_rows(runs_dir: Path, caches: dict) -> list[dict]:
             "val_accuracy": meta.get("val_accuracy"), "fit_seconds": meta.get("seconds"), "best_epoch": meta.get("best_epoch"),
             "epochs": config.get("epochs"), "subset": config.get("subset"), "init_head": meta.get("init_head"), "freeze": config.get("freeze"),
             "history": meta.get("history", []), "config": config, "n_test": test.get("n"), "runtime": meta.get("runtime"),
-            "top1_ci": test.get("top1_ci"), "ece": test.get("ece"), "warnings": test.get("warnings", []),
+            "top1_ci": test.get("top1_ci"), "ece": test.get("ece"), "warnings": [*meta.get("warnings", []), *test.get("warnings", [])],
             "made_by": provenance.made_by(meta, test),
         }
         out.append({**row, "top1_ci": _interval(row)})
