@@ -34,7 +34,7 @@ FT_INIT := subset-$(FT_SUBSET)/linear
 endif
 FT_NAME ?= lp-ft$(if $(FT_SUBSET),-$(FT_SUBSET),-full)
 SUBSET_HEADS ?= $(HEADS)
-REPORT_ARGS ?= --quality-bar 0.91
+REPORT_ARGS ?= --quality-bar 0.92
 AUDIT_ARGS ?=
 
 .PHONY: help all venv assets weights dataset debian-dataset chromium extract heads subset-heads finetune report audit test test-all bench bench-busy bench-gpu faults clean distclean
