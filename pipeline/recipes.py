@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Recipe", "RECIPES", "FINETUNE_DEFAULTS", "LPFT_DEFAULTS"]
+__all__ = ["Recipe", "RECIPES", "FINETUNE_DEFAULTS", "LPFT_DEFAULTS", "DEFAULT_LR"]
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,14 @@ RECIPES: dict[str, Recipe] = {
     )
 }
 
-# What a field left at None becomes when the recipe does not set it.
+# What a field left at None becomes when the recipe does not set it; the lr follows the optimizer (DEFAULT_LR).
+# AdamW at 1e-4: full fine-tuning of MobileNetV2 (frozen normalisation layers) from a random head, 160 px, 3 epochs,
+# val accuracy after epochs 0-3. scikit-learn's digits (754 train, 324 val): SGD 1e-3 (the previous default) 8.6,
+# 10.2, 10.8, 14.2 %; SGD 1e-2 and AdamW 1e-3 at chance; AdamW 1e-4 8.6, 17.6, 41.7, 52.5 %. Fashion-MNIST, 50 train
+# and 30 val images per class: SGD 1e-3 16.0, 14.3, 54.0, 55.7 %; SGD 1e-2 and AdamW 1e-3 at chance; AdamW 1e-4
+# 16.0, 54.3, 63.0, 67.3 %.
 FINETUNE_DEFAULTS: dict[str, Any] = dict(
-    model="mobilenet_v2", weights="DEFAULT", freeze="none", optimizer="sgd", lr=1e-3, head_lr_mult=10.0,
+    model="mobilenet_v2", weights="DEFAULT", freeze="none", optimizer="adamw", head_lr_mult=10.0,
     backbone_lr_mult=1.0, momentum=0.9, weight_decay=1e-4, schedule="cosine", warmup_epochs=0.0, step_epochs=7,
     gamma=0.1, epochs=5, batch_size=32, augment="crop-flip", head_init="xavier", norm="frozen", log_every=0,
 )
@@ -92,3 +97,6 @@ FINETUNE_DEFAULTS: dict[str, Any] = dict(
 # 85.6, 80.4, 83.0, 83.6 %; AdamW lr 1e-5 85.6, 85.0, 84.8, 84.8 %, the one that keeps the probe's accuracy
 # (within the noise of 500 images).
 LPFT_DEFAULTS: dict[str, Any] = dict(head_lr_mult=1.0, optimizer="adamw", lr=1e-5)
+
+# The lr of an optimizer named without one, where the recipe sets none: SGD keeps its earlier default.
+DEFAULT_LR: dict[str, float] = {"adamw": 1e-4, "sgd": 1e-3}

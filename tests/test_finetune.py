@@ -239,7 +239,10 @@ def test_recipes_name_their_source_and_explicit_values_win() -> None:
     d2l = FinetuneConfig(recipe="d2l-hotdog", lr=0.1, name="mine")
     assert (d2l.lr, d2l.head_lr_mult, d2l.momentum, d2l.weight_decay, d2l.head_init, d2l.name) == (0.1, 10.0, 0.0, 1e-3, "xavier", "mine")
     assert FinetuneConfig(recipe="dog-breed").freeze == "backbone" and FinetuneConfig(recipe="dog-breed", freeze=2).freeze == "2"
-    assert FinetuneConfig().optimizer == "sgd" and FinetuneConfig().name == "finetune"
+    assert FinetuneConfig().name == "finetune"
+    # The plain default is AdamW at 1e-4 (measured on two datasets, recipes.py); an optimizer named alone takes its own lr.
+    assert (FinetuneConfig().optimizer, FinetuneConfig().lr, FinetuneConfig(optimizer="sgd").lr) == ("adamw", 1e-4, 1e-3)
+    assert FinetuneConfig(recipe="ants-bees", optimizer="adamw").lr == 1e-3  # a recipe's lr stays the recipe's
 
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from ..config import AUGMENTS, HEAD_INITS, NORMS, ON_ERROR, OPTIMIZERS, SCHEDULES, ExtractConfig, FinetuneConfig
-from ..recipes import LPFT_DEFAULTS, RECIPES
+from ..recipes import DEFAULT_LR, LPFT_DEFAULTS, RECIPES
 from ..settings_file import CONFIG_FILE, load_config, settings_from
 from .options import backbone_options, dataset_options, friendly, print_metrics, print_warnings, runtime_options
 from .group import cli
@@ -24,7 +24,8 @@ _F = FinetuneConfig()  # the library's defaults are the CLI's: help texts read t
 @click.option("--target", "targets", multiple=True, help="Also evaluate every epoch: test, or DIR[:SPLIT], a dataset folder with the same classes (a target domain); repeat for several.")
 @click.option("--freeze", help=f"none, backbone (train the new classifier only), or K (the first K stages).  [default: {_F.freeze}]")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), help=f"SGD with momentum, or AdamW.  [default: {_F.optimizer}; {LPFT_DEFAULTS['optimizer']} with --init-head]")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), help=f"Base learning rate.  [default: {_F.lr}; {LPFT_DEFAULTS['lr']:g} with --init-head]")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), help=f"Base learning rate.  [default: the recipe's, else {DEFAULT_LR['adamw']:g} for AdamW and {DEFAULT_LR['sgd']:g} for SGD; "
+              f"{LPFT_DEFAULTS['lr']:g} with --init-head]")
 @click.option("--head-lr-mult", type=click.FloatRange(0), help=f"The new classifier's lr is lr x this.  [default: {_F.head_lr_mult}; {LPFT_DEFAULTS['head_lr_mult']:g} with --init-head]")
 @click.option("--backbone-lr-mult", type=click.FloatRange(0), help=f"The backbone's lr is lr x this.  [default: {_F.backbone_lr_mult}]")
 @click.option("--momentum", type=click.FloatRange(0, 1, max_open=True), help=f"SGD momentum.  [default: {_F.momentum}]")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass
 
-from ..recipes import FINETUNE_DEFAULTS, LPFT_DEFAULTS, RECIPES
+from ..recipes import DEFAULT_LR, FINETUNE_DEFAULTS, LPFT_DEFAULTS, RECIPES
 from ..validate import check_at_least, check_choice, check_types
 from .shared import AUGMENTS, HEAD_INITS, NORMS, ON_ERROR, OPTIMIZERS, SCHEDULES, BackboneOptions, DatasetOptions
 
@@ -27,8 +27,8 @@ class FinetuneConfig(DatasetOptions, BackboneOptions):
         targets: extra splits evaluated every epoch: ``test``, or ``DIR[:SPLIT]``, another dataset folder with the
             same classes (default split test), e.g. a target domain.
         freeze: ``none``; ``backbone`` (train the new classifier only); or ``K``, the first K stages.
-        optimizer: ``sgd`` (with momentum) or ``adamw``.
-        lr: base learning rate.
+        optimizer: ``sgd`` (with momentum) or ``adamw`` (the default; measured in ``recipes.FINETUNE_DEFAULTS``).
+        lr: base learning rate; None takes the recipe's, else the optimizer's ``DEFAULT_LR`` (AdamW 1e-4, SGD 1e-3).
         head_lr_mult: the new classifier's lr is ``lr * head_lr_mult``.
         backbone_lr_mult: every other trainable parameter's lr is ``lr * backbone_lr_mult``.
         momentum: SGD momentum.
@@ -105,6 +105,8 @@ class FinetuneConfig(DatasetOptions, BackboneOptions):
         for key, default in FINETUNE_DEFAULTS.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, preset.get(key, default))
+        if self.lr is None:
+            object.__setattr__(self, "lr", preset.get("lr", DEFAULT_LR.get(self.optimizer, DEFAULT_LR["sgd"])))
         if self.name is None:
             object.__setattr__(self, "name", self.recipe or "finetune")
         object.__setattr__(self, "freeze", str(self.freeze).strip().lower())
