@@ -74,11 +74,11 @@ class HeadArtifact:
 
 
 def feature_identity(attrs: dict) -> dict:
-    """What makes two caches' features comparable: backbone, weights, tap, preprocessing, dtype-independent; and the
-    decoder and flip averaging where they are not the defaults (absent keys, so that older records still compare)."""
+    """What makes two caches' features comparable: backbone, weights, tap, preprocessing, dtype-independent; and flip
+    averaging where it is on (an absent key otherwise, so that older records still compare)."""
     settings = attrs.get("settings", attrs)
     identity = {k: settings.get(k) for k in ("model", "weights", "weights_sha256", "taps", "preprocess", "amp")}
-    return {**identity, **{k: settings[k] for k in ("decode", "flip") if k in settings}}
+    return {**identity, **({"flip": settings["flip"]} if "flip" in settings else {})}
 
 
 

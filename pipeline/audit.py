@@ -205,7 +205,7 @@ def audit(config: AuditConfig | None = None, source: ExtractConfig | None = None
         train, val = caches["train"], caches.get("val")
         tap = config.tap or train.taps[0]
         if tap not in train.taps:
-            raise ValueError(f"{train.path} has no tap {tap!r}; it holds {', '.join(train.taps)}")
+            raise ValueError(f"{train.path} has no tap {tap!r}; it holds {', '.join(train.taps)} (the audit takes one of them, not joined taps)")
         for other in caches.values():
             if other is not train:
                 check_compatible(train, other, tap)

@@ -420,6 +420,10 @@ def describe(path: str | os.PathLike) -> str:
             lines.append("  preprocess " + ", ".join(f"{k} {brief(pre.get(k), 40, plain_strings=True)}" for k in ("resize", "crop", "mean", "std"))
                          + f", {brief(pre.get('interpolation'), 40, plain_strings=True)}")
         lines.append(f"  split seed {show('split_seed')}  carved {show('carved')}")
+        made = a.get("settings") if isinstance(a.get("settings"), dict) else {}
+        if made.get("flip") or made.get("decode"):
+            lines.append(f"  features   {'each image averaged with its mirror (flip)' if made.get('flip') else ''}"
+                         f"{'; ' if made.get('flip') and made.get('decode') else ''}{'decoded on the ' + brief(made['decode'], 40, plain_strings=True) if made.get('decode') else ''}")
         ranks = a.get("world_size", 1)
         several = "" if isinstance(ranks, int) and not isinstance(ranks, bool) and ranks <= 1 else f" x {number('world_size', 1, 'd')} ranks"
         lines.append(f"  engine     {show('engine')} on {show('runtime')}{several}  ({number('images_per_s', 0, '.1f')} img/s)")

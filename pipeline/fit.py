@@ -18,6 +18,7 @@ from .artifacts import feature_identity, save_head
 from .files import file_sha256
 from .cache import FeatureCache, read_cache
 from .config import AUTO_TAP, JOIN, ExtractConfig, HeadConfig, tap_parts
+from .resources import available_memory, human_size
 from .validate import expect_instance
 from .data import stratified_subset
 from .extract import locate_cache
@@ -240,6 +241,13 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
                 subset = {"per_class": config.subset, "seed": config.seed, "rows": len(rows), "paths_sha256": paths_digest([paths[i] for i in rows])}
             if len(candidates) > 1 and config.stream:
                 raise ValueError("--tap auto compares the taps in memory; drop --stream, or name one tap with --tap")
+            if any(JOIN in tap for tap in candidates) and config.pool != "avg":
+                raise ValueError(f"joined taps are averaged over space; --pool {config.pool} applies to one tap: name it with --tap")
+            if len(candidates) > 1:  # every candidate's train features are loaded before the first fit
+                need, free = sum(train.dataset(tap).nbytes for tap in candidates), available_memory()
+                if free is not None and need > free:
+                    raise ValueError(f"--tap auto loads {human_size(need)} of train features for its {len(candidates)} candidates, more than the "
+                                     f"{human_size(free)} of memory available; name one tap with --tap")
             stream = rows is None and len(candidates) == 1 and (config.stream if config.stream is not None else features.nbytes > config.memory_budget_mb * 2**20)
             if not stream:
                 train_features = {tap: load_split_features(train, tap, "train", rows)[0] for tap in candidates}

@@ -180,7 +180,9 @@ class TapExtractor(nn.Module):
         model: the backbone, in eval mode while the extractor runs.
         taps: where to capture.
         flip: average each image's features with its horizontal mirror's, from one forward pass over both (twice
-            the work); a spatial map of the mirror is mirrored back first, so that its positions line up.
+            the work); a spatial map of the mirror (N x C x H x W, as torchvision's CNNs lay them out) is mirrored back
+            first, so that its positions line up. Other layouts (a Swin's N x H x W x C, a ViT's tokens) are averaged
+            as they come, position for position.
         join: return one tensor, the taps :func:`joined`, instead of one per tap.
     """
 

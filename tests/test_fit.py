@@ -938,3 +938,17 @@ def test_compare_names_each_heads_tap_and_what_auto_tried(taps_real: SimpleNames
     assert f"on {auto.tap}" in out and "on features.16:output+classifier:input" in out
     for t in auto.taps:
         assert f"tap {t['tap']}: val acc {t['val_accuracy']:.4f}{'  <- chosen' if t['tap'] == auto.tap else ''}\n" in out
+
+
+def test_auto_and_joined_taps_refuse_what_they_cannot_do_and_info_shows_flip(taps_real: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.fit
+    from pipeline.cache import describe
+
+    base = HeadConfig(clf="logreg", grid=(1.0,), refine=0)
+    with pytest.raises(ValueError, match=r"^joined taps are averaged over space; --pool max applies to one tap: name it with --tap$"):
+        fit_head(replace(base, tap="auto", pool="max"), taps_real.source, out=taps_real.root / "refused")
+    monkeypatch.setattr(pipeline.fit, "available_memory", lambda: 1000)
+    with pytest.raises(ValueError, match=r"^--tap auto loads .* of train features for its 3 candidates, more than the 1000 bytes of memory available"):
+        fit_head(replace(base, tap="auto"), taps_real.source, out=taps_real.root / "refused")
+    assert not list(taps_real.root.glob("refused*"))  # a refused fit leaves nothing behind
+    assert "  features   each image averaged with its mirror (flip)" in describe(taps_real.caches["test"]).splitlines()

@@ -375,14 +375,13 @@ def test_the_report_lists_the_commands_that_made_it_and_what_stage_one_skipped_i
     assert "16-bit images were scaled to 8 bits (0-65535 onto 0-255), not clipped (1 in test)" in stage1
 
 
-def test_heads_on_several_taps_say_which_and_the_taps_auto_tried_are_listed_with_their_val_accuracy(own: SimpleNamespace) -> None:
+def test_the_taps_auto_tried_are_listed_with_their_val_accuracy(own: SimpleNamespace) -> None:
     tried = [{"tap": "features.16:output", "val_accuracy": 0.5, "value": 1.0}, {"tap": "classifier:input", "val_accuracy": 0.75, "value": 1.0}]
     _edit(own.heads["logreg"], tap="classifier:input", taps_tried=tried)
     _edit(own.heads["knn"], tap="features.16:output")
     with single_threaded():
         md = build_report(own.source, own.config).markdown.read_text()
-    rows = _md_rows(md.split("Taps compared on val")[0], "Stage two")  # the heads' table, before the taps'
-    assert rows["knn"][-1] == "`features.16:output`" and rows["logreg"][-1] == "`classifier:input`"
-    assert re.search(r"^\| head \| test top-1 \|.* \| tap \|$", md, re.M)
+    # This cache holds one tap, so the heads' table has no tap column; a cache of several taps gets one (test_fit).
+    assert not re.search(r"^\| head \| test top-1 \|.* \| tap \|$", md, re.M)
     part = md.split("Taps compared on val")[1]
     assert "| logreg | `features.16:output` | 50.00 % | C=1 |  |" in part and "| logreg | `classifier:input` | 75.00 % | C=1 | yes |" in part

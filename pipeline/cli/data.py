@@ -81,7 +81,7 @@ def check_cmd(data: str, show: int, **options: Any) -> None:
 @click.option("--layer", "layers", multiple=True, help="Module to tap, NAME or NAME:input|output; repeat for several taps in one pass. Default: avgpool output, or the classifier's input.")
 @click.option("--capture", type=click.Choice(["input", "output"]), help=f"Capture the input or output of --layer modules given without one.  [default: {_D.capture}]")
 @click.option("--flip/--no-flip", default=None, help="Average each image's features with those of its horizontal mirror: test-time augmentation, twice the "
-              "forward work. Its caches sit beside the plain ones (<taps>.flip), and predict and export flip too.  [default: no]")
+              "forward work and the memory of a batch (halve --batch-size where a GPU's memory is tight). Its caches sit beside the plain ones (<taps>.flip), and predict and export flip too.  [default: no]")
 @click.option("--dtype", type=click.Choice(DTYPES), help=f"Storage dtype of the features.  [default: {_D.dtype}]")
 @click.option("--compression", type=click.Choice(COMPRESSIONS), help=f"HDF5 compression.  [default: {_D.compression}]")
 @click.option("--batch-size", type=click.IntRange(1), help=f"Images per forward pass.  [default: {_D.batch_size}]")

@@ -206,13 +206,14 @@ def confusion_matrix(row: dict) -> np.ndarray:
 
 
 def projection_sample(cache_path: str | Path, tap: str, points: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """About ``points`` rows of a cache, the same number per class (fewer where a class has fewer), and their labels."""
+    """About ``points`` rows of a cache, the same number per class (fewer where a class has fewer), and their labels;
+    a spatial tap's maps averaged over H and W."""
     with read_cache(cache_path) as cache:
         y = cache.labels
         per_class = max(1, points // max(1, len(np.unique(y))))
         rows = stratified_subset(y, per_class, seed)
         X = cache.dataset(tap)[rows].astype(np.float32)
-    return X, y[rows]
+    return (X.mean((2, 3)) if X.ndim == 4 else X), y[rows]  # spatial maps averaged, as the heads see them by default
 
 
 def misclassified(row: dict, classes: list[str], n: int, seed: int) -> tuple[list[np.ndarray | None], list[str]]:

@@ -210,7 +210,7 @@ def sections(d: dict) -> Sections:
         "The frozen backbone runs once per image; every head below trains on these cached arrays. Throughput is that of the "
         "run that completed the cache.", stage1, *_data(d)]))
 
-    several = len({r.get("tap") for r in d["heads"]}) > 1  # heads on different taps of the cache: a column says which
+    several = len(train.get("taps") or [train["tap"]]) > 1  # a cache of several taps: a column says which each head uses
     heads = _table(["head", "test top-1", "95 % CI", "balanced acc.", "top-5", "val acc.", "fit time", "chosen", "preprocessing", *(["tap"] * several)], [
         [r["label"], _pct(r["top1"]), _ci(r), _pct(r["balanced_accuracy"]), _pct(r.get("top5")), _pct(r["val_accuracy"]), _secs(r["fit_seconds"]),
          f"{r['param']}={r['value']:g}", r["preprocessing"], *([f"`{r.get('tap')}`"] * several)] for r in d["heads"]])
