@@ -304,7 +304,6 @@ class JoinedDataset:
 
     def __init__(self, parts: Sequence[CheckedDataset]) -> None:
         self.parts = list(parts)
-        self.width = sum(p.shape[1] if len(p.shape) == 4 else int(np.prod(p.shape[1:])) for p in self.parts)
 
     def __getitem__(self, key: object) -> np.ndarray:
         from .taps import joined
@@ -319,7 +318,7 @@ class JoinedDataset:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (len(self), self.width)
+        return (len(self), self[:1].shape[1])  # joined's own rule, applied to one row
 
     @property
     def ndim(self) -> int:
@@ -421,9 +420,10 @@ def describe(path: str | os.PathLike) -> str:
                          + f", {brief(pre.get('interpolation'), 40, plain_strings=True)}")
         lines.append(f"  split seed {show('split_seed')}  carved {show('carved')}")
         made = a.get("settings") if isinstance(a.get("settings"), dict) else {}
-        if made.get("flip") or made.get("decode"):
-            lines.append(f"  features   {'each image averaged with its mirror (flip)' if made.get('flip') else ''}"
-                         f"{'; ' if made.get('flip') and made.get('decode') else ''}{'decoded on the ' + brief(made['decode'], 40, plain_strings=True) if made.get('decode') else ''}")
+        notes = [*(["each image averaged with its mirror (flip)"] if made.get("flip") else []),
+                 *([f"decoded on the {brief(made['decode'], 40, plain_strings=True)}"] if made.get("decode") else [])]
+        if notes:
+            lines.append("  features   " + "; ".join(notes))
         ranks = a.get("world_size", 1)
         several = "" if isinstance(ranks, int) and not isinstance(ranks, bool) and ranks <= 1 else f" x {number('world_size', 1, 'd')} ranks"
         lines.append(f"  engine     {show('engine')} on {show('runtime')}{several}  ({number('images_per_s', 0, '.1f')} img/s)")

@@ -210,15 +210,15 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
                 if reused is not None:
                     return reused
             candidates = tap_candidates(train.taps) if config.tap == AUTO_TAP else [config.tap or train.taps[0]]
+            datasets = {tap: train.dataset(tap) for tap in candidates}  # a tap (or a part of a joined one) that train lacks is refused here
             for tap in candidates:
-                train.dataset(tap)  # a tap (or a part of a joined one) that train lacks is refused here
                 check_compatible(train, val, tap)
             val_rows = train_rows = None
             if excluded is not None:
                 val_rows, train_rows = (_kept(c.paths, {p for s, p in excluded if s == split}) for c, split in ((val, "val"), (train, "train")))
                 if len(val_rows) == 0:
                     raise ValueError(f"leaving out the {len(excluded)} most suspect images leaves no val image in {val.path}")
-            val_features = {tap: load_split_features(val, tap, "val", val_rows)[0] for tap in candidates}
+            val_features = _load_candidates(val, candidates, "val", val_rows)
             yv = val.labels if val_rows is None else val.labels[val_rows]
             yt = train.labels if train_rows is None else train.labels[train_rows]
             if len(yt) == 0:
@@ -233,7 +233,7 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
             if absent:
                 raise ValueError(f"the train split has no images of class(es) {absent}; a head cannot learn a class it never sees")
             classes, train_attrs, val_fingerprint = train.classes, train.attrs, val.attrs.get("dataset_fingerprint")
-            features = train.dataset(candidates[-1])  # with --tap auto, the last is every tap joined: the most to read
+            features = datasets[candidates[0]]  # streamed, when it is the only candidate and larger than the budget
             rows = train_rows if config.subset is None else (train_rows if train_rows is not None else np.arange(len(yt)))[stratified_subset(yt, config.subset, config.seed)]
             subset = None
             if config.subset is not None:
@@ -243,14 +243,14 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
                 raise ValueError("--tap auto compares the taps in memory; drop --stream, or name one tap with --tap")
             if any(JOIN in tap for tap in candidates) and config.pool != "avg":
                 raise ValueError(f"joined taps are averaged over space; --pool {config.pool} applies to one tap: name it with --tap")
-            if len(candidates) > 1:  # every candidate's train features are loaded before the first fit
-                need, free = sum(train.dataset(tap).nbytes for tap in candidates), available_memory()
+            if len(candidates) > 1:  # every tap's train features are loaded before the first fit (the joined one is made from them)
+                need, free = sum(d.nbytes for tap, d in datasets.items() if JOIN not in tap), available_memory()
                 if free is not None and need > free:
                     raise ValueError(f"--tap auto loads {human_size(need)} of train features for its {len(candidates)} candidates, more than the "
                                      f"{human_size(free)} of memory available; name one tap with --tap")
             stream = rows is None and len(candidates) == 1 and (config.stream if config.stream is not None else features.nbytes > config.memory_budget_mb * 2**20)
             if not stream:
-                train_features = {tap: load_split_features(train, tap, "train", rows)[0] for tap in candidates}
+                train_features = _load_candidates(train, candidates, "train", rows)
                 yt = train.labels if rows is None else train.labels[rows]
             held.enter_context(_writing(base))  # once the inputs are known to be good: a refused fit leaves nothing behind
             if stream:
@@ -294,6 +294,19 @@ def fit_head(config: HeadConfig | None = None, source: ExtractConfig | None = No
         if config.clf == "linear":
             provenance.write_history(clf.history_, layout.head_files(base).history)
     return FitResult(path, config.clf, spec.param, value, val_acc, seconds, sweep, warnings=notes, tap=tap, taps=tried)
+
+
+def _load_candidates(cache: FeatureCache, candidates: list[str], what: str, rows: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Each candidate tap's features (of ``rows``): read from the cache, or, for taps joined from candidates read
+    before them (``--tap auto``'s last), joined from those arrays rather than read again."""
+    from .taps import joined
+
+    out: dict[str, np.ndarray] = {}
+    for tap in candidates:
+        parts = tap_parts(tap)
+        known = len(parts) > 1 and all(p in out for p in parts)
+        out[tap] = joined([out[p] for p in parts]) if known else load_split_features(cache, tap, what, rows)[0]
+    return out
 
 
 def _fit_in_memory(config: HeadConfig, Xt: np.ndarray, yt: np.ndarray, Xv: np.ndarray, yv: np.ndarray,
